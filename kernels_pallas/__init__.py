@@ -1,0 +1,19 @@
+"""Attention and pooling kernels behind backend-independent signatures.
+
+Every kernel has a pure-`jnp` reference; Pallas lowerings for GPU and TPU plug in behind the same
+signatures (DESIGN.md §5). Until they land, every backend runs the reference.
+"""
+
+from __future__ import annotations
+
+from .ragged_paged_attention import ragged_paged_attention_reference
+
+
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's paged KV cache: K and V interleaved per head, so one page copy brings both."""
+    return (num_pages, page_size, 2 * num_kv_heads, head_dim)
+
+
+ragged_paged_attention = ragged_paged_attention_reference
+
+__all__ = ["kv_cache_shape", "ragged_paged_attention", "ragged_paged_attention_reference"]

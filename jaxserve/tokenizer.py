@@ -1,0 +1,103 @@
+"""Tokenizer, chat templates and incremental detokenization.
+
+The tokenizer comes from `transformers.AutoTokenizer` (configs and tokenizers are all jaxserve takes from
+transformers). Detokenization streams through `tokenizers`' `DecodeStream`, which holds back bytes until
+they form whole UTF-8 characters, so no half character is ever emitted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+NO_TEMPLATE_MESSAGE = (
+    "As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat "
+    "template if the tokenizer does not define one."
+)
+PRIMING_TOKENS = 6  # prompt tokens replayed into a fresh DecodeStream so the first output detokenizes in context
+
+
+def load_chat_template(template: str | Path | None) -> str | None:
+    """A `--chat-template` value: a file path, or the template text itself."""
+    if template is None:
+        return None
+    path = Path(template)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:
+        pass
+    if any(c in str(template) for c in "{}\n"):
+        return str(template)
+    raise ValueError(f"The supplied chat template ({template}) looks like a file path, but it failed to be opened.")
+
+
+class Tokenizer:
+    def __init__(self, folder: Path, chat_template: str | None = None):
+        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folder)
+        self.chat_template = chat_template or self.hf.chat_template
+        self._backend = self.hf.backend_tokenizer
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, str]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError(NO_TEMPLATE_MESSAGE)
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        return self.hf.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            documents=documents,
+            **(chat_template_kwargs or {}),
+        )
+
+    def token_text(self, token_id: int, skip_special_tokens: bool = True) -> str:
+        """How one token reads on its own (the `decoded_token` of a logprob entry)."""
+        return self.hf.decode([token_id], skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self._backend, prompt_token_ids[-PRIMING_TOKENS:], skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """Turns output tokens into text one token at a time, never splitting a UTF-8 character."""
+
+    def __init__(self, backend, prompt_suffix: list[int], skip_special_tokens: bool):
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in prompt_suffix:
+            self._stream.step(backend, token_id)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""

@@ -1,0 +1,118 @@
+"""Ragged paged attention: one call per layer for a flat batch of prefill chunks and decode tokens.
+
+Shapes (T tokens of S sequences in the step, P pages of `page_size` tokens, G = Hq // Hkv):
+
+    q            [T, Hq, D]      queries of the step's new tokens, sequence after sequence
+    k, v         [T, Hkv, D]     their keys and values
+    kv_pages     [P, page_size, 2 * Hkv, D]   the cache; row 2h holds K of KV head h, row 2h + 1 its V
+    kv_lens      [S] int32       tokens of each sequence in the cache after this step (cached + new)
+    block_table  [S, pages_per_seq] int32   the pages of each sequence, in order
+    cu_q_lens    [S + 1] int32   prefix sums of the new-token counts; sequence s owns q[cu_q_lens[s]:cu_q_lens[s+1]]
+    num_seqs     [1] int32       sequences in use; the rest of S (and every token past cu_q_lens[num_seqs]) is padding
+
+The new token t of sequence s sits at position kv_lens[s] - (cu_q_lens[s + 1] - t). The call first writes the
+new K/V into their pages, then attends: each token sees the cached tokens and the new tokens up to its own
+position (so causal over the new tokens, full over the cache), within `sliding_window` when one is set.
+Returns (out [T, Hq, D] in q's dtype, kv_pages with the new K/V written). Padding tokens write nothing and
+come out as zeros.
+
+This file holds the pure-`jnp` reference. It walks the cache in blocks of kv positions with an online
+softmax, so memory stays O(T x block) for any context length, and stops at the longest sequence in the step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MAX_GATHERED_ELEMENTS = 1 << 24  # bound on T * block_tokens * 2Hkv * D per loop iteration
+
+
+def _kv_block_pages(num_tokens: int, page_size: int, pages_per_seq: int, row_elements: int) -> int:
+    """Pages per attention block: as many as fit the gather bound, at least one, at most the whole table."""
+    fit = _MAX_GATHERED_ELEMENTS // max(1, num_tokens * page_size * row_elements)
+    return max(1, min(pages_per_seq, fit))
+
+
+def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
+    """Scatter K/V rows into the flat slot index `page * page_size + offset`; out-of-range slots are dropped."""
+    num_pages, page_size, two_hkv, head_dim = kv_pages.shape
+    interleaved = jnp.stack([k, v], axis=2).reshape(k.shape[0], two_hkv, head_dim)
+    flat = kv_pages.reshape(num_pages * page_size, two_hkv, head_dim)
+    flat = flat.at[slots].set(interleaved.astype(kv_pages.dtype), mode="drop")
+    return flat.reshape(kv_pages.shape)
+
+
+def token_layout(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
+    """(sequence index, position, is-real) of every token slot in a ragged step."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    num_real = cu_q_lens[num_seqs[0]]
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
+    seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
+    position = kv_lens[seq] - (cu_q_lens[seq + 1] - t)
+    return seq, position, t < num_real
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_table: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, two_hkv, _ = kv_pages.shape
+    num_kv_heads = two_hkv // 2
+    group = num_q_heads // num_kv_heads
+    num_seqs_total, pages_per_seq = block_table.shape
+
+    seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    safe_position = jnp.maximum(position, 0)
+    page = block_table[seq, safe_position // page_size]
+    slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
+    kv_pages = write_kv_pages(kv_pages, k, v, slots)
+
+    block_pages = _kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim)
+    num_blocks_total = -(-pages_per_seq // block_pages)
+    padded_table = jnp.pad(block_table, ((0, 0), (0, num_blocks_total * block_pages - pages_per_seq)))
+    block_tokens = block_pages * page_size
+    longest = jnp.max(jnp.where(jnp.arange(num_seqs_total) < num_seqs[0], kv_lens, 0))
+    num_blocks = (longest + block_tokens - 1) // block_tokens
+
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
+    lowest = position - sliding_window + 1 if sliding_window else jnp.zeros_like(position)
+
+    def attend_block(j, carry):
+        m, l, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(padded_table, j * block_pages, block_pages, axis=1)[seq]
+        kv = kv_pages[pages].astype(jnp.float32)  # [T, block_pages, page_size, 2Hkv, D]
+        kv = kv.reshape(num_tokens, block_tokens, num_kv_heads, 2, head_dim)
+        scores = jnp.einsum("tngd,tknd->tngk", qg, kv[..., 0, :])
+        if soft_cap:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        kv_pos = j * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)
+        visible = (kv_pos[None, :] <= position[:, None]) & (kv_pos[None, :] >= lowest[:, None]) & real[:, None]
+        visible = visible[:, None, None, :]
+        m_new = jnp.maximum(m, jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(visible, jnp.exp(scores - m_safe[..., None]), 0.0)
+        correction = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * correction + jnp.sum(p, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("tngk,tknd->tngd", p, kv[..., 1, :])
+        return m_new, l, acc
+
+    init = (
+        jnp.full((num_tokens, num_kv_heads, group), -jnp.inf, jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, num_blocks, attend_block, init)
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_pages

@@ -1,0 +1,20 @@
+"""The ragged batch a decoder forward pass consumes (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RaggedBatch:
+    """T tokens of S sequences, flat. See `kernels_pallas.ragged_paged_attention` for the conventions."""
+
+    token_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    kv_lens: jax.Array  # [S] int32, cached + new tokens per sequence
+    block_table: jax.Array  # [S, pages_per_seq] int32
+    cu_q_lens: jax.Array  # [S + 1] int32
+    num_seqs: jax.Array  # [1] int32
