@@ -1,9 +1,13 @@
-"""Counts JAX traces and XLA compilations, so that anything compiled after warm-up is seen (and fails tests).
+"""Counts JAX traces and XLA compilations on the engine's step path, so that anything compiled after
+warm-up is seen (tests fail on it; the server exports it as a metric).
 
-JAX reports both through `jax.monitoring`. The listener holds the watch weakly; `close()` removes it."""
+JAX reports both through `jax.monitoring`, synchronously in the thread that compiles. A watch counts only
+events raised inside `watching()` on that same thread, so other engines warming up elsewhere in the process
+are not counted. The listener holds the watch weakly; `close()` removes it."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
@@ -15,17 +19,24 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
 class CompileWatch:
     def __init__(self) -> None:
         self.count = 0
-        self._lock = threading.Lock()
+        self._watched_thread: int | None = None
         ref = weakref.ref(self)
 
         def listener(event: str, duration: float, **kwargs) -> None:
             watch = ref()
-            if watch is not None and event in _COMPILE_EVENTS:
-                with watch._lock:
-                    watch.count += 1
+            if watch is not None and event in _COMPILE_EVENTS and watch._watched_thread == threading.get_ident():
+                watch.count += 1
 
         self._listener = listener
         jax.monitoring.register_event_duration_secs_listener(listener)
+
+    @contextlib.contextmanager
+    def watching(self):
+        self._watched_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._watched_thread = None
 
     def close(self) -> None:
         jax.monitoring.unregister_event_duration_listener(self._listener)

@@ -173,6 +173,11 @@ class LLMEngine:
     # --- the step ---------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run one ragged step; compiles inside it are counted by `compile_watch`."""
+        with self.compile_watch.watching():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if plan is None:
             return []

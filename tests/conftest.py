@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny random-weight models, engines built on them, and the compile guard.
+
+Every engine a test builds through `make_llm` is checked at teardown: a JAX compile inside any of its steps
+(after warm-up) fails the test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("JAXSERVE_TEST_CACHE", ROOT / ".cache"))
+os.environ.setdefault("JAXSERVE_CACHE_DIR", str(CACHE / "jaxserve"))
+sys.path.insert(0, str(ROOT))
+
+from scripts.make_test_models import build_test_models  # noqa: E402
+
+DECODERS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+
+# small buckets and a small cache keep compiles quick; tests override what they exercise
+TINY_ENGINE = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    return build_test_models(CACHE / "test-models")
+
+
+@pytest.fixture(scope="session")
+def llm_cache():
+    """Engines shared across tests, keyed by their arguments; each is compile-checked at the end."""
+    from jaxserve import LLM
+
+    engines: dict[tuple, LLM] = {}
+
+    def get(model: Path, **overrides) -> LLM:
+        args = {**TINY_ENGINE, **overrides}
+        key = (str(model), tuple(sorted(args.items())))
+        if key not in engines:
+            engines[key] = LLM(str(model), **args)
+        return engines[key]
+
+    yield get
+    compiled = {key[0]: llm.engine.compile_watch.count for key, llm in engines.items() if llm.engine.compile_watch.count}
+    assert not compiled, f"engines compiled after warm-up: {compiled}"
+
+
+@pytest.fixture
+def make_llm(llm_cache):
+    """An engine for (model folder, engine args), reused across tests; fails the test if a step compiled."""
+    used = []
+
+    def get(model: Path, **overrides):
+        llm = llm_cache(model, **overrides)
+        used.append((llm, llm.engine.compile_watch.count))
+        return llm
+
+    yield get
+    for llm, before in used:
+        assert llm.engine.compile_watch.count == before, "a step compiled after warm-up"

@@ -1,0 +1,124 @@
+"""Parity with HF transformers in float32, for each decoder architecture: logits for chunked prefill and every
+decode step over the paged cache, and greedy generation token for token."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxserve import SamplingParams
+from jaxserve.kernels_pallas import kv_cache_shape
+from jaxserve.models.batch import RaggedBatch
+from jaxserve.models.registry import create_causal_lm
+from jaxserve.weights import load_weights
+
+from .conftest import DECODERS
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time in a small village by the sea, there lived",
+    "1 2 3",
+    "café naïve 日本語 and more words to make this prompt the longest of them all by some margin",
+]
+
+
+def hf_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, **processors) -> list[list[int]]:
+    """HF `generate`, greedy, never stopping early. The model's own generation_config is replaced, since
+    `generate` would otherwise merge its defaults (tiny-llama's has a repetition penalty) into ours."""
+    model.generation_config = transformers.GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **processors
+    )
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        with torch.no_grad():
+            outputs.append(model.generate(ids)[0, ids.shape[1] :].tolist())
+    return outputs
+
+
+def jax_model(folder):
+    config = transformers.AutoConfig.from_pretrained(folder)
+    skeleton = nnx.eval_shape(lambda: create_causal_lm(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    return load_weights(skeleton, folder, jnp.float32, progress=False)
+
+
+def run_steps(model, token_ids: list[int], chunks: list[int], page_size: int = 16) -> np.ndarray:
+    """Feed `token_ids` through the paged model in chunks of the given sizes; logits of every position."""
+    num_layers, num_kv_heads, head_dim = model.kv_geometry
+    pages_per_seq = 16
+    pages = [jnp.zeros(kv_cache_shape(40, page_size, num_kv_heads, head_dim)) for _ in range(num_layers)]
+    # scattered, non-contiguous pages, so page-table indirection is exercised
+    table = np.array([[37, 2, 21, 9, 30, 14, 5, 26, 11, 33, 0, 18, 7, 24, 3, 39]], np.int32)
+    logits, done = [], 0
+    for size in chunks:
+        padded = 32  # padding tokens ride along in every step
+        ids = np.zeros(padded, np.int32)
+        ids[:size] = token_ids[done : done + size]
+        positions = np.zeros(padded, np.int32)
+        positions[:size] = np.arange(done, done + size)
+        batch = RaggedBatch(
+            token_ids=jnp.asarray(ids),
+            positions=jnp.asarray(positions),
+            kv_lens=jnp.asarray([done + size, 0], jnp.int32),
+            block_table=jnp.asarray(np.concatenate([table, np.zeros((1, pages_per_seq), np.int32)])),
+            cu_q_lens=jnp.asarray([0, size, size], jnp.int32),
+            num_seqs=jnp.asarray([1], jnp.int32),
+        )
+        hidden, pages = model(batch, pages)
+        logits.append(np.asarray(model.logits(hidden[:size])))
+        done += size
+    return np.concatenate(logits)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_logits_match_hf_for_chunked_prefill_and_decode(tiny_models, name):
+    folder = tiny_models[name]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(PROMPTS[3] + " " + PROMPTS[1]).input_ids
+    ids = (ids * 3)[:70]  # 70 tokens: crosses pages, and Mistral's 32-token sliding window
+    with torch.no_grad():
+        expected = hf_model(folder)(torch.tensor([ids])).logits[0].numpy()
+    # a 23-token prefill chunk, a 17-token chunk, then one decode step per token
+    got = run_steps(jax_model(folder), ids, [23, 17] + [1] * 30)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, atol=2e-5 * scale, rtol=0)
+    assert expected.std(axis=-1).min() > 1.0  # the logits really differ between tokens
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_greedy_generation_matches_hf_generate(tiny_models, make_llm, name):
+    folder = tiny_models[name]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    expected = hf_greedy(hf_model(folder), tokenizer, PROMPTS, 32)
+    llm = make_llm(folder)
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outputs]
+    assert got == expected
+    assert len({tuple(e) for e in expected}) == len(PROMPTS)
+    for output, tokens in zip(outputs, got):
+        # the same text, except that bytes of a character the last token left unfinished are never emitted
+        text, whole = output.outputs[0].text, tokenizer.decode(tokens, skip_special_tokens=True)
+        assert whole.startswith(text) and set(whole[len(text) :]) <= {"\ufffd"}
+        assert output.outputs[0].finish_reason == "length"
+
+
+def test_repetition_penalty_matches_hf(tiny_models, make_llm):
+    """vLLM's repetition penalty (prompt and output tokens, divide positive logits, multiply negative ones)
+    is HF's RepetitionPenaltyLogitsProcessor."""
+    folder = tiny_models["tiny-llama"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    expected = hf_greedy(hf_model(folder), tokenizer, PROMPTS, 24, repetition_penalty=1.8)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.8)
+    got = [o.outputs[0].token_ids for o in make_llm(folder).generate(PROMPTS, params, use_tqdm=False)]
+    assert got == expected
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    assert got != [o.outputs[0].token_ids for o in make_llm(folder).generate(PROMPTS, plain, use_tqdm=False)]
