@@ -82,7 +82,6 @@ class AsyncEngine:
         self._stopping = True
         self._commands.put(("stop", None))
         self._thread.join()
-        self.engine.compile_watch.close()
 
     def _loop(self) -> None:
         try:

@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 
 _MAX_GATHERED_ELEMENTS = 1 << 24  # bound on T * block_tokens * 2Hkv * D per loop iteration
+_MAX_BLOCK_TOKENS = 128  # short contexts should not gather much past their end
 
 
 def _kv_block_pages(num_tokens: int, page_size: int, pages_per_seq: int, row_elements: int) -> int:
-    """Pages per attention block: as many as fit the gather bound, at least one, at most the whole table."""
+    """Pages per attention block: within the gather bound and the block length, at least one page."""
     fit = _MAX_GATHERED_ELEMENTS // max(1, num_tokens * page_size * row_elements)
-    return max(1, min(pages_per_seq, fit))
+    return max(1, min(pages_per_seq, fit, _MAX_BLOCK_TOKENS // page_size))
 
 
 def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
@@ -76,7 +77,7 @@ def ragged_paged_attention_reference(
     seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
     safe_position = jnp.maximum(position, 0)
     page = block_table[seq, safe_position // page_size]
-    slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
+    slots = page * page_size + safe_position % page_size
     kv_pages = write_kv_pages(kv_pages, k, v, slots)
 
     block_pages = _kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim)

@@ -38,7 +38,7 @@ def llm_cache():
 
     def get(model: Path, **overrides) -> LLM:
         args = {**TINY_ENGINE, **overrides}
-        key = (str(model), tuple(sorted(args.items())))
+        key = (str(model), repr(sorted(args.items())))
         if key not in engines:
             engines[key] = LLM(str(model), **args)
         return engines[key]

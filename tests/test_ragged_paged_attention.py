@@ -1,0 +1,399 @@
+"""Ragged paged attention against a naive float64 NumPy reference.
+
+Every case is a flat batch built from (cached_len, new_len) pairs: decode rows, prefill chunks that continue a
+cache, and fresh prefills in one call, on scattered pages, with padded tokens and padded sequences poisoned so
+that any leak shows up as a wrong real output, a non-zero padded output, or a page slot that changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.kernels_pallas import kv_cache_shape, ragged_paged_attention, ragged_paged_attention_reference
+
+rpa_module = importlib.import_module("jaxserve.kernels_pallas.ragged_paged_attention")
+
+KERNELS = {"reference": ragged_paged_attention_reference, "dispatcher": ragged_paged_attention}
+
+# (Hq, Hkv, head_dim, page_size): GQA ratios 1/4/8 each meet both head dims and both page sizes, and every
+# (head_dim, page_size) pair appears, without running the full 3 x 2 x 2 product.
+CONFIGS = [
+    (8, 8, 64, 16),
+    (8, 8, 128, 32),
+    (8, 2, 128, 16),
+    (8, 2, 64, 32),
+    (8, 1, 64, 32),
+    (8, 1, 128, 16),
+]
+CONFIG_IDS = [f"hq{hq}-hkv{hkv}-d{d}-ps{ps}" for hq, hkv, d, ps in CONFIGS]
+
+
+def mixed_seqs(page_size: int) -> list[tuple[int, int]]:
+    """(cached_len, new_len) for a mixed step; every kind of boundary relative to `page_size`."""
+    ps = page_size
+    return [
+        (4 * ps + 13, 1),  # decode, long cache, ends mid-page
+        (2 * ps + 5, 2 * ps - 3),  # prefill chunk continuing a cache, crosses two page boundaries, ends mid-page
+        (0, ps + 7),  # fresh prefill, crosses one boundary
+        (3 * ps - 1, 1),  # decode filling the last slot of a page
+        (2 * ps, 1),  # decode opening a new page
+        (ps - 3, 3),  # continuation ending exactly on a page boundary
+        (0, 1),  # fresh single-token prompt
+    ]
+
+
+@dataclasses.dataclass
+class RaggedCase:
+    """One call's inputs as NumPy arrays, plus the (cached_len, new_len) of each real sequence."""
+
+    seqs: list[tuple[int, int]]
+    q: np.ndarray  # [T, Hq, D] float32
+    k: np.ndarray  # [T, Hkv, D]
+    v: np.ndarray  # [T, Hkv, D]
+    kv_pages: np.ndarray  # [P, page_size, 2Hkv, D]
+    kv_lens: np.ndarray  # [S]
+    block_table: np.ndarray  # [S, pages_per_seq]
+    cu_q_lens: np.ndarray  # [S + 1]
+    num_seqs: np.ndarray  # [1]
+
+    @property
+    def num_real(self) -> int:
+        return int(self.cu_q_lens[len(self.seqs)])
+
+    @property
+    def sm_scale(self) -> float:
+        return self.q.shape[-1] ** -0.5
+
+    def args(self) -> tuple[jax.Array, ...]:
+        return tuple(
+            jnp.asarray(a)
+            for a in (self.q, self.k, self.v, self.kv_pages, self.kv_lens, self.block_table, self.cu_q_lens, self.num_seqs)
+        )
+
+    def value_scale(self) -> float:
+        """Largest |V| any real query can see: the bound the absolute tolerance is scaled by."""
+        return float(max(np.abs(self.v[: self.num_real]).max(initial=0.0), np.abs(self.kv_pages[:, :, 1::2]).max()))
+
+
+def make_case(
+    rng: np.random.Generator,
+    seqs: list[tuple[int, int]],
+    *,
+    num_q_heads: int = 8,
+    num_kv_heads: int = 2,
+    head_dim: int = 64,
+    page_size: int = 16,
+    pad_tokens: int = 5,
+    pad_seqs: int = 2,
+    poison: str = "nan",
+    kv_pages: np.ndarray | None = None,
+    block_rows: np.ndarray | None = None,
+    spare_pages: int = 6,
+) -> RaggedCase:
+    """A random ragged step for `seqs` = [(cached_len, new_len), ...].
+
+    Pages are handed out from a random permutation, so every block table is scattered and non-contiguous;
+    table entries past a sequence's last page point at other sequences' pages. The cache starts full of random
+    values (stale data everywhere), unless `kv_pages` / `block_rows` continue an earlier call. Padding is
+    poisoned: padded q/k/v rows hold NaN or +-1e30 (`poison`), padded block-table rows point at real pages,
+    padded kv_lens are garbage (huge, negative, int32 max)."""
+    num_real = sum(new for _, new in seqs)
+    num_tokens, num_seqs_total = num_real + pad_tokens, len(seqs) + pad_seqs
+    need = [-(-(cached + new) // page_size) for cached, new in seqs]
+
+    if kv_pages is None:
+        num_pages = sum(need) + spare_pages
+        kv_pages = (1.5 * rng.standard_normal(kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim))).astype(np.float32)
+    num_pages = kv_pages.shape[0]
+    if block_rows is None:
+        pages_per_seq = max(need) + 2
+        order = rng.permutation(num_pages)
+        block_rows = rng.integers(0, num_pages, (len(seqs), pages_per_seq)).astype(np.int32)  # stray tails
+        used = 0
+        for s, n in enumerate(need):
+            block_rows[s, :n] = order[used : used + n]
+            used += n
+    pages_per_seq = block_rows.shape[1]
+    assert all(n <= pages_per_seq for n in need)
+
+    def rows(n: int, heads: int, std: float) -> np.ndarray:
+        real = std * rng.standard_normal((num_real, heads, head_dim))
+        if poison == "nan":
+            pad = np.full((n - num_real, heads, head_dim), np.nan)
+        else:
+            pad = np.where(rng.random((n - num_real, heads, head_dim)) < 0.5, 1e30, -1e30)
+        return np.concatenate([real, pad]).astype(np.float32)
+
+    q, k, v = rows(num_tokens, num_q_heads, 1.5), rows(num_tokens, num_kv_heads, 1.5), rows(num_tokens, num_kv_heads, 1.0)
+
+    real_pages = block_rows[:, 0].tolist()
+    block_table = np.concatenate(
+        [block_rows, rng.choice(real_pages, (pad_seqs, pages_per_seq)).astype(np.int32)]
+    ).astype(np.int32)
+    garbage = np.array([10**6, -7, 2**31 - 1, 3, 12345], np.int64)
+    kv_lens = np.array([c + n for c, n in seqs] + [int(garbage[i % 5]) for i in range(pad_seqs)], np.int64).astype(np.int32)
+    cu_q_lens = np.concatenate([[0], np.cumsum([n for _, n in seqs]), np.full(pad_seqs, num_real)]).astype(np.int32)
+    return RaggedCase(seqs, q, k, v, kv_pages, kv_lens, block_table, cu_q_lens, np.array([len(seqs)], np.int32))
+
+
+def naive_attention(q, k_all, v_all, first_pos, *, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
+    """Float64 attention of one sequence's new queries over its whole K/V history.
+
+    q [n, Hq, D] are the queries at positions first_pos .. first_pos + n - 1; k_all/v_all [L, Hkv, D] hold the
+    keys/values at positions 0 .. L - 1. Query head h uses KV head h // (Hq // Hkv). A query at position p sees
+    keys at positions j with j <= p and, with a sliding window W, p - j < W. Plain full softmax, no blocking."""
+    q, k_all, v_all = (np.asarray(a, np.float64) for a in (q, k_all, v_all))
+    group = q.shape[1] // k_all.shape[1]
+    k_rep, v_rep = np.repeat(k_all, group, axis=1), np.repeat(v_all, group, axis=1)
+    scores = np.einsum("nhd,lhd->hnl", q, k_rep) * sm_scale
+    if soft_cap:
+        scores = soft_cap * np.tanh(scores / soft_cap)
+    q_pos = first_pos + np.arange(q.shape[0])[:, None]
+    k_pos = np.arange(k_all.shape[0])[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window:
+        mask &= q_pos - k_pos < sliding_window
+    scores = np.where(mask, scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("hnl,lhd->nhd", weights, v_rep)
+
+
+def naive_ragged_paged_attention(case: RaggedCase, *, sliding_window=None, soft_cap=None):
+    """Float64 NumPy model of one ragged step: (out [T, Hq, D], expected kv_pages after the write).
+
+    Loops over the real sequences: gathers the cached K/V of positions 0 .. cached_len - 1 slot by slot from the
+    sequence's pages (K of head h in row 2h, V in row 2h + 1), appends the new K/V, and runs `naive_attention`.
+    Padded output rows stay 0; the expected cache is the old one with exactly the new tokens' slots set."""
+    pages = case.kv_pages.astype(np.float64)
+    page_size = pages.shape[1]
+    expected_pages = pages.copy()
+    out = np.zeros(case.q.shape, np.float64)
+    for s, (cached, new) in enumerate(case.seqs):
+        lo = int(case.cu_q_lens[s])
+        pos = np.arange(cached + new)
+        page, offset = case.block_table[s, pos // page_size], pos % page_size
+        old = pages[page[:cached], offset[:cached]]  # [cached, 2Hkv, D]
+        k_new, v_new = case.k[lo : lo + new].astype(np.float64), case.v[lo : lo + new].astype(np.float64)
+        k_all = np.concatenate([old[:, 0::2], k_new])
+        v_all = np.concatenate([old[:, 1::2], v_new])
+        expected_pages[page[cached:], offset[cached:], 0::2] = k_new
+        expected_pages[page[cached:], offset[cached:], 1::2] = v_new
+        out[lo : lo + new] = naive_attention(
+            case.q[lo : lo + new], k_all, v_all, cached, sm_scale=case.sm_scale, sliding_window=sliding_window, soft_cap=soft_cap
+        )
+    return out, expected_pages
+
+
+def check(case: RaggedCase, out, kv_pages, sliding_window=None, soft_cap=None) -> np.ndarray:
+    """Assert a kernel result equals the NumPy model: real rows to tolerance, padded rows exactly 0, pages exact."""
+    out, kv_pages = np.asarray(out), np.asarray(kv_pages)
+    ref_out, ref_pages = naive_ragged_paged_attention(case, sliding_window=sliding_window, soft_cap=soft_cap)
+    n = case.num_real
+    assert out.shape == case.q.shape and out.dtype == case.q.dtype
+    assert kv_pages.shape == case.kv_pages.shape and kv_pages.dtype == case.kv_pages.dtype
+    np.testing.assert_allclose(out[:n], ref_out[:n], rtol=1e-4, atol=2e-5 * case.value_scale())
+    assert np.all(out[n:] == 0.0), "padded tokens must come out as exact zeros"
+    # exact: old contents everywhere, the new K/V (interleaved per head) in exactly the written slots
+    changed = np.any(kv_pages != case.kv_pages, axis=(2, 3))
+    expected_changed = np.any(ref_pages.astype(np.float32) != case.kv_pages, axis=(2, 3))
+    np.testing.assert_array_equal(np.argwhere(changed), np.argwhere(expected_changed))
+    np.testing.assert_array_equal(kv_pages, ref_pages.astype(np.float32))
+    return ref_out
+
+
+def run(case: RaggedCase, kernel=ragged_paged_attention_reference, **kwargs):
+    return kernel(*case.args(), sm_scale=case.sm_scale, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size", CONFIGS, ids=CONFIG_IDS)
+def test_mixed_batch_matches_numpy(num_q_heads, num_kv_heads, head_dim, page_size):
+    rng = np.random.default_rng(1000 + head_dim + page_size + num_kv_heads)
+    case = make_case(
+        rng, mixed_seqs(page_size), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size
+    )
+    # the layout really is what the test claims: scattered pages, mixed kinds, padded tails
+    assert case.q.shape[0] > case.num_real and case.kv_lens.shape[0] > len(case.seqs)
+    assert any(np.any(np.diff(row[: -(-sum(sq) // page_size)]) != 1) for row, sq in zip(case.block_table, case.seqs))
+    out, pages = run(case)
+    check(case, out, pages)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS), ids=list(KERNELS))
+def test_dispatcher_and_reference_agree_with_numpy(kernel):
+    case = make_case(np.random.default_rng(7), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
+    out, pages = run(case, KERNELS[kernel])
+    check(case, out, pages)
+
+
+@pytest.mark.parametrize("poison", ["nan", "huge"])
+def test_padding_never_leaks(poison):
+    """Same real tokens with and without poisoned padding: identical real outputs, zero padded rows, same pages."""
+    seqs = [(37, 1), (20, 9), (0, 12)]
+    rng = np.random.default_rng(11)
+    case = make_case(rng, seqs, pad_tokens=11, pad_seqs=3, poison=poison)
+    # padded block-table rows alias real pages, and a padded kv_len is int32 max
+    assert set(case.block_table[len(seqs) :].ravel()) <= set(case.block_table[: len(seqs)].ravel())
+    assert 2**31 - 1 in case.kv_lens.tolist()
+    n, s = case.num_real, len(seqs)
+    clean = dataclasses.replace(
+        case,
+        q=case.q[:n],
+        k=case.k[:n],
+        v=case.v[:n],
+        kv_lens=case.kv_lens[:s],
+        block_table=case.block_table[:s],
+        cu_q_lens=case.cu_q_lens[: s + 1],
+    )
+    out, pages = run(case)
+    clean_out, clean_pages = run(clean)
+    check(case, out, pages)
+    np.testing.assert_allclose(np.asarray(out)[:n], np.asarray(clean_out), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pages), np.asarray(clean_pages))
+
+
+def test_all_padding_step_is_a_no_op():
+    """num_seqs = 0 (a warm-up / empty bucket): every output row is 0 and no page changes."""
+    case = make_case(np.random.default_rng(3), [(5, 3)], pad_tokens=6, pad_seqs=3)
+    case = dataclasses.replace(case, seqs=[], num_seqs=np.array([0], np.int32), cu_q_lens=np.zeros_like(case.cu_q_lens))
+    out, pages = run(case)
+    assert np.all(np.asarray(out) == 0.0)
+    np.testing.assert_array_equal(np.asarray(pages), case.kv_pages)
+
+
+@pytest.mark.parametrize("block_pages", [1, 3], ids=["one-page-blocks", "three-page-blocks"])
+def test_blocked_online_softmax(monkeypatch, block_pages):
+    """Shrink the gather bound so the kv walk takes several blocks (three pages: with a ragged last block)."""
+    seqs = [(5 * 16 + 3, 1), (2 * 16 + 9, 7), (0, 16 + 5)]
+    case = make_case(np.random.default_rng(21), seqs, num_kv_heads=2, head_dim=64, page_size=16, pad_tokens=3)
+    num_tokens, (_, page_size, two_hkv, head_dim) = case.q.shape[0], case.kv_pages.shape
+    pages_per_seq = case.block_table.shape[1]
+    monkeypatch.setattr(rpa_module, "_MAX_GATHERED_ELEMENTS", block_pages * num_tokens * page_size * two_hkv * head_dim)
+    assert rpa_module._kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim) == block_pages
+    assert pages_per_seq % block_pages != 0 or block_pages == 1  # the padded-table path is taken for 3
+    out, pages = run(case)
+    check(case, out, pages)
+    out_w, pages_w = run(case, sliding_window=7, soft_cap=5.0)
+    check(case, out_w, pages_w, sliding_window=7, soft_cap=5.0)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size", [CONFIGS[0], CONFIGS[2], CONFIGS[4]], ids=[CONFIG_IDS[0], CONFIG_IDS[2], CONFIG_IDS[4]])
+def test_pages_written_by_an_earlier_call(num_q_heads, num_kv_heads, head_dim, page_size):
+    """Prefill, then decode / continue / start a new sequence on the returned cache; the second call must equal
+    attention over each sequence's full K/V history (from the inputs of both calls, not from pages)."""
+    rng = np.random.default_rng(5 + page_size)
+    ps = page_size
+    dims = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=ps)
+    # final lengths decide the pages; the first call fills a prefix of them
+    first = [(0, 2 * ps + 3), (0, ps - 1), (0, ps)]
+    second = [(2 * ps + 3, 1), (ps - 1, ps + 4), (ps, 1), (0, 6)]  # decode, continuation over a boundary, decode, fresh
+    final = [c + n for c, n in second]
+    pages_per_seq = max(-(-f // ps) for f in final) + 1
+    num_pages = sum(-(-f // ps) for f in final) + 4
+    order = rng.permutation(num_pages)
+    block_rows = rng.integers(0, num_pages, (len(second), pages_per_seq)).astype(np.int32)
+    used = 0
+    for s, f in enumerate(final):
+        n = -(-f // ps)
+        block_rows[s, :n] = order[used : used + n]
+        used += n
+    cache = (1.5 * rng.standard_normal(kv_cache_shape(num_pages, ps, num_kv_heads, head_dim))).astype(np.float32)
+
+    call1 = make_case(rng, first, kv_pages=cache, block_rows=block_rows[: len(first)], **dims)
+    out1, pages1 = run(call1)
+    check(call1, out1, pages1)
+
+    call2 = make_case(rng, second, kv_pages=np.asarray(pages1), block_rows=block_rows, pad_tokens=4, pad_seqs=1, **dims)
+    out2, pages2 = run(call2)
+    ref2 = check(call2, out2, pages2)
+
+    # independent of the page bookkeeping: attention over the concatenated inputs of both calls
+    for s, (cached, new) in enumerate(second):
+        k_hist, v_hist = [], []
+        if s < len(first):
+            lo = call1.cu_q_lens[s]
+            k_hist.append(call1.k[lo : lo + first[s][1]])
+            v_hist.append(call1.v[lo : lo + first[s][1]])
+        lo = call2.cu_q_lens[s]
+        k_hist.append(call2.k[lo : lo + new])
+        v_hist.append(call2.v[lo : lo + new])
+        want = naive_attention(call2.q[lo : lo + new], np.concatenate(k_hist), np.concatenate(v_hist), cached, sm_scale=call2.sm_scale)
+        np.testing.assert_allclose(ref2[lo : lo + new], want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(out2)[lo : lo + new], want, rtol=1e-4, atol=2e-5 * call2.value_scale())
+
+
+def window_case(page_size: int = 16) -> RaggedCase:
+    ps = page_size
+    seqs = [
+        (2 * ps + 1, 1),  # decode at 2ps+1: window 2ps-5 .. 2ps+1 crosses a page boundary
+        (ps - 4, 9),  # chunk straddling a boundary; early queries see cache, later ones only new tokens
+        (0, ps + 6),  # fresh prefill longer than the window
+        (3 * ps + 10, 1),  # decode with the window entirely inside one page, far from the cache start
+    ]
+    return make_case(np.random.default_rng(99), seqs, num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=ps)
+
+
+def test_sliding_window_changes_result_and_matches_numpy():
+    case = window_case()
+    full, _ = run(case)
+    windowed, pages = run(case, sliding_window=7)
+    check(case, windowed, pages, sliding_window=7)
+    n = case.num_real
+    assert np.abs(np.asarray(windowed)[:n] - np.asarray(full)[:n]).max() > 0.1
+    # a window covering every context is no window at all
+    wide, _ = run(case, sliding_window=10_000)
+    np.testing.assert_allclose(np.asarray(wide), np.asarray(full), rtol=1e-6, atol=1e-6)
+
+
+def test_window_of_one_returns_own_value():
+    """sliding_window=1: every query sees only itself, so out = its own V (shared by the group's heads)."""
+    case = window_case()
+    out, pages = run(case, sliding_window=1)
+    check(case, out, pages, sliding_window=1)
+    n, group = case.num_real, case.q.shape[1] // case.k.shape[1]
+    np.testing.assert_allclose(np.asarray(out)[:n], np.repeat(case.v[:n], group, axis=1), rtol=1e-6, atol=1e-6)
+
+
+def test_soft_cap_changes_result_and_matches_numpy():
+    case = window_case()
+    full, _ = run(case)
+    capped, pages = run(case, soft_cap=5.0)
+    check(case, capped, pages, soft_cap=5.0)
+    n = case.num_real
+    assert np.abs(np.asarray(capped)[:n] - np.asarray(full)[:n]).max() > 0.1
+    both, pages = run(case, sliding_window=7, soft_cap=5.0)
+    check(case, both, pages, sliding_window=7, soft_cap=5.0)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS), ids=list(KERNELS))
+def test_jit_matches_eager_and_reuses_one_compile(kernel):
+    """Under jax.jit (static kwargs bound by partial): same results, and a second ragged layout with the same
+    array shapes runs on the same compiled program."""
+    ps = 16
+    kwargs = dict(sliding_window=7, soft_cap=5.0)
+    a = make_case(np.random.default_rng(31), mixed_seqs(ps), page_size=ps, pad_tokens=4, pad_seqs=2)
+    # another layout with identical shapes: same T, S, pages, pages_per_seq, different raggedness
+    seqs_b = [(ps + 2, 1), (0, a.num_real - 6), (3 * ps, 5)]
+    b = make_case(np.random.default_rng(32), seqs_b, page_size=ps, pad_tokens=4, pad_seqs=len(a.seqs) + 2 - len(seqs_b))
+    b = dataclasses.replace(b, kv_pages=np.pad(b.kv_pages, ((0, a.kv_pages.shape[0] - b.kv_pages.shape[0]), (0, 0), (0, 0), (0, 0))))
+    b = dataclasses.replace(b, block_table=np.pad(b.block_table, ((0, 0), (0, a.block_table.shape[1] - b.block_table.shape[1]))))
+    assert [x.shape for x in a.args()] == [x.shape for x in b.args()]
+
+    jitted = jax.jit(functools.partial(KERNELS[kernel], sm_scale=a.sm_scale, **kwargs))
+    for case in (a, b):
+        out, pages = jitted(*case.args())
+        check(case, out, pages, **kwargs)
+        eager_out, eager_pages = run(case, **kwargs)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(eager_out), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(pages), np.asarray(eager_pages))
+    assert jitted._cache_size() == 1
