@@ -77,7 +77,7 @@ def ragged_paged_attention_reference(
     seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
     safe_position = jnp.maximum(position, 0)
     page = block_table[seq, safe_position // page_size]
-    slots = page * page_size + safe_position % page_size
+    slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
     kv_pages = write_kv_pages(kv_pages, k, v, slots)
 
     block_pages = _kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim)
@@ -100,13 +100,15 @@ def ragged_paged_attention_reference(
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         kv_pos = j * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)
         visible = (kv_pos[None, :] <= position[:, None]) & (kv_pos[None, :] >= lowest[:, None]) & real[:, None]
+        # stale slots of reused pages may hold anything, NaN included: keep them out of p @ V entirely
+        values = jnp.where(visible[:, :, None, None], kv[..., 1, :], 0.0)
         visible = visible[:, None, None, :]
         m_new = jnp.maximum(m, jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.where(visible, jnp.exp(scores - m_safe[..., None]), 0.0)
         correction = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("tngk,tknd->tngd", p, kv[..., 1, :])
+        acc = acc * correction[..., None] + jnp.einsum("tngk,tknd->tngd", p, values)
         return m_new, l, acc
 
     init = (

@@ -397,3 +397,21 @@ def test_jit_matches_eager_and_reuses_one_compile(kernel):
         np.testing.assert_allclose(np.asarray(out), np.asarray(eager_out), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(pages), np.asarray(eager_pages))
     assert jitted._cache_size() == 1
+
+
+@pytest.mark.parametrize("stale", [np.nan, np.inf])
+def test_stale_values_in_reused_pages_never_leak(stale):
+    """Slots past a sequence's length (left over from an earlier request) may hold anything, NaN included."""
+    case = make_case(np.random.default_rng(21), [(20, 3), (5, 9), (0, 4)], page_size=16)
+    poisoned = case.kv_pages.copy()
+    written = np.zeros(poisoned.shape[:2], bool)
+    for s, (cached, new) in enumerate(case.seqs):
+        pos = np.arange(cached + new)
+        written[case.block_table[s, pos // 16], pos % 16] = True
+    poisoned[~written] = stale
+    case = dataclasses.replace(case, kv_pages=poisoned)
+    out, _ = run(case)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(
+        np.asarray(out)[: case.num_real], naive_ragged_paged_attention(case)[0][: case.num_real], rtol=1e-4, atol=1e-4
+    )

