@@ -26,6 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"],
                        help="weight and activation dtype; auto is bfloat16 on GPU/TPU and float32 on CPU")
+    group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="'dummy' skips the checkpoint and uses random weights (for benchmarks)")
     group.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     group.add_argument("--max-num-seqs", type=int, help="sequences per step (default 256 on GPU/TPU, 64 on CPU)")
     group.add_argument("--max-num-batched-tokens", type=int,
@@ -44,7 +46,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    keys = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
+    keys = ("dtype", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
             "kv_cache_memory", "page_size", "max_logprobs", "generation_config", "override_generation_config",
             "chat_template", "seed")
     return {key: getattr(args, key) for key in keys}

@@ -28,6 +28,7 @@ GENERATION_DEFAULT_KEYS = (
 class EngineConfig:
     model: str
     dtype: str = "auto"
+    load_format: str = "auto"  # "auto" reads the checkpoint; "dummy" uses random weights (benchmarks)
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -46,6 +47,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}.")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

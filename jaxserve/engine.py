@@ -61,8 +61,7 @@ class LLMEngine:
         self.dtype = config.resolved_dtype()
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
 
-        skeleton = nnx.eval_shape(lambda: create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(0)))
-        model = load_weights(skeleton, self.model_folder, self.dtype, progress=config.progress)
+        model = self._load_model()
         load_seconds = time.perf_counter() - began
 
         pages_per_seq = -(-self.max_model_len // config.page_size)
@@ -218,6 +217,14 @@ class LLMEngine:
         return bans
 
     # --- set-up helpers ---------------------------------------------------------------------------------
+
+    def _load_model(self) -> nnx.Module:
+        def build():
+            return create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(self.config.seed))
+
+        if self.config.load_format == "dummy":
+            return nnx.jit(build)()  # random weights, created on the device
+        return load_weights(nnx.eval_shape(build), self.model_folder, self.dtype, progress=self.config.progress)
 
     def _eos_ids(self) -> tuple[int | None, list[int]]:
         """The tokenizer's EOS, and the further EOS ids generation_config.json lists (added as stop tokens)."""
