@@ -8,6 +8,13 @@ from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
-    "AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "Logprob", "RequestOutput",
-    "RequestOutputKind", "SamplingParams",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLM",
+    "LLMEngine",
+    "Logprob",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
 ]

@@ -1,5 +1,6 @@
 """The fixed shapes XLA compiles (DESIGN.md §3). One token budget B and one sequence cap define them all:
-token counts T are padded to a rung (powers of two from 16 to 512, then multiples of 512, and B itself last),
+token counts T are padded to a rung (powers of two from 16 to 512, then multiples of 512, and B itself last;
+on CPU, where padding rows cost compute rather than nothing, the powers of two start at 1),
 and the sequence/logits-row dimension of a program follows its token rung: S = min(T, max_num_seqs).
 A step never has more sequences or logits rows than tokens, so one program per T rung covers every step."""
 
@@ -7,14 +8,15 @@ from __future__ import annotations
 
 import bisect
 
-MIN_RUNG = 16
+ACCELERATOR_MIN_RUNG = 16
+CPU_MIN_RUNG = 1
 POW2_LIMIT = 512
 
 
-def token_rungs(max_num_batched_tokens: int) -> list[int]:
+def token_rungs(max_num_batched_tokens: int, min_rung: int = ACCELERATOR_MIN_RUNG) -> list[int]:
     budget = max_num_batched_tokens
     rungs = []
-    rung = MIN_RUNG
+    rung = min_rung
     while rung < budget and rung <= POW2_LIMIT:
         rungs.append(rung)
         rung *= 2

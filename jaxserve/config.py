@@ -15,12 +15,25 @@ ACCELERATOR_LIMITS = (256, 2048)
 CPU_LIMITS = (64, 512)
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "half": jnp.float16, "float32": jnp.float32, "float": jnp.float32}
+DTYPES = {
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "half": jnp.float16,
+    "float32": jnp.float32,
+    "float": jnp.float32,
+}
 
 # generation_config.json keys that become sampling defaults (vLLM's get_diff_sampling_param)
 GENERATION_DEFAULT_KEYS = (
-    "repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p", "min_p",
-    "max_new_tokens", "skip_special_tokens",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "max_new_tokens",
+    "skip_special_tokens",
 )
 
 
@@ -70,8 +83,7 @@ class EngineConfig:
         max_tokens = self.max_num_batched_tokens or max(tokens_default, max_num_seqs)
         if max_tokens < max_num_seqs:
             raise ValueError(
-                f"max_num_batched_tokens ({max_tokens}) must be greater than or equal to "
-                f"max_num_seqs ({max_num_seqs})."
+                f"max_num_batched_tokens ({max_tokens}) must be greater than or equal to max_num_seqs ({max_num_seqs})."
             )
         return max_num_seqs, max_tokens
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from transformers import AutoConfig
 
+from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
 from .compile_watch import CompileWatch
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
 from .kernels_pallas import kv_cache_shape
@@ -67,7 +68,14 @@ class LLMEngine:
         pages_per_seq = -(-self.max_model_len // config.page_size)
         num_pages = self._num_kv_pages(model, pages_per_seq, max_num_seqs)
         self.vocab_size = self.hf_config.vocab_size
-        shape = RunnerShape(max_num_seqs, max_num_batched_tokens, pages_per_seq, self.vocab_size, config.max_logprobs)
+        shape = RunnerShape(
+            max_num_seqs,
+            max_num_batched_tokens,
+            pages_per_seq,
+            self.vocab_size,
+            config.max_logprobs,
+            CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG,
+        )
         self.runner = ModelRunner(model, shape, num_pages, config.page_size, self.dtype)
         compile_seconds = self.runner.warm_up(progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
@@ -82,8 +90,13 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         logger.info(
             "Engine ready: %s, %s, max_model_len %d, %d KV pages of %d tokens, load %.1f s, compile %.1f s",
-            self.model_folder, np.dtype(self.dtype).name, self.max_model_len, num_pages, config.page_size,
-            load_seconds, compile_seconds,
+            self.model_folder,
+            np.dtype(self.dtype).name,
+            self.max_model_len,
+            num_pages,
+            config.page_size,
+            load_seconds,
+            compile_seconds,
         )
 
     # --- requests ---------------------------------------------------------------------------------------
@@ -187,7 +200,9 @@ class LLMEngine:
         for r, row in enumerate(rows):
             seq = plan.chunks[row.chunk_index].seq
             state = self._requests[seq.request_id]
-            result = RowResult(int(out.tokens[r]), float(out.logprobs[r]), int(out.ranks[r]), out.top_ids[r], out.top_logprobs[r])
+            result = RowResult(
+                int(out.tokens[r]), float(out.logprobs[r]), int(out.ranks[r]), out.top_ids[r], out.top_logprobs[r]
+            )
             if not row.is_sample:
                 state.add_prompt_logprob(result)
                 continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from typing import Any, Union
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -15,7 +15,7 @@ from .sampling_params import RequestOutputKind, SamplingParams
 from .tokenizer import Tokenizer, load_chat_template
 
 # a text, a list of token ids, or a dict {"prompt": text} / {"prompt_token_ids": ids}
-PromptType = Union[str, list[int], dict[str, Any]]
+PromptType = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
@@ -84,7 +84,9 @@ class LLM:
     def _run(self, items, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params_list = [sampling_params] * len(items) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        params_list = (
+            [sampling_params] * len(items) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        )
         if len(params_list) != len(items):
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
         for (_, ids), params in zip(items, params_list):

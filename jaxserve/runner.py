@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .buckets import pick_rung, seq_rung, token_rungs
 from .kernels_pallas import kv_cache_shape
 from .models.batch import RaggedBatch
-from .sampler import NUM_BIAS_SLOTS, SampleOutput, SamplingBatch, TokenHistory, sample
+from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
 from .scheduler import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -56,51 +56,32 @@ class RunnerShape:
     pages_per_seq: int
     vocab_size: int
     num_top_logprobs: int
+    min_token_rung: int
 
     @property
     def token_rungs(self) -> list[int]:
-        return token_rungs(self.max_num_batched_tokens)
+        return token_rungs(self.max_num_batched_tokens, self.min_token_rung)
 
 
-class HostStep:
-    """Numpy staging buffers for one bucket, filled from a plan."""
-
-    def __init__(self, shape: RunnerShape, num_tokens: int):
-        t, s = num_tokens, seq_rung(num_tokens, shape.max_num_seqs)
-        slots_oob = shape.max_num_seqs
-        self.inputs = StepInputs(
-            batch=RaggedBatch(
-                token_ids=np.zeros(t, np.int32),
-                positions=np.zeros(t, np.int32),
-                kv_lens=np.zeros(s, np.int32),
-                block_table=np.zeros((s, shape.pages_per_seq), np.int32),
-                cu_q_lens=np.zeros(s + 1, np.int32),
-                num_seqs=np.zeros(1, np.int32),
-            ),
-            token_slots=np.full(t, slots_oob, np.int32),
-            is_output=np.zeros(t, np.bool_),
-            reset_slots=np.full(s, slots_oob, np.int32),
-            logits_indices=np.zeros(s, np.int32),
-            sampling=SamplingBatch(
-                temperature=np.zeros(s, np.float32),
-                top_k=np.zeros(s, np.int32),
-                top_p=np.ones(s, np.float32),
-                min_p=np.zeros(s, np.float32),
-                repetition_penalty=np.ones(s, np.float32),
-                presence_penalty=np.zeros(s, np.float32),
-                frequency_penalty=np.zeros(s, np.float32),
-                seeds=np.zeros(s, np.uint32),
-                output_index=np.zeros(s, np.int32),
-                targets=np.full(s, -1, np.int32),
-                slots=np.full(s, slots_oob, np.int32),
-                wants_logprobs=np.zeros(s, np.bool_),
-                bias_ids=np.full((s, NUM_BIAS_SLOTS), shape.vocab_size, np.int32),
-                bias_values=np.zeros((s, NUM_BIAS_SLOTS), np.float32),
-            ),
-        )
-
-    def abstract(self):
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.inputs)
+def empty_inputs(shape: RunnerShape, num_tokens: int) -> StepInputs:
+    """Numpy staging buffers of one bucket, all padding: every slot index out of range, every row neutral."""
+    t, s = num_tokens, seq_rung(num_tokens, shape.max_num_seqs)
+    slots_oob = shape.max_num_seqs
+    return StepInputs(
+        batch=RaggedBatch(
+            token_ids=np.zeros(t, np.int32),
+            positions=np.zeros(t, np.int32),
+            kv_lens=np.zeros(s, np.int32),
+            block_table=np.zeros((s, shape.pages_per_seq), np.int32),
+            cu_q_lens=np.zeros(s + 1, np.int32),
+            num_seqs=np.zeros(1, np.int32),
+        ),
+        token_slots=np.full(t, slots_oob, np.int32),
+        is_output=np.zeros(t, np.bool_),
+        reset_slots=np.full(s, slots_oob, np.int32),
+        logits_indices=np.zeros(s, np.int32),
+        sampling=SamplingBatch.neutral(s, shape.vocab_size, slots_oob),
+    )
 
 
 @dataclasses.dataclass
@@ -112,10 +93,12 @@ class RowInfo:
     is_sample: bool
 
 
-def fill_step(plan: StepPlan, shape: RunnerShape, bias: dict[int, list[tuple[int, float]]]) -> tuple[StepInputs, list[RowInfo]]:
+def fill_step(
+    plan: StepPlan, shape: RunnerShape, bias: dict[int, list[tuple[int, float]]]
+) -> tuple[StepInputs, list[RowInfo]]:
     """Host arrays for a plan, padded to its bucket. `bias` maps seq_id → (token, value) pairs for this step."""
     num_tokens = pick_rung(shape.token_rungs, plan.num_tokens)
-    inputs = HostStep(shape, num_tokens).inputs
+    inputs = empty_inputs(shape, num_tokens)
     b, smp = inputs.batch, inputs.sampling
     rows: list[RowInfo] = []
     offset = 0
@@ -165,6 +148,10 @@ def _fill_row(smp: SamplingBatch, r: int, seq, row: RowInfo, bias) -> None:
         smp.bias_values[r, j] = value
 
 
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, shape: RunnerShape, num_pages: int, page_size: int, kv_dtype):
         self.shape = shape
@@ -181,9 +168,7 @@ class ModelRunner:
     def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
         model = nnx.merge(self.graphdef, params)
         hidden, kv_pages = model(inputs.batch, state.kv_pages)
-        history = state.history.update(
-            inputs.batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots
-        )
+        history = state.history.update(inputs.batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots)
         logits = model.logits(hidden[inputs.logits_indices])
         out = sample(logits, inputs.sampling, history, self.shape.num_top_logprobs)
         return DeviceState(kv_pages, history), out
@@ -192,11 +177,12 @@ class ModelRunner:
         """Compile every bucket ahead of time; returns the seconds it took."""
         began = time.perf_counter()
         rungs = self.shape.token_rungs
-        lowered = {t: self._step.lower(self.params, self.state, HostStep(self.shape, t).abstract()) for t in rungs}
+        lowered = {t: self._step.lower(self.params, self.state, _abstract(empty_inputs(self.shape, t))) for t in rungs}
         workers = max(1, min(len(rungs), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool, tqdm(
-            total=len(rungs), desc="Compiling buckets", unit="bucket", disable=not progress
-        ) as bar:
+        with (
+            concurrent.futures.ThreadPoolExecutor(workers) as pool,
+            tqdm(total=len(rungs), desc="Compiling buckets", unit="bucket", disable=not progress) as bar,
+        ):
             futures = {pool.submit(lowered[t].compile): t for t in rungs}
             for future in concurrent.futures.as_completed(futures):
                 self._executables[futures[future]] = future.result()

@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NUM_BIAS_SLOTS = 64  # sparse per-row logit biases (min_tokens bans of EOS and stop tokens)
 
@@ -30,12 +31,10 @@ class TokenHistory:
     prompt_seen: jax.Array  # [num_slots, V] bool
 
     @classmethod
-    def zeros(cls, num_slots: int, vocab_size: int) -> "TokenHistory":
-        return cls(
-            jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), jnp.bool_)
-        )
+    def zeros(cls, num_slots: int, vocab_size: int) -> TokenHistory:
+        return cls(jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), jnp.bool_))
 
-    def update(self, token_ids, token_slots, is_output, reset_slots) -> "TokenHistory":
+    def update(self, token_ids, token_slots, is_output, reset_slots) -> TokenHistory:
         """Clear the slots of sequences that start over at position 0, then record the step's input tokens.
         Slots out of range (padding) are dropped."""
         num_slots = self.output_counts.shape[0]
@@ -65,6 +64,26 @@ class SamplingBatch:
     wants_logprobs: jax.Array  # bool
     bias_ids: jax.Array  # [R, NUM_BIAS_SLOTS] i32, V = unused
     bias_values: jax.Array  # [R, NUM_BIAS_SLOTS] f32
+
+    @classmethod
+    def neutral(cls, rows: int, vocab_size: int, num_slots: int) -> SamplingBatch:
+        """Host (numpy) rows that sample greedily with nothing applied: the padding of every step."""
+        return cls(
+            temperature=np.zeros(rows, np.float32),
+            top_k=np.zeros(rows, np.int32),
+            top_p=np.ones(rows, np.float32),
+            min_p=np.zeros(rows, np.float32),
+            repetition_penalty=np.ones(rows, np.float32),
+            presence_penalty=np.zeros(rows, np.float32),
+            frequency_penalty=np.zeros(rows, np.float32),
+            seeds=np.zeros(rows, np.uint32),
+            output_index=np.zeros(rows, np.int32),
+            targets=np.full(rows, -1, np.int32),
+            slots=np.full(rows, num_slots, np.int32),
+            wants_logprobs=np.zeros(rows, np.bool_),
+            bias_ids=np.full((rows, NUM_BIAS_SLOTS), vocab_size, np.int32),
+            bias_values=np.zeros((rows, NUM_BIAS_SLOTS), np.float32),
+        )
 
 
 @jax.tree_util.register_dataclass

@@ -111,5 +111,5 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
 
-    def clone(self, **changes) -> "SamplingParams":
+    def clone(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)

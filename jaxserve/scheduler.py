@@ -84,7 +84,7 @@ class Scheduler:
             self._admit(chunks, budget)
         return StepPlan(chunks) if chunks else None
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: "_Budget") -> None:
+    def _admit(self, chunks: list[ScheduledChunk], budget: _Budget) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             chunk = self._chunk(seq, budget)
@@ -115,7 +115,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def _chunk(self, seq: Sequence, budget: "_Budget") -> ScheduledChunk | None:
+    def _chunk(self, seq: Sequence, budget: _Budget) -> ScheduledChunk | None:
         start = seq.num_computed_tokens
         length = min(seq.num_uncomputed_tokens, budget.tokens)
         if _rows(seq, start, length) > budget.rows:

@@ -86,7 +86,7 @@ class Tokenizer:
         """How one token reads on its own (the `decoded_token` of a logprob entry)."""
         return self.hf.decode([token_id], skip_special_tokens=skip_special_tokens)
 
-    def detokenizer(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> "IncrementalDetokenizer":
+    def detokenizer(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self._backend, prompt_token_ids[-PRIMING_TOKENS:], skip_special_tokens)
 
 

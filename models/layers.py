@@ -65,7 +65,7 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
     @classmethod
-    def from_hf(cls, hf_config) -> "RopeConfig":
+    def from_hf(cls, hf_config) -> RopeConfig:
         params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
         theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         rope_type = params.get("rope_type", params.get("type", "default"))

@@ -12,7 +12,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jaxserve.kernels_pallas import ragged_paged_attention
 
 from .batch import RaggedBatch
@@ -39,7 +38,7 @@ class DecoderConfig:
     sliding_window: int | None = None
 
     @classmethod
-    def from_hf(cls, hf) -> "DecoderConfig":
+    def from_hf(cls, hf) -> DecoderConfig:
         model_type = hf.model_type
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
@@ -103,8 +102,16 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out, kv_pages = ragged_paged_attention(
-            q, k, v, kv_pages, batch.kv_lens, batch.block_table, batch.cu_q_lens, batch.num_seqs,
-            sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+            q,
+            k,
+            v,
+            kv_pages,
+            batch.kv_lens,
+            batch.block_table,
+            batch.cu_q_lens,
+            batch.num_seqs,
+            sm_scale=cfg.head_dim**-0.5,
+            sliding_window=cfg.sliding_window,
         )
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_pages
 
@@ -156,12 +163,14 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
         )
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> "LlamaForCausalLM":
+    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> LlamaForCausalLM:
         return cls(DecoderConfig.from_hf(hf_config), dtype=dtype, rngs=rngs)
 
     @property

@@ -44,7 +44,9 @@ def llm_cache():
         return engines[key]
 
     yield get
-    compiled = {key[0]: llm.engine.compile_watch.count for key, llm in engines.items() if llm.engine.compile_watch.count}
+    compiled = {
+        key[0]: llm.engine.compile_watch.count for key, llm in engines.items() if llm.engine.compile_watch.count
+    }
     assert not compiled, f"engines compiled after warm-up: {compiled}"
 
 

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_default_model_knows_the_capital_of_france(make_llm):
-    llm = make_llm(DEFAULT_GENERATE_MODEL, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, num_kv_pages=64)
+    llm = make_llm(
+        DEFAULT_GENERATE_MODEL, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, num_kv_pages=64
+    )
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     output = llm.chat(messages, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
     assert "Paris" in output.text

@@ -150,7 +150,9 @@ def test_chat_renders_the_template(llm):
     rendered = llm.get_tokenizer().render_chat(messages)
     assert rendered.endswith("<|im_start|>assistant\n")
     chat = llm.chat(messages, GREEDY, use_tqdm=False)[0]
-    direct = llm.generate({"prompt_token_ids": llm.get_tokenizer().encode(rendered, add_special_tokens=False)}, GREEDY, use_tqdm=False)[0]
+    direct = llm.generate(
+        {"prompt_token_ids": llm.get_tokenizer().encode(rendered, add_special_tokens=False)}, GREEDY, use_tqdm=False
+    )[0]
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
     assert chat.prompt == rendered
 

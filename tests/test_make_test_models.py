@@ -88,12 +88,9 @@ def test_chat_template_and_generation_configs(model_dirs: dict[str, Path]) -> No
     for name, folder in model_dirs.items():
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-        rendered = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert rendered == (
-            "<|im_start|>system\nBe brief.<|im_end|>\n"
-            "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
         )
         ids = tokenizer(rendered).input_ids
         assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
@@ -133,9 +130,7 @@ def test_unknown_name_is_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_logits_are_spread_and_greedy_is_prompt_dependent(
-    model_dirs: dict[str, Path], name: str
-) -> None:
+def test_logits_are_spread_and_greedy_is_prompt_dependent(model_dirs: dict[str, Path], name: str) -> None:
     stats = greedy_stats(model_dirs[name])
     n_tokens = len(transformers.AutoTokenizer.from_pretrained(model_dirs[name]))
     assert stats.min_logit_std > 3.0

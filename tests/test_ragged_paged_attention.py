@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jaxserve.kernels_pallas import kv_cache_shape, ragged_paged_attention, ragged_paged_attention_reference
 
 rpa_module = importlib.import_module("jaxserve.kernels_pallas.ragged_paged_attention")
@@ -74,7 +73,16 @@ class RaggedCase:
     def args(self) -> tuple[jax.Array, ...]:
         return tuple(
             jnp.asarray(a)
-            for a in (self.q, self.k, self.v, self.kv_pages, self.kv_lens, self.block_table, self.cu_q_lens, self.num_seqs)
+            for a in (
+                self.q,
+                self.k,
+                self.v,
+                self.kv_pages,
+                self.kv_lens,
+                self.block_table,
+                self.cu_q_lens,
+                self.num_seqs,
+            )
         )
 
     def value_scale(self) -> float:
@@ -105,12 +113,14 @@ def make_case(
     poisoned: padded q/k/v rows hold NaN or +-1e30 (`poison`), padded block-table rows point at real pages,
     padded kv_lens are garbage (huge, negative, int32 max)."""
     num_real = sum(new for _, new in seqs)
-    num_tokens, num_seqs_total = num_real + pad_tokens, len(seqs) + pad_seqs
+    num_tokens = num_real + pad_tokens
     need = [-(-(cached + new) // page_size) for cached, new in seqs]
 
     if kv_pages is None:
         num_pages = sum(need) + spare_pages
-        kv_pages = (1.5 * rng.standard_normal(kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim))).astype(np.float32)
+        kv_pages = (1.5 * rng.standard_normal(kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim))).astype(
+            np.float32
+        )
     num_pages = kv_pages.shape[0]
     if block_rows is None:
         pages_per_seq = max(need) + 2
@@ -131,14 +141,20 @@ def make_case(
             pad = np.where(rng.random((n - num_real, heads, head_dim)) < 0.5, 1e30, -1e30)
         return np.concatenate([real, pad]).astype(np.float32)
 
-    q, k, v = rows(num_tokens, num_q_heads, 1.5), rows(num_tokens, num_kv_heads, 1.5), rows(num_tokens, num_kv_heads, 1.0)
+    q, k, v = (
+        rows(num_tokens, num_q_heads, 1.5),
+        rows(num_tokens, num_kv_heads, 1.5),
+        rows(num_tokens, num_kv_heads, 1.0),
+    )
 
     real_pages = block_rows[:, 0].tolist()
     block_table = np.concatenate(
         [block_rows, rng.choice(real_pages, (pad_seqs, pages_per_seq)).astype(np.int32)]
     ).astype(np.int32)
     garbage = np.array([10**6, -7, 2**31 - 1, 3, 12345], np.int64)
-    kv_lens = np.array([c + n for c, n in seqs] + [int(garbage[i % 5]) for i in range(pad_seqs)], np.int64).astype(np.int32)
+    kv_lens = np.array([c + n for c, n in seqs] + [int(garbage[i % 5]) for i in range(pad_seqs)], np.int64).astype(
+        np.int32
+    )
     cu_q_lens = np.concatenate([[0], np.cumsum([n for _, n in seqs]), np.full(pad_seqs, num_real)]).astype(np.int32)
     return RaggedCase(seqs, q, k, v, kv_pages, kv_lens, block_table, cu_q_lens, np.array([len(seqs)], np.int32))
 
@@ -187,7 +203,13 @@ def naive_ragged_paged_attention(case: RaggedCase, *, sliding_window=None, soft_
         expected_pages[page[cached:], offset[cached:], 0::2] = k_new
         expected_pages[page[cached:], offset[cached:], 1::2] = v_new
         out[lo : lo + new] = naive_attention(
-            case.q[lo : lo + new], k_all, v_all, cached, sm_scale=case.sm_scale, sliding_window=sliding_window, soft_cap=soft_cap
+            case.q[lo : lo + new],
+            k_all,
+            v_all,
+            cached,
+            sm_scale=case.sm_scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
         )
     return out, expected_pages
 
@@ -220,7 +242,12 @@ def run(case: RaggedCase, kernel=ragged_paged_attention_reference, **kwargs):
 def test_mixed_batch_matches_numpy(num_q_heads, num_kv_heads, head_dim, page_size):
     rng = np.random.default_rng(1000 + head_dim + page_size + num_kv_heads)
     case = make_case(
-        rng, mixed_seqs(page_size), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size
+        rng,
+        mixed_seqs(page_size),
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
     )
     # the layout really is what the test claims: scattered pages, mixed kinds, padded tails
     assert case.q.shape[0] > case.num_real and case.kv_lens.shape[0] > len(case.seqs)
@@ -287,7 +314,11 @@ def test_blocked_online_softmax(monkeypatch, block_pages):
     check(case, out_w, pages_w, sliding_window=7, soft_cap=5.0)
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size", [CONFIGS[0], CONFIGS[2], CONFIGS[4]], ids=[CONFIG_IDS[0], CONFIG_IDS[2], CONFIG_IDS[4]])
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,page_size",
+    [CONFIGS[0], CONFIGS[2], CONFIGS[4]],
+    ids=[CONFIG_IDS[0], CONFIG_IDS[2], CONFIG_IDS[4]],
+)
 def test_pages_written_by_an_earlier_call(num_q_heads, num_kv_heads, head_dim, page_size):
     """Prefill, then decode / continue / start a new sequence on the returned cache; the second call must equal
     attention over each sequence's full K/V history (from the inputs of both calls, not from pages)."""
@@ -327,7 +358,9 @@ def test_pages_written_by_an_earlier_call(num_q_heads, num_kv_heads, head_dim, p
         lo = call2.cu_q_lens[s]
         k_hist.append(call2.k[lo : lo + new])
         v_hist.append(call2.v[lo : lo + new])
-        want = naive_attention(call2.q[lo : lo + new], np.concatenate(k_hist), np.concatenate(v_hist), cached, sm_scale=call2.sm_scale)
+        want = naive_attention(
+            call2.q[lo : lo + new], np.concatenate(k_hist), np.concatenate(v_hist), cached, sm_scale=call2.sm_scale
+        )
         np.testing.assert_allclose(ref2[lo : lo + new], want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(np.asarray(out2)[lo : lo + new], want, rtol=1e-4, atol=2e-5 * call2.value_scale())
 
@@ -385,8 +418,12 @@ def test_jit_matches_eager_and_reuses_one_compile(kernel):
     # another layout with identical shapes: same T, S, pages, pages_per_seq, different raggedness
     seqs_b = [(ps + 2, 1), (0, a.num_real - 6), (3 * ps, 5)]
     b = make_case(np.random.default_rng(32), seqs_b, page_size=ps, pad_tokens=4, pad_seqs=len(a.seqs) + 2 - len(seqs_b))
-    b = dataclasses.replace(b, kv_pages=np.pad(b.kv_pages, ((0, a.kv_pages.shape[0] - b.kv_pages.shape[0]), (0, 0), (0, 0), (0, 0))))
-    b = dataclasses.replace(b, block_table=np.pad(b.block_table, ((0, 0), (0, a.block_table.shape[1] - b.block_table.shape[1]))))
+    b = dataclasses.replace(
+        b, kv_pages=np.pad(b.kv_pages, ((0, a.kv_pages.shape[0] - b.kv_pages.shape[0]), (0, 0), (0, 0), (0, 0)))
+    )
+    b = dataclasses.replace(
+        b, block_table=np.pad(b.block_table, ((0, 0), (0, a.block_table.shape[1] - b.block_table.shape[1])))
+    )
     assert [x.shape for x in a.args()] == [x.shape for x in b.args()]
 
     jitted = jax.jit(functools.partial(KERNELS[kernel], sm_scale=a.sm_scale, **kwargs))

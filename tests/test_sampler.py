@@ -23,25 +23,14 @@ ROWS = 6
 
 
 def batch(rows: int = ROWS, **fields) -> SamplingBatch:
-    base = dict(
-        temperature=np.zeros(rows, np.float32),
-        top_k=np.zeros(rows, np.int32),
-        top_p=np.ones(rows, np.float32),
-        min_p=np.zeros(rows, np.float32),
-        repetition_penalty=np.ones(rows, np.float32),
-        presence_penalty=np.zeros(rows, np.float32),
-        frequency_penalty=np.zeros(rows, np.float32),
-        seeds=np.arange(rows, dtype=np.uint32),
-        output_index=np.zeros(rows, np.int32),
-        targets=np.full(rows, -1, np.int32),
-        slots=np.arange(rows, dtype=np.int32),
-        wants_logprobs=np.ones(rows, np.bool_),
-        bias_ids=np.full((rows, NUM_BIAS_SLOTS), V, np.int32),
-        bias_values=np.zeros((rows, NUM_BIAS_SLOTS), np.float32),
-    )
+    """Rows that sample greedily, with the given fields set (every row wants logprobs, slot = row)."""
+    base = SamplingBatch.neutral(rows, V, num_slots=rows)
+    base.slots = np.arange(rows, dtype=np.int32)
+    base.wants_logprobs = np.ones(rows, np.bool_)
+    base.seeds = np.arange(rows, dtype=np.uint32)
     for key, value in fields.items():
-        base[key] = np.asarray(value, dtype=base[key].dtype)
-    return SamplingBatch(**base)
+        setattr(base, key, np.asarray(value, dtype=getattr(base, key).dtype))
+    return base
 
 
 @pytest.fixture
@@ -57,7 +46,9 @@ def test_penalties_follow_vllm(logits):
     rep = np.array([1.0, 1.5, 0.7, 2.0, 1.0, 1.2], np.float32)
     pres = np.array([0.0, 0.5, -0.5, 1.0, 2.0, 0.0], np.float32)
     freq = np.array([0.0, 0.3, 0.0, -1.0, 0.5, 2.0], np.float32)
-    out = sample(jnp.asarray(logits), batch(repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq), history, 4)
+    out = sample(
+        jnp.asarray(logits), batch(repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq), history, 4
+    )
 
     expected = logits.astype(np.float64).copy()
     seen = prompt | (counts > 0)

@@ -37,10 +37,16 @@ def test_requests_the_model_cannot_take(tiny_models, make_llm):
     engine = llm.engine
     limit = engine.max_model_len
     cases = [
-        ([5] * limit, SamplingParams(), f"maximum context length is {limit} tokens. However, your prompt contains "
-         f"{limit} input tokens"),
-        ([5, 6], SamplingParams(max_tokens=limit + 1), f"max_tokens={limit + 1} cannot be greater than "
-         f"max_model_len={limit}. Please request fewer output tokens."),
+        (
+            [5] * limit,
+            SamplingParams(),
+            f"maximum context length is {limit} tokens. However, your prompt contains {limit} input tokens",
+        ),
+        (
+            [5, 6],
+            SamplingParams(max_tokens=limit + 1),
+            f"max_tokens={limit + 1} cannot be greater than max_model_len={limit}. Please request fewer output tokens.",
+        ),
         ([5, 6], SamplingParams(logprobs=21), "Requested sample logprobs of 21, which is greater than max allowed: 20"),
         ([5, 6], SamplingParams(prompt_logprobs=-1), "Requested prompt logprobs of 512, which is greater than max"),
         ([], SamplingParams(), "The decoder prompt cannot be empty"),
@@ -56,7 +62,11 @@ def test_requests_the_model_cannot_take(tiny_models, make_llm):
 def test_max_tokens_is_clamped_to_the_context(tiny_models, make_llm):
     llm = make_llm(tiny_models["tiny-llama"])
     limit = llm.engine.max_model_len
-    out = llm.generate({"prompt_token_ids": [5] * (limit - 3)}, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        {"prompt_token_ids": [5] * (limit - 3)},
+        SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert len(out[0].outputs[0].token_ids) == 3 and out[0].outputs[0].finish_reason == "length"
 
 
