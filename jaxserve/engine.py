@@ -81,9 +81,7 @@ class LLMEngine:
         self.startup = StartupTimes(load_seconds, compile_seconds)
 
         self.allocator = PageAllocator(num_pages, config.page_size)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len), self.allocator
-        )
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.allocator)
         self.compile_watch = CompileWatch()
         self._requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()

@@ -19,7 +19,6 @@ from .sequence import Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
-    max_model_len: int
 
 
 @dataclasses.dataclass

@@ -16,11 +16,15 @@ position (so causal over the new tokens, full over the cache), within `sliding_w
 Returns (out [T, Hq, D] in q's dtype, kv_pages with the new K/V written). Padding tokens write nothing and
 come out as zeros.
 
-This file holds the pure-`jnp` reference. It walks the cache in blocks of kv positions with an online
-softmax, so memory stays O(T x block) for any context length, and stops at the longest sequence in the step.
+This file holds the pure-`jnp` reference. It attends in two parts under one online softmax: the cached
+context, read from the pages in blocks of positions up to the longest cached context in the step, and the
+step's own new tokens, read straight from k/v in blocks of keys. So a fresh prefill never gathers from the
+pages at all, and memory stays O(T x block) for any context length.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +58,17 @@ def token_layout(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, 
     return seq, position, t < num_real
 
 
+def _accumulate(carry, scores, visible, weighted_values):
+    """One online-softmax update of (max, sum, acc) with a block of scores [T, Hkv, G, K] visible at [T, K]."""
+    m, l, acc = carry
+    visible = visible[:, None, None, :]
+    m_new = jnp.maximum(m, jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.where(visible, jnp.exp(scores - m_safe[..., None]), 0.0)
+    correction = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+    return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + weighted_values(p)
+
+
 def ragged_paged_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -72,7 +87,7 @@ def ragged_paged_attention_reference(
     _, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
     group = num_q_heads // num_kv_heads
-    num_seqs_total, pages_per_seq = block_table.shape
+    pages_per_seq = block_table.shape[1]
 
     seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
     safe_position = jnp.maximum(position, 0)
@@ -80,42 +95,60 @@ def ragged_paged_attention_reference(
     slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
     kv_pages = write_kv_pages(kv_pages, k, v, slots)
 
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
+    lowest = position - sliding_window + 1 if sliding_window else jnp.zeros_like(position)
+    cached = (kv_lens - (cu_q_lens[1:] - cu_q_lens[:-1]))[seq]  # [T] cached positions of each token's sequence
+
+    def capped(scores):
+        return soft_cap * jnp.tanh(scores / soft_cap) if soft_cap else scores
+
+    # 1. the cached context, gathered from the pages per token
     block_pages = _kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim)
     num_blocks_total = -(-pages_per_seq // block_pages)
     padded_table = jnp.pad(block_table, ((0, 0), (0, num_blocks_total * block_pages - pages_per_seq)))
     block_tokens = block_pages * page_size
-    longest = jnp.max(jnp.where(jnp.arange(num_seqs_total) < num_seqs[0], kv_lens, 0))
-    num_blocks = (longest + block_tokens - 1) // block_tokens
+    longest_cached = jnp.max(jnp.where(real, cached, 0))
 
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
-    lowest = position - sliding_window + 1 if sliding_window else jnp.zeros_like(position)
-
-    def attend_block(j, carry):
-        m, l, acc = carry
+    def cached_block(j, carry):
         pages = jax.lax.dynamic_slice_in_dim(padded_table, j * block_pages, block_pages, axis=1)[seq]
-        kv = kv_pages[pages].astype(jnp.float32)  # [T, block_pages, page_size, 2Hkv, D]
-        kv = kv.reshape(num_tokens, block_tokens, num_kv_heads, 2, head_dim)
-        scores = jnp.einsum("tngd,tknd->tngk", qg, kv[..., 0, :])
-        if soft_cap:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        kv = kv_pages[pages].astype(jnp.float32).reshape(num_tokens, block_tokens, num_kv_heads, 2, head_dim)
         kv_pos = j * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)
-        visible = (kv_pos[None, :] <= position[:, None]) & (kv_pos[None, :] >= lowest[:, None]) & real[:, None]
+        visible = (kv_pos[None, :] < cached[:, None]) & (kv_pos[None, :] >= lowest[:, None]) & real[:, None]
         # stale slots of reused pages may hold anything, NaN included: keep them out of p @ V entirely
         values = jnp.where(visible[:, :, None, None], kv[..., 1, :], 0.0)
-        visible = visible[:, None, None, :]
-        m_new = jnp.maximum(m, jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(visible, jnp.exp(scores - m_safe[..., None]), 0.0)
-        correction = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-        l = l * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("tngk,tknd->tngd", p, values)
-        return m_new, l, acc
+        scores = capped(jnp.einsum("tngd,tknd->tngk", qg, kv[..., 0, :]))
+        return _accumulate(carry, scores, visible, lambda p: jnp.einsum("tngk,tknd->tngd", p, values))
 
     init = (
         jnp.full((num_tokens, num_kv_heads, group), -jnp.inf, jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, attend_block, init)
+    carry = jax.lax.fori_loop(0, (longest_cached + block_tokens - 1) // block_tokens, cached_block, init)
+
+    # 2. the step's new tokens: causal within each sequence, keys shared by every query
+    key_block = min(num_tokens, _MAX_BLOCK_TOKENS)
+    num_key_blocks = -(-num_tokens // key_block)
+    pad = num_key_blocks * key_block - num_tokens
+    new_k, new_v = (jnp.pad(x.astype(jnp.float32), ((0, pad), (0, 0), (0, 0))) for x in (k, v))
+    key_seq, key_pos, key_real = (jnp.pad(x, (0, pad)) for x in (seq, position, real))
+
+    def new_block(j, carry):
+        keys = jax.lax.dynamic_slice_in_dim(new_k, j * key_block, key_block)
+        key_of = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=j * key_block, slice_size=key_block)
+        ks, kp, kr = key_of(key_seq), key_of(key_pos), key_of(key_real)
+        visible = (
+            (ks[None, :] == seq[:, None])
+            & (kp[None, :] <= position[:, None])
+            & (kp[None, :] >= lowest[:, None])
+            & kr[None, :]
+            & real[:, None]
+        )
+        values = jnp.where(kr[:, None, None], jax.lax.dynamic_slice_in_dim(new_v, j * key_block, key_block), 0.0)
+        scores = capped(jnp.einsum("tngd,knd->tngk", qg, keys))
+        return _accumulate(carry, scores, visible, lambda p: jnp.einsum("tngk,knd->tngd", p, values))
+
+    num_real = cu_q_lens[num_seqs[0]]
+    _, l, acc = jax.lax.fori_loop(0, (num_real + key_block - 1) // key_block, new_block, carry)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_pages

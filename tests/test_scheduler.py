@@ -22,7 +22,7 @@ def run(scheduler: Scheduler, plan) -> None:
 
 
 def scheduler(max_num_seqs=4, budget=32, pages=64, page_size=4) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_seqs, budget, 1024), PageAllocator(pages, page_size))
+    return Scheduler(SchedulerConfig(max_num_seqs, budget), PageAllocator(pages, page_size))
 
 
 def test_long_prompt_is_chunked_to_the_budget_and_decodes_go_first():
