@@ -171,3 +171,11 @@ def test_detokenizer_never_emits_half_a_character(llm):
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert len(ids) > len(text.split())  # some characters really were split across tokens
+
+
+def test_bfloat16_weights_and_cache(tiny_models, make_llm, greedy):
+    llm = make_llm(tiny_models["tiny-qwen3"], dtype="bfloat16")
+    assert {str(p.dtype) for p in llm.engine.runner.state.kv_pages} == {"bfloat16"}
+    out = llm.generate(PROMPT, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 24
+    assert out.token_ids[:3] == greedy.token_ids[:3]  # bf16 drifts from float32, but not at once

@@ -1,0 +1,56 @@
+"""Chat templates from either place HF folders keep them, `--chat-template` as a file or inline, and the
+error for a model without one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from jaxserve.tokenizer import NO_TEMPLATE_MESSAGE, Tokenizer, load_chat_template
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture
+def folder(tiny_models, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(tiny_models["tiny-qwen3"], target)
+    return target
+
+
+def test_template_from_chat_template_jinja(folder):
+    assert (folder / "chat_template.jinja").is_file()
+    assert Tokenizer(folder).render_chat(MESSAGES) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_from_tokenizer_config(folder):
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    assert Tokenizer(folder).render_chat(MESSAGES).endswith("<|im_start|>assistant\n")
+
+
+def test_override_template_as_file_or_text(folder, tmp_path):
+    path = tmp_path / "plain.jinja"
+    path.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert Tokenizer(folder, load_chat_template(path)).render_chat(MESSAGES) == "user: Hi\n"
+    inline = "{{ messages[0]['content'] }}!"
+    assert Tokenizer(folder, load_chat_template(inline)).render_chat(MESSAGES) == "Hi!"
+    with pytest.raises(ValueError, match="looks like a file path"):
+        load_chat_template(tmp_path / "missing.jinja")
+
+
+def test_no_template_is_a_clear_error(folder):
+    (folder / "chat_template.jinja").unlink()
+    tokenizer = Tokenizer(folder)
+    with pytest.raises(ValueError, match="you must provide a chat template"):
+        tokenizer.render_chat(MESSAGES)
+    assert "default chat template is no longer allowed" in NO_TEMPLATE_MESSAGE
+
+
+def test_generation_prompt_and_continue_final_message_exclude_each_other(folder):
+    with pytest.raises(ValueError, match="Cannot set both `continue_final_message` and `add_generation_prompt`"):
+        Tokenizer(folder).render_chat(MESSAGES, add_generation_prompt=True, continue_final_message=True)
