@@ -179,3 +179,9 @@ def test_bfloat16_weights_and_cache(tiny_models, make_llm, greedy):
     out = llm.generate(PROMPT, GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 24
     assert out.token_ids[:3] == greedy.token_ids[:3]  # bf16 drifts from float32, but not at once
+
+
+def test_dummy_load_format_uses_random_weights(tiny_models, make_llm, greedy):
+    llm = make_llm(tiny_models["tiny-qwen3"], load_format="dummy")
+    out = llm.generate(PROMPT, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 24 and out.token_ids != greedy.token_ids

@@ -1,0 +1,35 @@
+"""The `jaxserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from jaxserve.cli import build_parser, main, parse_bytes
+
+
+def test_generate_prints_each_prompt_and_its_completion(tiny_models, capsys):
+    argv = ["generate", "--model", str(tiny_models["tiny-qwen3"]), "--temperature", "0", "--max-tokens", "8",
+            "--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+            "--kv-cache-memory", "4MiB", "--chat", "Say hi", "Count to three"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert ">>> Say hi\n" in printed and ">>> Count to three\n" in printed
+
+
+def test_engine_flags_use_vllm_names():
+    args = build_parser().parse_args(
+        ["generate", "x", "--dtype", "bfloat16", "--max-num-seqs", "4", "--override-generation-config", '{"top_k": 5}']
+    )
+    assert (args.dtype, args.max_num_seqs, args.override_generation_config) == ("bfloat16", 4, {"top_k": 5})
+
+
+@pytest.mark.parametrize("text, value", [("1024", 1024), ("2GiB", 2 << 30), ("512M", 512 << 20), ("1.5k", 1536)])
+def test_sizes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_bad_size():
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_bytes("lots")
