@@ -4,7 +4,9 @@ from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import LLMEngine
 from .llm import LLM
-from .outputs import CompletionOutput, Logprob, RequestOutput
+from .outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
+from .pooling_engine import PoolingEngine
+from .pooling_params import PoolingParams
 from .sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
@@ -14,6 +16,9 @@ __all__ = [
     "LLM",
     "LLMEngine",
     "Logprob",
+    "PoolingEngine",
+    "PoolingParams",
+    "PoolingRequestOutput",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",

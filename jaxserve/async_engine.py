@@ -1,23 +1,27 @@
-"""The engine as the server sees it: an async iterator of outputs per request, and `abort`.
+"""The engine as the server sees it: `generate` (an async iterator of outputs), `encode` (one pooled
+output), and `abort`.
 
 One thread per engine runs the step loop. Requests and aborts reach it through a queue that it drains
 between steps, so the event loop never waits for a step; outputs go back to each request's asyncio queue
-with `call_soon_threadsafe`. A consumer that stops iterating (a client that disconnected) aborts its
-request, and the engine frees its KV pages before the next step. If a step raises, the engine is dead:
-every open request gets the error and `errored` turns true (the server's /health then answers 503).
+with `call_soon_threadsafe`. A caller that stops waiting (a client that disconnected) aborts its request,
+and the engine frees its KV pages before the next step. If a step raises, the engine is dead: every open
+request gets the error and `errored` turns true (the server's /health then answers 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from .engine import LLMEngine
-from .outputs import RequestOutput
+from .engine_core import EngineCore
+from .outputs import PoolingRequestOutput, RequestOutput
+from .pooling_engine import PoolingEngine
+from .pooling_params import PoolingParams
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -28,9 +32,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: EngineCore):
         self.engine = engine
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[str, str | None, Callable[[], None] | None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self.error: BaseException | None = None
@@ -50,15 +54,50 @@ class AsyncEngine:
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs (deltas with `RequestOutputKind.DELTA`) until it finishes."""
+        engine = self._engine_for(LLMEngine, "generation")
+        engine.validate(prompt_token_ids, params)
+        add = functools.partial(engine.add_request, request_id, prompt_token_ids, params, prompt)
+        async for output in self._results(request_id, add):
+            yield output
+
+    async def encode(
+        self,
+        prompt_token_ids: list[int],
+        params: PoolingParams,
+        request_id: str,
+        token_type_ids: list[int] | None = None,
+        start_offset: int = 0,
+    ) -> PoolingRequestOutput:
+        """The request's pooled output."""
+        engine = self._engine_for(PoolingEngine, "pooling")
+        engine.resolve(len(prompt_token_ids), params)
+        add = functools.partial(engine.add_request, request_id, prompt_token_ids, params, token_type_ids, start_offset)
+        async for output in self._results(request_id, add):
+            return output
+        raise AssertionError("unreachable: a pooling request yields exactly one output")
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(("stop", None, None))
+        self._thread.join()
+
+    def _engine_for(self, kind: type, what: str):
         if self.error is not None:
             raise EngineDeadError("The engine loop has died.") from self.error
-        self.engine.validate(prompt_token_ids, params)
+        if not isinstance(self.engine, kind):
+            raise ValueError(f"This model does not support {what}.")
+        return self.engine
+
+    async def _results(self, request_id: str, add: Callable[[], None]) -> AsyncIterator:
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"Request id {request_id!r} is already in use.")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", (request_id, prompt_token_ids, params, prompt)))
+        self._commands.put(("add", request_id, add))
         finished = False
         try:
             while not finished:
@@ -75,20 +114,13 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        self._commands.put(("stop", None))
-        self._thread.join()
-
     def _loop(self) -> None:
         try:
             while not self._stopping:
                 self._drain(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
-                    self._deliver(self.engine.step())
+                    for output in self.engine.step():
+                        self._send(output.request_id, output)
         except BaseException as exc:  # noqa: BLE001 - any failure kills the engine, and every caller must hear of it
             logger.exception("The engine loop died")
             self.error = exc
@@ -98,29 +130,26 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(stream.put_nowait, exc)
 
     def _drain(self, block: bool) -> None:
+        """Carry out queued commands: wait for the first one if `block`, then take whatever else is there."""
         try:
-            command, payload = self._commands.get(block=block)
+            command = self._commands.get(block=block)
         except queue.Empty:
             return
         while True:
-            if command == "add":
-                request_id, ids, params, prompt = payload
+            kind, request_id, add = command
+            if kind == "add":
                 try:
-                    self.engine.add_request(request_id, ids, params, prompt)
+                    add()
                 except ValueError as exc:
                     self._send(request_id, exc)
-            elif command == "abort":
-                self.engine.abort_request(payload)
+            elif kind == "abort":
+                self.engine.abort_request(request_id)
             try:
-                command, payload = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            self._send(output.request_id, output)
-
-    def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _send(self, request_id: str, item: RequestOutput | PoolingRequestOutput | BaseException) -> None:
         with self._lock:
             target = self._streams.get(request_id)
         if target is not None:

@@ -40,6 +40,7 @@ GENERATION_DEFAULT_KEYS = (
 @dataclasses.dataclass
 class EngineConfig:
     model: str
+    runner: str = "auto"  # "generate", "pooling", or "auto": pooling for pooling architectures
     dtype: str = "auto"
     load_format: str = "auto"  # "auto" reads the checkpoint; "dummy" uses random weights (benchmarks)
     max_model_len: int | None = None
@@ -53,6 +54,8 @@ class EngineConfig:
     generation_config: str = "auto"  # "auto" (the model's), "vllm" (none) or a folder
     override_generation_config: dict[str, Any] | None = None
     chat_template: str | None = None
+    hf_overrides: dict[str, Any] | None = None  # merged into config.json, e.g. {"num_labels": 1}
+    pooler_config: dict[str, Any] | None = None  # task, pooling_type, use_activation, dimensions
     seed: int = 0
     compile_cache_dir: str | None = None
     progress: bool = True
@@ -60,6 +63,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}.")
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner must be auto, generate or pooling, got {self.runner!r}.")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -87,16 +92,14 @@ class EngineConfig:
             )
         return max_num_seqs, max_tokens
 
-    def resolved_max_model_len(self, hf_config) -> int:
-        limit = getattr(hf_config, "max_position_embeddings", None)
+    def resolved_max_model_len(self, derived: int, source: str) -> int:
+        """`max_model_len` if set (and within what the model allows), else the model's own limit."""
         if self.max_model_len is None:
-            if limit is None:
-                raise ValueError("The model config has no max_position_embeddings; set max_model_len.")
-            return limit
-        if limit is not None and self.max_model_len > limit:
+            return derived
+        if self.max_model_len > derived:
             raise ValueError(
                 f"User-specified max_model_len ({self.max_model_len}) is greater than the derived "
-                f"max_model_len (max_position_embeddings={limit} in model's config.json)."
+                f"max_model_len ({source})."
             )
         return self.max_model_len
 

@@ -8,24 +8,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
-import random
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
-from transformers import AutoConfig
 
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
-from .compile_watch import CompileWatch
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
+from .engine_core import EngineCore, StartupTimes, context_length_error
 from .kernels_pallas import kv_cache_shape
 from .kv_pages import PageAllocator
-from .model_source import cache_root, resolve_model
 from .models.registry import create_causal_lm
 from .output_processor import RequestState, RowResult
 from .outputs import RequestOutput
@@ -34,35 +29,27 @@ from .sampler import NUM_BIAS_SLOTS
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
-from .tokenizer import Tokenizer, load_chat_template
-from .weights import load_weights
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION_RESERVE_FRACTION = 0.1  # of free device memory, kept for the step's activations
 
 
-@dataclasses.dataclass
-class StartupTimes:
-    load_seconds: float
-    compile_seconds: float
+class LLMEngine(EngineCore):
+    """Generation: paged KV cache, continuous batching, sampling."""
 
-
-class LLMEngine:
     def __init__(self, config: EngineConfig):
-        self.config = config
-        enable_compilation_cache(Path(config.compile_cache_dir) if config.compile_cache_dir else cache_root() / "xla")
         began = time.perf_counter()
-        self.model_folder = resolve_model(config.model)
-        self.hf_config = AutoConfig.from_pretrained(self.model_folder)
-        self.tokenizer = Tokenizer(self.model_folder, load_chat_template(config.chat_template))
+        super().__init__(config)
         self.generation_config = config.read_generation_config(self.model_folder)
         self.eos_token_id, self.extra_eos_token_ids = self._eos_ids()
-        self.max_model_len = config.resolved_max_model_len(self.hf_config)
-        self.dtype = config.resolved_dtype()
+        positions = self.hf_config.max_position_embeddings
+        self.max_model_len = config.resolved_max_model_len(
+            positions, f"max_position_embeddings={positions} in model's config.json"
+        )
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
 
-        model = self._load_model()
+        model = self.load_model(lambda: create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(config.seed)))
         load_seconds = time.perf_counter() - began
 
         pages_per_seq = -(-self.max_model_len // config.page_size)
@@ -82,10 +69,8 @@ class LLMEngine:
 
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.allocator)
-        self.compile_watch = CompileWatch()
         self._requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
-        self._rng = random.Random(config.seed)
         logger.info(
             "Engine ready: %s, %s, max_model_len %d, %d KV pages of %d tokens, load %.1f s, compile %.1f s",
             self.model_folder,
@@ -140,11 +125,7 @@ class LLMEngine:
             bad = max(prompt_token_ids) if max(prompt_token_ids) >= self.vocab_size else min(prompt_token_ids)
             raise ValueError(f"Token id {bad} is out of vocabulary")
         if num_prompt >= self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
-                f"contains {num_prompt} input tokens, which exceeds this limit even without any output tokens. "
-                f"Please reduce the length of the input prompt. (parameter=input_tokens, value={num_prompt})"
-            )
+            raise ValueError(context_length_error(self.max_model_len, num_prompt))
         if params.max_tokens is not None and params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens={params.max_tokens} cannot be greater than max_model_len={self.max_model_len}. "
@@ -181,11 +162,6 @@ class LLMEngine:
         return len(self._requests)
 
     # --- the step ---------------------------------------------------------------------------------------
-
-    def step(self) -> list[RequestOutput]:
-        """Run one ragged step; compiles inside it are counted by `compile_watch`."""
-        with self.compile_watch.watching():
-            return self._step()
 
     def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
@@ -231,14 +207,6 @@ class LLMEngine:
 
     # --- set-up helpers ---------------------------------------------------------------------------------
 
-    def _load_model(self) -> nnx.Module:
-        def build():
-            return create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(self.config.seed))
-
-        if self.config.load_format == "dummy":
-            return nnx.jit(build)()  # random weights, created on the device
-        return load_weights(nnx.eval_shape(build), self.model_folder, self.dtype, progress=self.config.progress)
-
     def _eos_ids(self) -> tuple[int | None, list[int]]:
         """The tokenizer's EOS, and the further EOS ids generation_config.json lists (added as stop tokens)."""
         configured = self.generation_config.get("eos_token_id")
@@ -278,11 +246,3 @@ def _device_kv_budget(utilization: float) -> int:
         return DEFAULT_CPU_KV_CACHE_BYTES
     free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
     return int(free * (1 - ACTIVATION_RESERVE_FRACTION))
-
-
-def enable_compilation_cache(directory: Path) -> None:
-    """Turn on JAX's persistent compilation cache for every program, however small or quick to compile."""
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

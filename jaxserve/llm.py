@@ -1,4 +1,6 @@
-"""The offline API, as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))` and `LLM.chat(messages)`."""
+"""The offline API, as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))`, `LLM.chat(messages)`, and
+for pooling models (`runner="pooling"`, or a pooling architecture) `embed`, `encode`, `classify`, `score` and
+`reward`."""
 
 from __future__ import annotations
 
@@ -6,12 +8,27 @@ import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .config import EngineConfig
 from .engine import LLMEngine
-from .outputs import RequestOutput
+from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL, load_hf_config, resolve_model
+from .models.registry import is_generative
+from .outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from .pooling_engine import PoolingEngine, PoolingPrompt
+from .pooling_params import PoolingParams
 from .sampling_params import RequestOutputKind, SamplingParams
+from .scoring import cosine, max_sim, pair_up
 from .tokenizer import Tokenizer, load_chat_template
 
 # a text, a list of token ids, or a dict {"prompt": text} / {"prompt_token_ids": ids}
@@ -19,16 +36,44 @@ PromptType = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
+def create_engine(config: EngineConfig) -> LLMEngine | PoolingEngine:
+    """A generation or a pooling engine, by `runner` ("auto": by the model's architecture)."""
+    runner = config.runner
+    if runner == "auto":
+        hf_config = load_hf_config(resolve_model(config.model), config.hf_overrides)
+        runner = "generate" if is_generative(hf_config) else "pooling"
+    return LLMEngine(config) if runner == "generate" else PoolingEngine(config)
+
+
 class LLM:
-    def __init__(self, model: str, **engine_args: Any):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+    def __init__(self, model: str | None = None, **engine_args: Any):
+        """With no model, the embedded default of the runner (SmolLM2 for generation, MiniLM for pooling)."""
+        if model is None:
+            model = DEFAULT_POOLING_MODEL if engine_args.get("runner") == "pooling" else DEFAULT_GENERATE_MODEL
+        self.engine = create_engine(EngineConfig(model=model, **engine_args))
         self._request_ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        return self.engine.default_sampling_params()
+        return self._generator("get_default_sampling_params").default_sampling_params()
+
+    def _generator(self, method: str) -> LLMEngine:
+        if not isinstance(self.engine, LLMEngine):
+            raise ValueError(
+                f"LLM.{method}() is only supported for generative models. Try passing `--runner generate` to use "
+                "the model as a generative model."
+            )
+        return self.engine
+
+    def _pooler(self, method: str) -> PoolingEngine:
+        if not isinstance(self.engine, PoolingEngine):
+            raise ValueError(
+                f"LLM.{method}() is only supported for pooling models. Try passing `--runner pooling` to use the "
+                "model as a pooling model."
+            )
+        return self.engine
 
     def generate(
         self,
@@ -38,6 +83,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for each prompt; outputs come back in prompt order."""
+        self._generator("generate")
         items = [self._tokenize(p) for p in _as_prompt_list(prompts)]
         return self._run(items, sampling_params, use_tqdm)
 
@@ -55,6 +101,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Render each conversation with the chat template, then generate."""
+        self._generator("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = load_chat_template(chat_template)
         tokenizer = self.engine.tokenizer
@@ -101,6 +148,157 @@ class LLM:
         with tqdm(total=len(items), desc="Generating", unit="prompt", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
+                    results[order[output.request_id]] = output
+                    bar.update()
+        return results
+
+    # --- pooling ----------------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        pooling_params: PoolingParams | None = None,
+        *,
+        task: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: str | None = None,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """The raw pooled output of each prompt for `task` (embed, token_embed, classify, token_classify;
+        default: the model's task): [dim] or, for token tasks, [num_tokens, dim] arrays in `outputs.data`."""
+        params = (pooling_params or PoolingParams()).clone(task=task or (pooling_params and pooling_params.task))
+        engine = self._pooler("encode")
+        inputs = [
+            engine.prepare(
+                self._pooling_input(p),
+                truncate_prompt_tokens=truncate_prompt_tokens,
+                truncation_side=truncation_side,
+            )
+            for p in _as_prompt_list(prompts)
+        ]
+        return self._pool(inputs, params, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        *,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: str | None = None,
+        prompt_name: str | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt. `prompt_name` picks a sentence-transformers prompt (e.g. "query")."""
+        engine = self._pooler("embed")
+        inputs = [
+            engine.prepare(
+                self._pooling_input(p),
+                truncate_prompt_tokens=truncate_prompt_tokens,
+                truncation_side=truncation_side,
+                prompt_name=prompt_name,
+            )
+            for p in _as_prompt_list(prompts)
+        ]
+        params = (pooling_params or PoolingParams()).clone(task="embed")
+        return [
+            EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.outputs.data.tolist()))
+            for o in self._pool(inputs, params, use_tqdm)
+        ]
+
+    def classify(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        *,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt (raw logits with use_activation=False), with the top label."""
+        outputs = self.encode(
+            prompts, (pooling_params or PoolingParams()).clone(task="classify"),
+            truncate_prompt_tokens=truncate_prompt_tokens, use_tqdm=use_tqdm,
+        )  # fmt: skip
+        engine = self._pooler("classify")
+        return [
+            ClassificationRequestOutput(
+                o.request_id,
+                o.prompt_token_ids,
+                ClassificationOutput(o.outputs.data.tolist(), engine.id2label(int(np.argmax(o.outputs.data)))),
+            )
+            for o in outputs
+        ]
+
+    def reward(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        *,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """Per-token rewards of a reward model ([num_tokens, 1] in `outputs.data`)."""
+        return self.encode(
+            prompts, (pooling_params or PoolingParams()).clone(task="token_classify"),
+            truncate_prompt_tokens=truncate_prompt_tokens, use_tqdm=use_tqdm,
+        )  # fmt: skip
+
+    def score(
+        self,
+        queries: str | Seq[str],
+        documents: str | Seq[str],
+        *,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """Relevance of each (query, document) pair, paired 1:1, 1:N or N:N. A cross-encoder scores each pair
+        jointly; an embedding model gives the cosine of the two embeddings; a token-embedding model MaxSim."""
+        engine = self._pooler("score")
+        pairs = pair_up(queries, documents)
+        params = pooling_params or PoolingParams()
+        task = engine.spec.default_task
+        if task == "classify":
+            if engine.spec.num_labels != 1:
+                raise ValueError("Score API is only enabled for num_labels == 1.")
+            inputs = [engine.prepare(q, text_pair=d, truncate_prompt_tokens=truncate_prompt_tokens) for q, d in pairs]
+            outputs = self._pool(inputs, params.clone(task="classify"), use_tqdm)
+            return [
+                ScoringRequestOutput(o.request_id, o.prompt_token_ids, ScoringOutput(float(o.outputs.data[0])))
+                for o in outputs
+            ]
+        if task not in ("embed", "token_embed"):
+            raise ValueError(f"Score API is not supported for a model whose task is {task}.")
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        inputs = [engine.prepare(t, truncate_prompt_tokens=truncate_prompt_tokens) for t in texts]
+        pooled = dict(zip(texts, self._pool(inputs, params.clone(task=task), use_tqdm)))
+        measure = cosine if task == "embed" else max_sim
+        return [
+            ScoringRequestOutput(
+                str(i),
+                pooled[q].prompt_token_ids + pooled[d].prompt_token_ids,
+                ScoringOutput(measure(pooled[q].outputs.data, pooled[d].outputs.data)),
+            )
+            for i, (q, d) in enumerate(pairs)
+        ]
+
+    def _pooling_input(self, prompt: PromptType) -> str | list[int]:
+        if isinstance(prompt, dict):
+            return prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
+        return prompt
+
+    def _pool(self, inputs: list[PoolingPrompt], params: PoolingParams, use_tqdm: bool) -> list[PoolingRequestOutput]:
+        engine = self._pooler("encode")
+        for item in inputs:
+            engine.resolve(len(item.token_ids), params)
+        order = {}
+        for item in inputs:
+            request_id = str(next(self._request_ids))
+            order[request_id] = len(order)
+            engine.add_request(request_id, item.token_ids, params, item.token_type_ids, item.start_offset)
+        results: list[PoolingRequestOutput | None] = [None] * len(inputs)
+        with tqdm(total=len(inputs), desc="Pooling", unit="prompt", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
                     results[order[output.request_id]] = output
                     bar.update()
         return results

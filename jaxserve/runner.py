@@ -1,32 +1,23 @@
 """The model runner: turns a `StepPlan` into fixed-shape host arrays, runs the compiled step for its bucket,
-and copies the sampled rows back (the step's one device-to-host transfer).
-
-Every bucket's program is compiled ahead of time by `warm_up()` (in parallel, with a progress bar, through
-JAX's persistent compilation cache); `execute()` only ever calls those executables, so nothing compiles on
-the request path. The KV pages and the token histories are donated to each step and live on the device.
+and copies the sampled rows back (the step's one device-to-host transfer). The KV pages and the token
+histories are donated to each step and live on the device.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import logging
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from .buckets import pick_rung, seq_rung, token_rungs
+from .compiled import BucketPrograms, abstract
 from .kernels_pallas import kv_cache_shape
 from .models.batch import RaggedBatch
 from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
 from .scheduler import StepPlan
-
-logger = logging.getLogger(__name__)
 
 
 @jax.tree_util.register_dataclass
@@ -148,10 +139,6 @@ def _fill_row(smp: SamplingBatch, r: int, seq, row: RowInfo, bias) -> None:
         smp.bias_values[r, j] = value
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
 class ModelRunner:
     def __init__(self, model: nnx.Module, shape: RunnerShape, num_pages: int, page_size: int, kv_dtype):
         self.shape = shape
@@ -162,8 +149,7 @@ class ModelRunner:
             kv_pages=[jnp.zeros(page_shape, kv_dtype) for _ in range(num_layers)],
             history=TokenHistory.zeros(shape.max_num_seqs, shape.vocab_size),
         )
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
-        self._executables: dict[int, jax.stages.Compiled] = {}
+        self._programs = BucketPrograms(jax.jit(self._step_fn, donate_argnums=(1,)), shape.token_rungs, "generation")
 
     def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
         model = nnx.merge(self.graphdef, params)
@@ -175,23 +161,10 @@ class ModelRunner:
 
     def warm_up(self, progress: bool = True) -> float:
         """Compile every bucket ahead of time; returns the seconds it took."""
-        began = time.perf_counter()
-        rungs = self.shape.token_rungs
-        lowered = {t: self._step.lower(self.params, self.state, _abstract(empty_inputs(self.shape, t))) for t in rungs}
-        workers = max(1, min(len(rungs), os.cpu_count() or 1))
-        with (
-            concurrent.futures.ThreadPoolExecutor(workers) as pool,
-            tqdm(total=len(rungs), desc="Compiling buckets", unit="bucket", disable=not progress) as bar,
-        ):
-            futures = {pool.submit(lowered[t].compile): t for t in rungs}
-            for future in concurrent.futures.as_completed(futures):
-                self._executables[futures[future]] = future.result()
-                bar.update()
-        seconds = time.perf_counter() - began
-        logger.info("Compiled %d buckets (T = %s) in %.1f s", len(rungs), rungs, seconds)
-        return seconds
+        return self._programs.compile(
+            lambda t: (self.params, self.state, abstract(empty_inputs(self.shape, t))), progress
+        )
 
     def execute(self, inputs: StepInputs) -> SampleOutput:
-        executable = self._executables[inputs.batch.token_ids.shape[0]]
-        self.state, out = executable(self.params, self.state, inputs)
+        self.state, out = self._programs(inputs.batch.token_ids.shape[0], self.params, self.state, inputs)
         return jax.device_get(out)

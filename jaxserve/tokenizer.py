@@ -7,6 +7,7 @@ they form whole UTF-8 characters, so no half character is ever emitted.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class Tokenizer:
         self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folder)
         self.chat_template = chat_template or self.hf.chat_template
         self._backend = self.hf.backend_tokenizer
+        self._truncation_lock = threading.Lock()
 
     @property
     def eos_token_id(self) -> int | None:
@@ -51,6 +53,22 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_pooling(
+        self, text: str, text_pair: str | None = None, max_length: int | None = None, side: str | None = None
+    ) -> tuple[list[int], list[int] | None]:
+        """(token ids, token type ids) of a text or a text pair, with special tokens; truncated to
+        `max_length` on `side` (the tokenizer's own side by default), special tokens kept."""
+        if side is not None and side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {side!r}.")
+        with self._truncation_lock:  # the side is tokenizer state, and fast tokenizers set truncation per call
+            default_side = self.hf.truncation_side
+            self.hf.truncation_side = side or default_side
+            try:
+                encoded = self.hf(text, text_pair, truncation=max_length is not None, max_length=max_length)
+            finally:
+                self.hf.truncation_side = default_side
+        return encoded["input_ids"], encoded.get("token_type_ids")
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)

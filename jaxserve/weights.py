@@ -7,8 +7,10 @@ paths equal the checkpoint's tensor names (see `models/layers.py`), so there is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -37,32 +39,60 @@ def tensor_index(folder: Path) -> dict[str, Path]:
     return index
 
 
-def load_weights(skeleton: nnx.Module, folder: Path, dtype, *, progress: bool = True) -> nnx.Module:
-    """Fill an abstract model (from `nnx.eval_shape`) with the checkpoint in `folder`, cast to `dtype`."""
+def checkpoint_names(name: str, aliases: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Where a model tensor may sit in a checkpoint: its own name, then each alias of a matching prefix."""
+    names = [name]
+    for prefix, replacements in aliases.items():
+        if name.startswith(prefix):
+            names += [replacement + name[len(prefix) :] for replacement in replacements]
+    return names
+
+
+def load_weights(
+    skeleton: nnx.Module,
+    folder: Path,
+    dtype,
+    *,
+    extra: Mapping[str, np.ndarray] | None = None,
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+    progress: bool = True,
+) -> nnx.Module:
+    """Fill an abstract model (from `nnx.eval_shape`) with the checkpoint in `folder`, cast to `dtype`.
+
+    `extra` holds tensors from outside the safetensors files (heads shipped as .pt, sentence-transformers
+    Dense layers); `aliases` maps a module path prefix to the prefixes the checkpoint may use instead."""
     graphdef, state = nnx.split(skeleton)
     params = nnx.to_flat_state(state)
-    names = [".".join(str(part) for part in path) for path, _ in params]
+    extra = dict(extra or {})
     index = tensor_index(folder)
-    missing = [name for name in names if name not in index]
+    sources = []
+    missing = []
+    for path, _ in params:
+        name = ".".join(str(part) for part in path)
+        found = next((n for n in checkpoint_names(name, aliases or {}) if n in extra or n in index), None)
+        if found is None:
+            missing.append(name)
+        sources.append(found)
     if missing:
         raise ValueError(f"Checkpoint {folder} lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}.")
 
     host_dtype = np.dtype(jnp.dtype(dtype))
-    by_file: dict[Path, list[int]] = {}
-    for i, name in enumerate(names):
-        by_file.setdefault(index[name], []).append(i)
+    by_file: dict[Path | None, list[int]] = {}
+    for i, source in enumerate(sources):
+        by_file.setdefault(None if source in extra else index[source], []).append(i)
 
     loaded: list = [None] * len(params)
-    with tqdm(total=len(names), desc=f"Loading {folder.name}", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(params), desc=f"Loading {folder.name}", unit="tensor", disable=not progress) as bar:
         for file, positions in by_file.items():
-            with safe_open(file, framework="numpy") as f:
+            with contextlib.ExitStack() as stack:
+                reader = stack.enter_context(safe_open(file, framework="numpy")) if file else None
                 for i in positions:
                     path, var = params[i]
-                    array = f.get_tensor(names[i])
+                    array = extra[sources[i]] if file is None else reader.get_tensor(sources[i])
                     expected = tuple(var.get_value().shape)
                     if array.shape != expected:
-                        raise ValueError(f"{names[i]}: checkpoint shape {array.shape}, model expects {expected}.")
-                    loaded[i] = (path, var.replace(jax.device_put(array.astype(host_dtype, copy=False))))
+                        raise ValueError(f"{sources[i]}: checkpoint shape {array.shape}, model expects {expected}.")
+                    loaded[i] = (path, var.replace(jax.device_put(np.asarray(array).astype(host_dtype, copy=False))))
                     bar.update()
-    logger.info("Loaded %d tensors from %s as %s", len(names), folder, jnp.dtype(dtype).name)
+    logger.info("Loaded %d tensors from %s as %s", len(params), folder, jnp.dtype(dtype).name)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))

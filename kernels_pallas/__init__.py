@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 
 from .ragged_paged_attention import ragged_paged_attention_reference
+from .segment_pool import POOLING_MODES, segment_pool_reference
+from .varlen_attention import varlen_attention_reference
 
 
 def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -21,4 +23,18 @@ ragged_paged_attention = jax.jit(
     ragged_paged_attention_reference, static_argnames=("sm_scale", "sliding_window", "soft_cap")
 )
 
-__all__ = ["kv_cache_shape", "ragged_paged_attention", "ragged_paged_attention_reference"]
+varlen_attention = jax.jit(
+    varlen_attention_reference, static_argnames=("sm_scale", "causal", "sliding_window", "soft_cap")
+)
+segment_pool = jax.jit(segment_pool_reference, static_argnames=("mode",))
+
+__all__ = [
+    "POOLING_MODES",
+    "kv_cache_shape",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "segment_pool",
+    "segment_pool_reference",
+    "varlen_attention",
+    "varlen_attention_reference",
+]

@@ -24,10 +24,10 @@ pages at all, and memory stays O(T x block) for any context length.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+
+from ._online_softmax import _accumulate, attend_packed_keys, finish, init_carry, soft_capped
 
 _MAX_GATHERED_ELEMENTS = 1 << 24  # bound on T * block_tokens * 2Hkv * D per loop iteration
 _MAX_BLOCK_TOKENS = 128  # short contexts should not gather much past their end
@@ -56,17 +56,6 @@ def token_layout(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, 
     seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
     position = kv_lens[seq] - (cu_q_lens[seq + 1] - t)
     return seq, position, t < num_real
-
-
-def _accumulate(carry, scores, visible, weighted_values):
-    """One online-softmax update of (max, sum, acc) with a block of scores [T, Hkv, G, K] visible at [T, K]."""
-    m, l, acc = carry
-    visible = visible[:, None, None, :]
-    m_new = jnp.maximum(m, jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.where(visible, jnp.exp(scores - m_safe[..., None]), 0.0)
-    correction = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-    return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + weighted_values(p)
 
 
 def ragged_paged_attention_reference(
@@ -99,9 +88,6 @@ def ragged_paged_attention_reference(
     lowest = position - sliding_window + 1 if sliding_window else jnp.zeros_like(position)
     cached = (kv_lens - (cu_q_lens[1:] - cu_q_lens[:-1]))[seq]  # [T] cached positions of each token's sequence
 
-    def capped(scores):
-        return soft_cap * jnp.tanh(scores / soft_cap) if soft_cap else scores
-
     # 1. the cached context, gathered from the pages per token
     block_pages = _kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim)
     num_blocks_total = -(-pages_per_seq // block_pages)
@@ -116,39 +102,26 @@ def ragged_paged_attention_reference(
         visible = (kv_pos[None, :] < cached[:, None]) & (kv_pos[None, :] >= lowest[:, None]) & real[:, None]
         # stale slots of reused pages may hold anything, NaN included: keep them out of p @ V entirely
         values = jnp.where(visible[:, :, None, None], kv[..., 1, :], 0.0)
-        scores = capped(jnp.einsum("tngd,tknd->tngk", qg, kv[..., 0, :]))
+        scores = soft_capped(jnp.einsum("tngd,tknd->tngk", qg, kv[..., 0, :]), soft_cap)
         return _accumulate(carry, scores, visible, lambda p: jnp.einsum("tngk,tknd->tngd", p, values))
 
-    init = (
-        jnp.full((num_tokens, num_kv_heads, group), -jnp.inf, jnp.float32),
-        jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
-        jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
-    )
+    init = init_carry(num_tokens, num_kv_heads, group, head_dim)
     carry = jax.lax.fori_loop(0, (longest_cached + block_tokens - 1) // block_tokens, cached_block, init)
 
-    # 2. the step's new tokens: causal within each sequence, keys shared by every query
-    key_block = min(num_tokens, _MAX_BLOCK_TOKENS)
-    num_key_blocks = -(-num_tokens // key_block)
-    pad = num_key_blocks * key_block - num_tokens
-    new_k, new_v = (jnp.pad(x.astype(jnp.float32), ((0, pad), (0, 0), (0, 0))) for x in (k, v))
-    key_seq, key_pos, key_real = (jnp.pad(x, (0, pad)) for x in (seq, position, real))
-
-    def new_block(j, carry):
-        keys = jax.lax.dynamic_slice_in_dim(new_k, j * key_block, key_block)
-        key_of = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=j * key_block, slice_size=key_block)
-        ks, kp, kr = key_of(key_seq), key_of(key_pos), key_of(key_real)
-        visible = (
-            (ks[None, :] == seq[:, None])
-            & (kp[None, :] <= position[:, None])
-            & (kp[None, :] >= lowest[:, None])
-            & kr[None, :]
-            & real[:, None]
-        )
-        values = jnp.where(kr[:, None, None], jax.lax.dynamic_slice_in_dim(new_v, j * key_block, key_block), 0.0)
-        scores = capped(jnp.einsum("tngd,knd->tngk", qg, keys))
-        return _accumulate(carry, scores, visible, lambda p: jnp.einsum("tngk,knd->tngd", p, values))
-
-    num_real = cu_q_lens[num_seqs[0]]
-    _, l, acc = jax.lax.fori_loop(0, (num_real + key_block - 1) // key_block, new_block, carry)
-    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_pages
+    # 2. the step's new tokens: causal within each sequence, keys shared by every query (_online_softmax.py,
+    # the same walk as varlen_attention's)
+    carry = attend_packed_keys(
+        carry,
+        qg,
+        k,
+        v,
+        seq,
+        position,
+        real,
+        cu_q_lens[num_seqs[0]],
+        key_block=min(num_tokens, _MAX_BLOCK_TOKENS),
+        causal=True,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    return finish(carry).reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_pages

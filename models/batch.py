@@ -18,3 +18,16 @@ class RaggedBatch:
     block_table: jax.Array  # [S, pages_per_seq] int32
     cu_q_lens: jax.Array  # [S + 1] int32
     num_seqs: jax.Array  # [1] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedBatch:
+    """T tokens of S whole sequences packed back to back, with no cache (encoders and one-shot poolers).
+    Sequence s owns tokens cu_seqlens[s]:cu_seqlens[s + 1]; tokens past cu_seqlens[num_seqs] are padding."""
+
+    token_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32, position within the sequence (0-based)
+    token_type_ids: jax.Array  # [T] int32, 0/1 segment of a text pair
+    cu_seqlens: jax.Array  # [S + 1] int32
+    num_seqs: jax.Array  # [1] int32

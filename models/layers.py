@@ -53,6 +53,39 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * normed.astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm in float32, cast back to the input dtype."""
+
+    def __init__(self, features: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    """A Hugging Face `hidden_act` by name."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"Activation {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)}).")
+    return _ACTIVATIONS[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding: `default` or `llama3` (frequency-dependent scaling of long wavelengths)."""

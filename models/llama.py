@@ -12,9 +12,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxserve.kernels_pallas import ragged_paged_attention
+from jaxserve.kernels_pallas import ragged_paged_attention, varlen_attention
 
-from .batch import RaggedBatch
+from .batch import PackedBatch, RaggedBatch
 from .layers import Embedding, Linear, RMSNorm, RopeConfig, apply_rotary, rotary_cos_sin
 
 
@@ -36,6 +36,10 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf(cls, hf) -> DecoderConfig:
@@ -92,7 +96,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, batch: RaggedBatch, kv_pages):
+    def __call__(self, x, cos, sin, batch: RaggedBatch | PackedBatch, kv_pages):
         cfg = self.cfg
         t = x.shape[0]
         q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
@@ -100,20 +104,32 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out, kv_pages = ragged_paged_attention(
-            q,
-            k,
-            v,
-            kv_pages,
-            batch.kv_lens,
-            batch.block_table,
-            batch.cu_q_lens,
-            batch.num_seqs,
-            sm_scale=cfg.head_dim**-0.5,
-            sliding_window=cfg.sliding_window,
-        )
+        out, kv_pages = causal_attention(q, k, v, cos, sin, batch, kv_pages, cfg)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_pages
+
+
+def causal_attention(q, k, v, cos, sin, batch: RaggedBatch | PackedBatch, kv_pages, cfg: DecoderConfig):
+    """RoPE, then attention: over the paged cache for a generation step (RaggedBatch), or within each packed
+    sequence, with no cache, for a one-shot pooling pass (PackedBatch)."""
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    sm_scale = cfg.head_dim**-0.5
+    if isinstance(batch, PackedBatch):
+        out = varlen_attention(
+            q, k, v, batch.cu_seqlens, batch.num_seqs, sm_scale=sm_scale, causal=True, sliding_window=cfg.sliding_window
+        )
+        return out, None
+    return ragged_paged_attention(
+        q,
+        k,
+        v,
+        kv_pages,
+        batch.kv_lens,
+        batch.block_table,
+        batch.cu_q_lens,
+        batch.num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=cfg.sliding_window,
+    )
 
 
 class MLP(nnx.Module):
@@ -147,14 +163,15 @@ class LlamaModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, batch: RaggedBatch, kv_pages: list[jax.Array]):
+    def __call__(self, batch: RaggedBatch | PackedBatch, kv_pages: list[jax.Array] | None = None):
+        """(hidden [T, H], the updated pages); pages are None for a packed, cache-free pass."""
         x = self.embed_tokens(batch.token_ids)
         cos, sin = rotary_cos_sin(batch.positions, self.cfg.rope.inverse_frequencies(self.cfg.head_dim))
         new_pages = []
-        for layer, pages in zip(self.layers, kv_pages):
-            x, pages = layer(x, cos, sin, batch, pages)
+        for i, layer in enumerate(self.layers):
+            x, pages = layer(x, cos, sin, batch, None if kv_pages is None else kv_pages[i])
             new_pages.append(pages)
-        return self.norm(x), new_pages
+        return self.norm(x), None if kv_pages is None else new_pages
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -185,3 +202,42 @@ class LlamaForCausalLM(nnx.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         return jnp.einsum("...h,vh->...v", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+
+
+class LlamaForSequenceClassification(nnx.Module):
+    """Llama/Mistral/Qwen2/Qwen3 `*ForSequenceClassification`: the `score` head on the last token."""
+
+    def __init__(self, cfg: DecoderConfig, num_labels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs)
+        self.score = Linear(cfg.hidden_size, num_labels, bias=False, dtype=dtype, rngs=rngs)
+
+    @classmethod
+    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> LlamaForSequenceClassification:
+        return cls(DecoderConfig.from_hf(hf_config), hf_config.num_labels, dtype=dtype, rngs=rngs)
+
+    def encode(self, batch: PackedBatch) -> jax.Array:
+        return self.model(batch)[0]
+
+    def classify(self, rows: jax.Array) -> jax.Array:
+        return self.score(rows).astype(jnp.float32)
+
+    token_classify = classify
+
+
+class LlamaForEmbedding(nnx.Module):
+    """A Llama-family checkpoint run as an embedding model (hidden states for the poolers). The checkpoint may
+    be a bare `*Model` (tensors named `layers.*`) or a causal LM (`model.layers.*`)."""
+
+    CHECKPOINT_ALIASES = {"model.": ("",)}
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs)
+
+    @classmethod
+    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> LlamaForEmbedding:
+        return cls(DecoderConfig.from_hf(hf_config), dtype=dtype, rngs=rngs)
+
+    def encode(self, batch: PackedBatch) -> jax.Array:
+        return self.model(batch)[0]

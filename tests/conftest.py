@@ -22,6 +22,7 @@ DECODERS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 
 # small buckets and a small cache keep compiles quick; tests override what they exercise
 TINY_ENGINE = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, progress=False)
+TINY_POOLING = dict(runner="pooling", max_num_seqs=16, max_num_batched_tokens=256, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +37,8 @@ def llm_cache():
 
     engines: dict[tuple, LLM] = {}
 
-    def get(model: Path, **overrides) -> LLM:
-        args = {**TINY_ENGINE, **overrides}
+    def get(model: Path, defaults: dict, **overrides) -> LLM:
+        args = {**defaults, **overrides}
         key = (str(model), repr(sorted(args.items())))
         if key not in engines:
             engines[key] = LLM(str(model), **args)
@@ -50,16 +51,27 @@ def llm_cache():
     assert not compiled, f"engines compiled after warm-up: {compiled}"
 
 
-@pytest.fixture
-def make_llm(llm_cache):
-    """An engine for (model folder, engine args), reused across tests; fails the test if a step compiled."""
+def _checked_engines(llm_cache, defaults: dict):
     used = []
 
     def get(model: Path, **overrides):
-        llm = llm_cache(model, **overrides)
+        llm = llm_cache(model, defaults, **overrides)
         used.append((llm, llm.engine.compile_watch.count))
         return llm
 
     yield get
     for llm, before in used:
         assert llm.engine.compile_watch.count == before, "a step compiled after warm-up"
+
+
+@pytest.fixture
+def make_llm(llm_cache):
+    """A generation engine for (model folder, engine args), reused across tests; fails the test if a step
+    compiled."""
+    yield from _checked_engines(llm_cache, TINY_ENGINE)
+
+
+@pytest.fixture
+def make_pooling_llm(llm_cache):
+    """The same for pooling engines."""
+    yield from _checked_engines(llm_cache, TINY_POOLING)

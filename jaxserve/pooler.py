@@ -1,0 +1,244 @@
+"""Poolers and heads on the device: what a pooling model computes from its hidden states, per task.
+
+    embed           segment_pool (the model's mode) → sentence-transformers Dense layers → Matryoshka
+                    truncation → L2 normalization                                              [S, E]
+    classify        the classifier's row (CLS or last token) → the model's head → activation    [S, L]
+    token_embed     every token (through bge-m3's ColBERT linear) → L2 normalization           [T, E_tok]
+    token_classify  the per-token head (classifier, reward v_head, bge-m3's sparse linear)
+                    → activation                                                                [T, L_tok]
+
+Each task runs only when a sequence of the step asks for it (`lax.cond`), and the host copies back only the
+outputs of the tasks present, so nothing but pooled rows (or token rows for token tasks) crosses PCIe.
+Whether a sequence's output is activated (normalized) and its Matryoshka width are per-sequence inputs, so
+one program per bucket serves every request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .kernels_pallas import segment_pool
+from .models.batch import PackedBatch
+from .models.layers import Linear, activation
+from .pooling_params import TASKS
+from .st_config import SentenceTransformersConfig, cross_encoder_activation
+from .torch_pickle import load_torch_state_dict
+
+BGE_M3_HEADS = ("colbert_linear", "sparse_linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolerSpec:
+    """Everything about a pooling model's heads that fixes the compiled programs (hashable, static)."""
+
+    tasks: tuple[str, ...]
+    default_task: str
+    hidden_size: int
+    embed_pooling: str | None  # segment_pool mode of `embed`
+    classify_pooling: str | None  # the row the classifier reads: "cls" or "last"
+    dense: tuple[tuple[int, int, bool, str], ...]  # sentence-transformers Dense: (in, out, bias, activation)
+    multi_vector: bool  # bge-m3: ColBERT and sparse linears over the token states
+    num_labels: int
+    classify_activation: str
+    token_classify_activation: str
+    include_prompt: bool
+    matryoshka_dimensions: tuple[int, ...] | None
+    is_matryoshka: bool
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dense[-1][1] if self.dense else self.hidden_size
+
+    @property
+    def token_classify_dim(self) -> int:
+        return 1 if self.multi_vector else self.num_labels
+
+    @property
+    def token_embed_offset(self) -> int:
+        """Rows left out at the start of each sequence's token embeddings (bge-m3's ColBERT drops [CLS])."""
+        return 1 if self.multi_vector else 0
+
+    def output_dim(self, task: str) -> int:
+        return {
+            "embed": self.embed_dim,
+            "token_embed": self.hidden_size,
+            "classify": self.num_labels,
+            "token_classify": self.token_classify_dim,
+        }[task]
+
+
+def classification_activation(hf_config) -> str:
+    """vLLM's rule: the sentence-transformers activation if the config names one, else by `problem_type`:
+    regression → identity, multi-label → sigmoid, otherwise softmax (sigmoid for a single label)."""
+    named = cross_encoder_activation(hf_config)
+    if named:
+        return named
+    problem = getattr(hf_config, "problem_type", None)
+    if problem == "regression":
+        return "identity"
+    if problem == "multi_label_classification" or hf_config.num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def build_spec(
+    model_class: type, hf_config, folder: Path, st: SentenceTransformersConfig | None, pooler_config: dict[str, Any]
+) -> PoolerSpec:
+    """The heads of a pooling model, from its class, its config, its sentence-transformers files and
+    `--pooler-config` (pooling_type, task)."""
+    multi_vector = all((folder / f"{name}.pt").is_file() for name in BGE_M3_HEADS)
+    classifies = hasattr(model_class, "classify")
+    decoder = hasattr(hf_config, "rms_norm_eps")
+    if classifies:
+        tasks = ("classify", "token_classify")
+    elif multi_vector:
+        tasks = ("embed", "token_embed", "token_classify")
+    elif hasattr(model_class, "token_classify"):
+        tasks = ("token_classify",)  # reward models: one score per token
+    else:
+        tasks = ("embed", "token_embed")
+
+    default_pooling = "last" if decoder else "cls"
+    override = pooler_config.get("pooling_type")
+    embed_pooling = (override or "").lower() or (st.pooling_mode if st and st.pooling_mode else default_pooling)
+    if "embed" in tasks and embed_pooling not in ("cls", "mean", "max", "last", "mean_sqrt_len"):
+        raise ValueError(f"pooling_type {override!r} is not supported for embeddings (CLS, MEAN, LAST, MAX).")
+    default_task = pooler_config.get("task") or next(t for t in TASKS if t in tasks)
+    if default_task not in tasks:
+        raise ValueError(f"Unsupported task: {default_task!r} Supported tasks: {tasks}")
+    matryoshka = getattr(hf_config, "matryoshka_dimensions", None)
+    activation_name = classification_activation(hf_config) if classifies else "identity"
+    return PoolerSpec(
+        tasks=tasks,
+        default_task=default_task,
+        hidden_size=hf_config.hidden_size,
+        embed_pooling=embed_pooling if "embed" in tasks else None,
+        classify_pooling=("last" if decoder else "cls") if classifies else None,
+        dense=tuple((d.in_features, d.out_features, d.bias, d.activation) for d in (st.dense if st else ())),
+        multi_vector=multi_vector,
+        num_labels=getattr(hf_config, "num_labels", 1) if classifies else 1,
+        classify_activation=activation_name,
+        token_classify_activation=activation_name,
+        include_prompt=st.include_prompt if st else True,
+        matryoshka_dimensions=tuple(matryoshka) if matryoshka else None,
+        is_matryoshka=bool(matryoshka or getattr(hf_config, "is_matryoshka", False)),
+    )
+
+
+def head_tensors(spec: PoolerSpec, folder: Path, st: SentenceTransformersConfig | None) -> dict[str, np.ndarray]:
+    """Tensors of the heads that live outside the model's safetensors (ST Dense layers, bge-m3 .pt heads)."""
+    tensors: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(st.dense if st else ()):
+        tensors.update(layer.weights(i))
+    if spec.multi_vector:
+        for name in BGE_M3_HEADS:
+            tensors.update({f"{name}.{k}": v for k, v in load_torch_state_dict(folder / f"{name}.pt").items()})
+    return tensors
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PoolingInputs:
+    batch: PackedBatch
+    tasks: jax.Array  # [S] int32, index into TASKS (-1 for padding)
+    start_offsets: jax.Array  # [S] int32, prompt tokens left out of the pool (include_prompt=False)
+    dimensions: jax.Array  # [S] int32, embedding width kept (Matryoshka)
+    activate: jax.Array  # [S] bool, normalize / apply the classifier activation
+
+
+def _activate(name: str, x: jax.Array) -> jax.Array:
+    if name == "softmax":
+        return jax.nn.softmax(x, axis=-1)
+    if name == "sigmoid":
+        return jax.nn.sigmoid(x)
+    if name == "identity":
+        return x
+    return activation(name)(x)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class PoolingModel(nnx.Module):
+    """A backbone (anything with `encode(PackedBatch) -> hidden`) and the heads its spec names. Checkpoint
+    names of the backbone carry no `backbone.` prefix; ST Dense layers are `st_dense.{i}`."""
+
+    def __init__(self, backbone: nnx.Module, spec: PoolerSpec, *, dtype, rngs: nnx.Rngs):
+        self.spec = spec
+        self.backbone = backbone
+        self.st_dense = nnx.List([Linear(i, o, bias=b, dtype=dtype, rngs=rngs) for i, o, b, _ in spec.dense])
+        if spec.multi_vector:
+            h = spec.hidden_size
+            self.colbert_linear = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
+            self.sparse_linear = Linear(h, 1, bias=True, dtype=dtype, rngs=rngs)
+
+    @property
+    def checkpoint_aliases(self) -> dict[str, tuple[str, ...]]:
+        inner = getattr(self.backbone, "CHECKPOINT_ALIASES", {})
+        return {"backbone.": ("",), **{f"backbone.{k}": v for k, v in inner.items()}}
+
+    def __call__(self, inputs: PoolingInputs) -> dict[str, jax.Array]:
+        spec = self.spec
+        hidden = self.backbone.encode(inputs.batch)
+        heads = {
+            "embed": self._embed,
+            "classify": self._classify,
+            "token_embed": self._token_embed,
+            "token_classify": self._token_classify,
+        }
+        outputs = {}
+        for task in spec.tasks:
+            wanted = jnp.any(inputs.tasks == TASKS.index(task))
+            shape = (hidden.shape[0] if task.startswith("token_") else inputs.tasks.shape[0], spec.output_dim(task))
+            outputs[task] = jax.lax.cond(
+                wanted, heads[task], lambda *_, shape=shape: jnp.zeros(shape, jnp.float32), hidden, inputs
+            )
+        return outputs
+
+    def _embed(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
+        b, spec = inputs.batch, self.spec
+        offsets = None if spec.include_prompt else inputs.start_offsets
+        if not spec.dense:
+            return segment_pool(
+                hidden, b.cu_seqlens, b.num_seqs, mode=spec.embed_pooling, start_offsets=offsets,
+                dimensions=inputs.dimensions, normalize=inputs.activate,
+            )  # fmt: skip
+        x = segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=spec.embed_pooling, start_offsets=offsets)
+        for layer, (_, _, _, act) in zip(self.st_dense, spec.dense):
+            x = _activate(act, layer(x.astype(hidden.dtype)).astype(jnp.float32))
+        x = jnp.where(jnp.arange(x.shape[-1])[None, :] < inputs.dimensions[:, None], x, 0.0)
+        return jnp.where(inputs.activate[:, None], _l2_normalize(x), x)
+
+    def _classify(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
+        b = inputs.batch
+        rows = segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=self.spec.classify_pooling)
+        logits = self.backbone.classify(rows.astype(hidden.dtype))
+        return jnp.where(inputs.activate[:, None], _activate(self.spec.classify_activation, logits), logits)
+
+    def _token_embed(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
+        x = self.colbert_linear(hidden) if self.spec.multi_vector else hidden
+        x = x.astype(jnp.float32)
+        return jnp.where(_per_token(inputs.activate, inputs.batch)[:, None], _l2_normalize(x), x)
+
+    def _token_classify(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
+        if self.spec.multi_vector:
+            return jax.nn.relu(self.sparse_linear(hidden)).astype(jnp.float32)
+        logits = self.backbone.token_classify(hidden)
+        activated = _activate(self.spec.token_classify_activation, logits)
+        return jnp.where(_per_token(inputs.activate, inputs.batch)[:, None], activated, logits)
+
+
+def _per_token(flags: jax.Array, batch: PackedBatch) -> jax.Array:
+    """A per-sequence flag spread over the sequence's tokens (padding tokens get False)."""
+    t = jnp.arange(batch.token_ids.shape[0], dtype=jnp.int32)
+    seq = jnp.searchsorted(batch.cu_seqlens[1:], t, side="right")
+    real = t < batch.cu_seqlens[batch.num_seqs[0]]
+    return real & flags[jnp.minimum(seq, flags.shape[0] - 1)]

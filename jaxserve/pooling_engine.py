@@ -1,0 +1,312 @@
+"""The pooling engine: embedding, classification, scoring and reward models (DESIGN.md §2, pooling).
+
+Requests are whole sequences: each step packs waiting sequences back to back into one token-budget batch
+(no KV cache, no padding between them), padded only at the end to a bucket rung. The model, its poolers and
+heads run on the device in one compiled program per rung; the host copies back the outputs of the tasks
+present in the step, and slices them per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+
+import jax
+import numpy as np
+from flax import nnx
+
+from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, pick_rung, seq_rung, token_rungs
+from .compiled import BucketPrograms, abstract
+from .config import EngineConfig
+from .engine_core import EngineCore, StartupTimes, context_length_error
+from .models.batch import PackedBatch
+from .models.registry import pooling_model_class
+from .outputs import PoolingOutput, PoolingRequestOutput
+from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors
+from .pooling_params import TASKS, PoolingParams
+from .st_config import read_st_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PoolingRequest:
+    request_id: str
+    token_ids: list[int]
+    token_type_ids: list[int] | None
+    task: str
+    activate: bool
+    dimensions: int
+    start_offset: int  # prompt tokens left out of the pool (include_prompt=False)
+
+
+@dataclasses.dataclass
+class PoolingPrompt:
+    """A pooling input ready for `add_request`."""
+
+    token_ids: list[int]
+    token_type_ids: list[int] | None = None
+    start_offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingShape:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    min_token_rung: int
+
+    @property
+    def token_rungs(self) -> list[int]:
+        return token_rungs(self.max_num_batched_tokens, self.min_token_rung)
+
+
+def empty_pooling_inputs(shape: PoolingShape, num_tokens: int) -> PoolingInputs:
+    s = seq_rung(num_tokens, shape.max_num_seqs)
+    return PoolingInputs(
+        batch=PackedBatch(
+            token_ids=np.zeros(num_tokens, np.int32),
+            positions=np.zeros(num_tokens, np.int32),
+            token_type_ids=np.zeros(num_tokens, np.int32),
+            cu_seqlens=np.zeros(s + 1, np.int32),
+            num_seqs=np.zeros(1, np.int32),
+        ),
+        tasks=np.full(s, -1, np.int32),
+        start_offsets=np.zeros(s, np.int32),
+        dimensions=np.zeros(s, np.int32),
+        activate=np.zeros(s, np.bool_),
+    )
+
+
+def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape) -> PoolingInputs:
+    num_tokens = sum(len(r.token_ids) for r in requests)
+    inputs = empty_pooling_inputs(shape, pick_rung(shape.token_rungs, num_tokens))
+    b = inputs.batch
+    offset = 0
+    for i, request in enumerate(requests):
+        n = len(request.token_ids)
+        b.token_ids[offset : offset + n] = request.token_ids
+        b.positions[offset : offset + n] = np.arange(n)
+        if request.token_type_ids is not None:
+            b.token_type_ids[offset : offset + n] = request.token_type_ids
+        offset += n
+        b.cu_seqlens[i + 1] = offset
+        inputs.tasks[i] = TASKS.index(request.task)
+        inputs.start_offsets[i] = request.start_offset
+        inputs.dimensions[i] = request.dimensions
+        inputs.activate[i] = request.activate
+    b.cu_seqlens[len(requests) + 1 :] = offset
+    b.num_seqs[0] = len(requests)
+    return inputs
+
+
+class PoolingRunner:
+    def __init__(self, model: PoolingModel, shape: PoolingShape):
+        self.shape = shape
+        self.graphdef, self.params = nnx.split(model)
+        self._programs = BucketPrograms(jax.jit(self._step_fn), shape.token_rungs, "pooling")
+
+    def _step_fn(self, params, inputs: PoolingInputs) -> dict[str, jax.Array]:
+        return nnx.merge(self.graphdef, params)(inputs)
+
+    def warm_up(self, progress: bool = True) -> float:
+        return self._programs.compile(lambda t: (self.params, abstract(empty_pooling_inputs(self.shape, t))), progress)
+
+    def execute(self, inputs: PoolingInputs, tasks: set[str]) -> dict[str, np.ndarray]:
+        """Run the bucket's program; copy back only the outputs of `tasks`."""
+        outputs = self._programs(inputs.batch.token_ids.shape[0], self.params, inputs)
+        return jax.device_get({task: outputs[task] for task in tasks})
+
+
+class PoolingEngine(EngineCore):
+    def __init__(self, config: EngineConfig):
+        began = time.perf_counter()
+        super().__init__(config)
+        model_class = pooling_model_class(self.hf_config)
+        self.st_config = read_st_config(self.model_folder)
+        self.spec: PoolerSpec = build_spec(
+            model_class, self.hf_config, self.model_folder, self.st_config, config.pooler_config or {}
+        )
+        self.default_params = PoolingParams(
+            use_activation=(config.pooler_config or {}).get("use_activation"),
+            dimensions=(config.pooler_config or {}).get("dimensions"),
+        )
+
+        def build():
+            rngs = nnx.Rngs(config.seed)
+            backbone = model_class.from_hf_config(self.hf_config, dtype=self.dtype, rngs=rngs)
+            return PoolingModel(backbone, self.spec, dtype=self.dtype, rngs=rngs)
+
+        model = self.load_model(
+            build,
+            extra=head_tensors(self.spec, self.model_folder, self.st_config),
+            aliases=lambda m: m.checkpoint_aliases,
+        )
+        load_seconds = time.perf_counter() - began
+
+        positions = model.backbone.cfg.max_tokens
+        limit, source = positions, f"the model's {positions} positions"
+        if self.st_config and self.st_config.max_seq_length:
+            limit = min(limit, self.st_config.max_seq_length)
+            source += f" and max_seq_length={self.st_config.max_seq_length} in sentence_bert_config.json"
+        self.max_model_len = config.resolved_max_model_len(limit, source)
+        max_num_seqs, max_num_batched_tokens = config.resolved_limits()
+        # whole sequences are packed, so the budget must hold the longest one
+        max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
+        shape = PoolingShape(
+            max_num_seqs, max_num_batched_tokens, CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG
+        )
+        self.runner = PoolingRunner(model, shape)
+        compile_seconds = self.runner.warm_up(progress=config.progress)
+        self.startup = StartupTimes(load_seconds, compile_seconds)
+        self.vocab_size = self.hf_config.vocab_size
+        self._waiting: deque[PoolingRequest] = deque()
+        logger.info(
+            "Pooling engine ready: %s, tasks %s (default %s), max_model_len %d, load %.1f s, compile %.1f s",
+            self.model_folder, ", ".join(self.spec.tasks), self.spec.default_task, self.max_model_len,
+            load_seconds, compile_seconds,
+        )  # fmt: skip
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return self.spec.tasks
+
+    def id2label(self, index: int) -> str | None:
+        labels = getattr(self.hf_config, "id2label", None) or {}
+        return labels.get(index, labels.get(str(index)))
+
+    def resolve(self, num_tokens: int, params: PoolingParams) -> PoolingParams:
+        """The request's task, activation and width, checked (vLLM's wording). Raises ValueError."""
+        task = params.task or self.spec.default_task
+        if task not in self.spec.tasks:
+            raise ValueError(f"Unsupported task: {task!r} Supported tasks: {self.spec.tasks}")
+        if num_tokens == 0:
+            raise ValueError("The decoder prompt cannot be empty")
+        if num_tokens > self.max_model_len:
+            raise ValueError(context_length_error(self.max_model_len, num_tokens))
+        use_activation = (
+            params.use_activation if params.use_activation is not None else self.default_params.use_activation
+        )
+        dimensions = params.dimensions if params.dimensions is not None else self.default_params.dimensions
+        if dimensions is not None:
+            self._check_dimensions(task, dimensions)
+        return params.clone(task=task, use_activation=use_activation is not False, dimensions=dimensions)
+
+    def _check_dimensions(self, task: str, dimensions: int) -> None:
+        name = self.config.model
+        if task != "embed":
+            raise ValueError(f"Task {task} does not support the dimensions parameter.")
+        if not self.spec.is_matryoshka:
+            raise ValueError(
+                f'Model "{name}" does not support matryoshka representation, changing output dimensions '
+                "will lead to poor results."
+            )
+        allowed = self.spec.matryoshka_dimensions
+        if allowed is not None and dimensions not in allowed:
+            raise ValueError(
+                f'Model "{name}" only supports {list(allowed)} matryoshka dimensions, use other output '
+                "dimensions will lead to poor results."
+            )
+        if not 1 <= dimensions <= self.spec.embed_dim:
+            raise ValueError("Dimensions must be greater than 0")
+
+    def prepare(
+        self,
+        prompt: str | list[int],
+        *,
+        text_pair: str | None = None,
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: str | None = None,
+        prompt_name: str | None = None,
+    ) -> PoolingPrompt:
+        """Tokenize a text (or text pair) or take token ids, with a sentence-transformers prompt prepended and
+        truncation to `truncate_prompt_tokens` (-1: the model's maximum) applied."""
+        max_length = None
+        if truncate_prompt_tokens is not None:
+            max_length = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            if max_length > self.max_model_len:
+                raise ValueError(
+                    f"truncate_prompt_tokens value ({max_length}) is greater than max_model_len "
+                    f"({self.max_model_len}). Please request a smaller truncation size."
+                )
+        if not isinstance(prompt, str):
+            ids = list(prompt)
+            if max_length is not None and len(ids) > max_length:
+                ids = ids[len(ids) - max_length :] if truncation_side == "left" else ids[:max_length]
+            return PoolingPrompt(ids)
+        prefix, start_offset = self._st_prompt(prompt_name)
+        ids, type_ids = self.tokenizer.encode_pooling(prefix + prompt, text_pair, max_length, truncation_side)
+        return PoolingPrompt(ids, type_ids, start_offset)
+
+    def _st_prompt(self, name: str | None) -> tuple[str, int]:
+        """(prompt text, tokens of it that the pool leaves out) for a sentence-transformers prompt name."""
+        st = self.st_config
+        name = name or (st.default_prompt_name if st else None)
+        if name is None:
+            return "", 0
+        if st is None or name not in st.prompts:
+            raise ValueError(f"Prompt name {name!r} not found; the model has {sorted(st.prompts) if st else []}.")
+        text = st.prompts[name]
+        # as sentence-transformers counts it: the prompt's tokens without the trailing separator
+        left_out = 0 if st.include_prompt else len(self.tokenizer.encode_pooling(text)[0]) - 1
+        return text, left_out
+
+    def add_request(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: PoolingParams,
+        token_type_ids: list[int] | None = None,
+        start_offset: int = 0,
+    ) -> None:
+        if any(r.request_id == request_id for r in self._waiting):
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        params = self.resolve(len(token_ids), params)
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary")
+        self._waiting.append(
+            PoolingRequest(
+                request_id, list(token_ids), token_type_ids, params.task, params.use_activation,
+                params.dimensions or self.spec.output_dim(params.task), start_offset,
+            )
+        )  # fmt: skip
+
+    def abort_request(self, request_id: str) -> bool:
+        for request in self._waiting:
+            if request.request_id == request_id:
+                self._waiting.remove(request)
+                return True
+        return False
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting)
+
+    def _step(self) -> list[PoolingRequestOutput]:
+        shape = self.runner.shape
+        batch: list[PoolingRequest] = []
+        tokens = 0
+        while (
+            self._waiting
+            and len(batch) < shape.max_num_seqs
+            and tokens + len(self._waiting[0].token_ids) <= shape.max_num_batched_tokens
+        ):
+            batch.append(self._waiting.popleft())
+            tokens += len(batch[-1].token_ids)
+        if not batch:
+            return []
+        outputs = self.runner.execute(fill_pooling_step(batch, shape), {r.task for r in batch})
+        results, offset = [], 0
+        for i, request in enumerate(batch):
+            n = len(request.token_ids)
+            if request.task.startswith("token_"):
+                first = self.spec.token_embed_offset if request.task == "token_embed" else 0
+                data = outputs[request.task][offset + first : offset + n]
+            else:
+                data = outputs[request.task][i, : request.dimensions]
+            offset += n
+            results.append(
+                PoolingRequestOutput(request.request_id, request.token_ids, PoolingOutput(data), request.task)
+            )
+        return results

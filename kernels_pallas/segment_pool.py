@@ -1,0 +1,84 @@
+"""Segment pooling: one embedding per sequence of a packed batch (sentence-transformers / vLLM pooling).
+
+Shapes (T token slots holding S segments, H features):
+
+    hidden        [T, H]          token states, segment after segment (any float dtype)
+    cu_seqlens    [S + 1] int32   prefix sums of the segment lengths; segment s owns hidden[cu_seqlens[s]:cu_seqlens[s+1]]
+    num_seqs      [1] int32       segments in use; the rest of S (and every token past cu_seqlens[num_seqs]) is padding
+    start_offsets [S] int32       optional: tokens at the start of each segment left out of the pool (the prompt,
+                                  for include_prompt=False); None: 0 everywhere
+    dimensions    [S] int32       optional: features kept (Matryoshka); the rest are zeroed; None: all of them
+    normalize     [S] bool        optional: L2-normalize the pooled row (after `dimensions`); None: no segment
+
+Modes:
+    "cls"            the segment's first token (start_offsets do not move it)
+    "last"           the segment's last token (start_offsets do not move it)
+    "mean"           mean over the pooled tokens (the segment's tokens from start_offsets[s] on)
+    "max"            elementwise max over the pooled tokens
+    "mean_sqrt_len"  sum over the pooled tokens / sqrt(their count)
+
+Returns [S, H] float32, computed in float32 whatever hidden's dtype. Padded segments (s >= num_seqs), empty
+segments, and mean / max / mean_sqrt_len with no pooled token left come out as zeros. Padding rows of hidden
+(NaN included) never reach a real segment. Normalization divides by max(||x||, 1e-12) like
+torch.nn.functional.normalize.
+
+One pass over T: every token gets a segment id (padding and left-out tokens an out-of-range one, which
+`jax.ops.segment_sum` / `segment_max` drop), then one segment reduction; cls / last are one gather of S rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+POOLING_MODES = ("cls", "last", "mean", "max", "mean_sqrt_len")
+_NORMALIZE_EPS = 1e-12
+
+
+def segment_pool_reference(
+    hidden: jax.Array,
+    cu_seqlens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    mode: str,
+    start_offsets: jax.Array | None = None,
+    dimensions: jax.Array | None = None,
+    normalize: jax.Array | None = None,
+) -> jax.Array:
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
+    num_tokens, hidden_size = hidden.shape
+    num_segments = cu_seqlens.shape[0] - 1
+    n = num_seqs[0]
+    index = jnp.arange(num_segments + 1)
+    cu = jnp.where(index <= n, cu_seqlens, cu_seqlens[n]).astype(jnp.int32)  # garbage past num_seqs: ignored
+    starts, ends = cu[:-1], cu[1:]
+    lengths = ends - starts
+    valid = (index[:-1] < n) & (lengths > 0)
+    x = hidden.astype(jnp.float32)
+
+    if mode in ("cls", "last"):
+        row = jnp.clip(starts if mode == "cls" else ends - 1, 0, max(num_tokens - 1, 0))
+        pooled = jnp.where(valid[:, None], x[row], 0.0) if num_tokens else jnp.zeros((num_segments, hidden_size))
+    else:
+        offsets = jnp.zeros_like(starts) if start_offsets is None else jnp.clip(start_offsets.astype(jnp.int32), 0)
+        first = starts + jnp.minimum(offsets, lengths)
+        counts = ends - first
+        t = jnp.arange(num_tokens, dtype=jnp.int32)
+        seq = jnp.minimum(jnp.searchsorted(ends, t, side="right").astype(jnp.int32), num_segments - 1)
+        pooled_token = (t < cu[n]) & (t >= first[seq])
+        ids = jnp.where(pooled_token, seq, num_segments)  # out of range: dropped by the segment reductions
+        if mode == "max":
+            reduced = jax.ops.segment_max(jnp.where(pooled_token[:, None], x, -jnp.inf), ids, num_segments)
+        else:
+            reduced = jax.ops.segment_sum(jnp.where(pooled_token[:, None], x, 0.0), ids, num_segments)
+            safe = jnp.maximum(counts, 1).astype(jnp.float32)
+            reduced = reduced / (safe if mode == "mean" else jnp.sqrt(safe))[:, None]
+        pooled = jnp.where((valid & (counts > 0))[:, None], reduced, 0.0)
+
+    if dimensions is not None:
+        pooled = jnp.where(jnp.arange(hidden_size)[None, :] < dimensions[:, None], pooled, 0.0)
+    if normalize is not None:
+        norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))
+        pooled = jnp.where(normalize[:, None], pooled / jnp.maximum(norm, _NORMALIZE_EPS), pooled)
+    return pooled.astype(jnp.float32)
