@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .kernels_pallas import segment_pool
+from .kernels_pallas import segment_pool, truncate_and_normalize
 from .models.batch import PackedBatch
 from .models.layers import Linear, activation
 from .pooling_params import TASKS
@@ -163,10 +163,6 @@ def _activate(name: str, x: jax.Array) -> jax.Array:
     return activation(name)(x)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class PoolingModel(nnx.Module):
     """A backbone (anything with `encode(PackedBatch) -> hidden`) and the heads its spec names. Checkpoint
     names of the backbone carry no `backbone.` prefix; ST Dense layers are `st_dense.{i}`."""
@@ -214,8 +210,7 @@ class PoolingModel(nnx.Module):
         x = segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=spec.embed_pooling, start_offsets=offsets)
         for layer, (_, _, _, act) in zip(self.st_dense, spec.dense):
             x = _activate(act, layer(x.astype(hidden.dtype)).astype(jnp.float32))
-        x = jnp.where(jnp.arange(x.shape[-1])[None, :] < inputs.dimensions[:, None], x, 0.0)
-        return jnp.where(inputs.activate[:, None], _l2_normalize(x), x)
+        return truncate_and_normalize(x, inputs.dimensions, inputs.activate)
 
     def _classify(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
         b = inputs.batch
@@ -225,8 +220,7 @@ class PoolingModel(nnx.Module):
 
     def _token_embed(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
         x = self.colbert_linear(hidden) if self.spec.multi_vector else hidden
-        x = x.astype(jnp.float32)
-        return jnp.where(_per_token(inputs.activate, inputs.batch)[:, None], _l2_normalize(x), x)
+        return truncate_and_normalize(x, normalize=_per_token(inputs.activate, inputs.batch))
 
     def _token_classify(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
         if self.spec.multi_vector:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 from .ragged_paged_attention import ragged_paged_attention_reference
-from .segment_pool import POOLING_MODES, segment_pool_reference
+from .segment_pool import POOLING_MODES, segment_pool_reference, truncate_and_normalize
 from .varlen_attention import varlen_attention_reference
 
 
@@ -35,6 +35,7 @@ __all__ = [
     "ragged_paged_attention_reference",
     "segment_pool",
     "segment_pool_reference",
+    "truncate_and_normalize",
     "varlen_attention",
     "varlen_attention_reference",
 ]

@@ -76,9 +76,18 @@ def segment_pool_reference(
             reduced = reduced / (safe if mode == "mean" else jnp.sqrt(safe))[:, None]
         pooled = jnp.where((valid & (counts > 0))[:, None], reduced, 0.0)
 
+    return truncate_and_normalize(pooled, dimensions, normalize)
+
+
+def truncate_and_normalize(
+    rows: jax.Array, dimensions: jax.Array | None = None, normalize: jax.Array | None = None
+) -> jax.Array:
+    """Keep the first dimensions[s] features of row s (zero the rest), then L2-normalize the rows flagged in
+    `normalize`; None leaves that step out. Also for rows pooled elsewhere (after a Dense layer)."""
+    rows = rows.astype(jnp.float32)
     if dimensions is not None:
-        pooled = jnp.where(jnp.arange(hidden_size)[None, :] < dimensions[:, None], pooled, 0.0)
+        rows = jnp.where(jnp.arange(rows.shape[-1])[None, :] < dimensions[:, None], rows, 0.0)
     if normalize is not None:
-        norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))
-        pooled = jnp.where(normalize[:, None], pooled / jnp.maximum(norm, _NORMALIZE_EPS), pooled)
-    return pooled.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(rows * rows, axis=-1, keepdims=True))
+        rows = jnp.where(normalize[:, None], rows / jnp.maximum(norm, _NORMALIZE_EPS), rows)
+    return rows
