@@ -65,6 +65,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="JSON merged over the generation config, e.g. '{\"temperature\": 0.5}'",
     )
     group.add_argument("--chat-template", help="a chat template file, or the template itself")
+    group.add_argument(
+        "--runner",
+        default="auto",
+        choices=["auto", "generate", "pooling"],
+        help="'pooling' serves embeddings, scores and classification; auto picks by the model's architecture",
+    )
+    group.add_argument(
+        "--pooler-config",
+        type=json.loads,
+        help='JSON pooler overrides, e.g. \'{"pooling_type": "MEAN", "use_activation": false, "dimensions": 256}\'',
+    )
+    group.add_argument(
+        "--hf-overrides",
+        type=json.loads,
+        help="JSON merged into the model's config.json, e.g. '{\"matryoshka_dimensions\": [256, 512]}'",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed for requests that bring none (default 0)")
 
 
@@ -82,6 +98,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "generation_config",
         "override_generation_config",
         "chat_template",
+        "runner",
+        "pooler_config",
+        "hf_overrides",
         "seed",
     )
     return {key: getattr(args, key) for key in keys}

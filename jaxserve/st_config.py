@@ -19,13 +19,21 @@ from safetensors.numpy import load_file
 
 from .torch_pickle import load_torch_state_dict
 
-# `1_Pooling/config.json` flag → segment_pool mode
+# `1_Pooling/config.json` mode → segment_pool mode; older folders set one `pooling_mode_<name>` flag instead
 _POOLING_MODES = {
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "lasttoken": "last",
+}
+_LEGACY_POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-    "pooling_mode_lasttoken": "last",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
 }
 
 # torch.nn module class name → activation name understood by models.layers.activation / the poolers
@@ -76,6 +84,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _pooling_mode(config: dict[str, Any], path: Path) -> str:
+    """The segment_pool mode a Pooling module's config names (`pooling_mode`, or one legacy flag)."""
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [mode for flag, mode in _LEGACY_POOLING_FLAGS.items() if config.get(flag)]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in _POOLING_MODES:
+        raise ValueError(
+            f"{path}: pooling mode {modes} is not supported; one of {', '.join(_POOLING_MODES)} must be set."
+        )
+    return _POOLING_MODES[modes[0]]
+
+
 def read_st_config(folder: Path) -> SentenceTransformersConfig | None:
     """The pipeline of a sentence-transformers folder, or None for a plain HF folder."""
     modules_file = folder / "modules.json"
@@ -87,10 +108,7 @@ def read_st_config(folder: Path) -> SentenceTransformersConfig | None:
         path = folder / module["path"]
         if kind == "Pooling":
             config = _read_json(path / "config.json")
-            modes = [mode for flag, mode in _POOLING_MODES.items() if config.get(flag)]
-            if len(modes) != 1 or config.get("pooling_mode_weightedmean_tokens"):
-                raise ValueError(f"{path}: exactly one of {sorted(_POOLING_MODES)} must be set.")
-            pooling_mode, include_prompt = modes[0], config.get("include_prompt", True)
+            pooling_mode, include_prompt = _pooling_mode(config, path), config.get("include_prompt", True)
         elif kind == "Dense":
             config = _read_json(path / "config.json")
             dense.append(

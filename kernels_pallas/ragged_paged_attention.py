@@ -103,7 +103,11 @@ def ragged_paged_attention_reference(
         # stale slots of reused pages may hold anything, NaN included: keep them out of p @ V entirely
         values = jnp.where(visible[:, :, None, None], kv[..., 1, :], 0.0)
         scores = soft_capped(jnp.einsum("tngd,tknd->tngk", qg, kv[..., 0, :]), soft_cap)
-        return _accumulate(carry, scores, visible, lambda p: jnp.einsum("tngk,tknd->tngd", p, values))
+
+        def weighted_values(p):
+            return jnp.einsum("tngk,tknd->tngd", p, values)
+
+        return _accumulate(carry, scores, visible[:, None, None, :], weighted_values)
 
     init = init_carry(num_tokens, num_kv_heads, group, head_dim)
     carry = jax.lax.fori_loop(0, (longest_cached + block_tokens - 1) // block_tokens, cached_block, init)
@@ -118,8 +122,9 @@ def ragged_paged_attention_reference(
         seq,
         position,
         real,
+        (cu_q_lens[seq], cu_q_lens[seq + 1]),
         cu_q_lens[num_seqs[0]],
-        key_block=min(num_tokens, _MAX_BLOCK_TOKENS),
+        block=min(num_tokens, _MAX_BLOCK_TOKENS),
         causal=True,
         sliding_window=sliding_window,
         soft_cap=soft_cap,

@@ -14,9 +14,10 @@ head h // G). With causal=True a token sees the tokens at or before it; with cau
 padding tokens come out as exact zeros, and nothing in them (NaN, inf, garbage cu_seqlens entries past num_seqs)
 reaches a real row.
 
-This file holds the pure-`jnp` reference: the walk over packed keys in blocks of `_MAX_BLOCK_TOKENS` under an
-online softmax that ragged paged attention runs over a step's new tokens (`_online_softmax.attend_packed_keys`),
-up to the real token count only. Memory is O(T x block) for any segment length.
+This file holds the pure-`jnp` reference: the block-sparse walk over packed keys under an online softmax that
+ragged paged attention runs over a step's new tokens (`_online_softmax.attend_packed_keys`): blocks of
+`_MAX_BLOCK_TOKENS` queries, each against the key blocks of its own segments only, up to the real token count.
+Memory is O(block x block) for any segment length.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import jax.numpy as jnp
 
 from ._online_softmax import attend_packed_keys, finish, init_carry
 
-_MAX_BLOCK_TOKENS = 128  # keys per online-softmax step
+_MAX_BLOCK_TOKENS = 128  # queries and keys per online-softmax step
 
 
 def segment_layout(cu_seqlens: jax.Array, num_seqs: jax.Array, num_tokens: int):
-    """(segment index, position in the segment, is-real) of every token slot of a packed batch.
+    """(segment index, position in the segment, is-real, (segment start, segment end)) of every token slot of a
+    packed batch.
 
     Entries of cu_seqlens past num_seqs are read as cu_seqlens[num_seqs], whatever they hold."""
     n = num_seqs[0]
@@ -38,7 +40,7 @@ def segment_layout(cu_seqlens: jax.Array, num_seqs: jax.Array, num_tokens: int):
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
     seq = jnp.minimum(seq, cu.shape[0] - 2)
-    return seq, t - cu[seq], t < cu[n]
+    return seq, t - cu[seq], t < cu[n], (cu[seq], cu[seq + 1])
 
 
 def varlen_attention_reference(
@@ -59,7 +61,7 @@ def varlen_attention_reference(
     if num_tokens == 0:
         return jnp.zeros_like(q)
 
-    seq, position, real = segment_layout(cu_seqlens, num_seqs, num_tokens)
+    seq, position, real, segment_bounds = segment_layout(cu_seqlens, num_seqs, num_tokens)
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
     carry = attend_packed_keys(
         init_carry(num_tokens, num_kv_heads, group, head_dim),
@@ -69,8 +71,9 @@ def varlen_attention_reference(
         seq,
         position,
         real,
+        segment_bounds,
         jnp.sum(real, dtype=jnp.int32),
-        key_block=min(num_tokens, _MAX_BLOCK_TOKENS),
+        block=min(num_tokens, _MAX_BLOCK_TOKENS),
         causal=causal,
         sliding_window=sliding_window,
         soft_cap=soft_cap,

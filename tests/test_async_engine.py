@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
-from jaxserve import AsyncEngine, RequestOutputKind, SamplingParams
+from jaxserve import AsyncEngine, PoolingParams, RequestOutputKind, SamplingParams
 from jaxserve.async_engine import EngineDeadError
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "1 2 3 4 5 6 7", "café naïve"]
@@ -93,3 +94,37 @@ def test_a_dead_engine_loop_fails_requests_and_reports_it(engine, monkeypatch):
     asyncio.run(main())
     assert async_engine.errored
     llm.engine.abort_request("doomed")
+
+
+def test_concurrent_encodes_equal_offline_embeddings(tiny_models, make_pooling_llm):
+    llm = make_pooling_llm(tiny_models["tiny-bert-mean"])
+    expected = [o.outputs.embedding for o in llm.embed(PROMPTS, use_tqdm=False)]
+    async_engine = AsyncEngine(llm.engine)
+    prompts = [llm.engine.prepare(p) for p in PROMPTS]
+
+    async def main():
+        return await asyncio.gather(
+            *(
+                async_engine.encode(p.token_ids, PoolingParams(task="embed"), f"e{n}", p.token_type_ids)
+                for n, p in enumerate(prompts)
+            )
+        )
+
+    async def bad_then_good():
+        with pytest.raises(ValueError, match="Unsupported task: 'classify'"):
+            await async_engine.encode(prompts[0].token_ids, PoolingParams(task="classify"), "bad")
+        with pytest.raises(ValueError, match="does not support generation"):
+            async for _ in async_engine.generate(prompts[0].token_ids, SamplingParams(), "gen"):
+                pass
+        return await async_engine.encode(prompts[0].token_ids, PoolingParams(task="embed"), "good")
+
+    try:
+        outputs = asyncio.run(main())
+        good = asyncio.run(bad_then_good())
+    finally:
+        async_engine.shutdown()
+    for output, want in zip(outputs, expected):
+        assert output.finished
+        np.testing.assert_allclose(output.outputs.data, want, atol=1e-6)
+    np.testing.assert_allclose(good.outputs.data, expected[0], atol=1e-6)
+    assert not llm.engine.has_unfinished_requests()

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from jaxserve.cli import build_parser, main, parse_bytes
+from jaxserve.cli import build_parser, engine_kwargs, main, parse_bytes
 
 
 def test_generate_prints_each_prompt_and_its_completion(tiny_models, capsys):
@@ -23,6 +23,25 @@ def test_engine_flags_use_vllm_names():
         ["generate", "x", "--dtype", "bfloat16", "--max-num-seqs", "4", "--override-generation-config", '{"top_k": 5}']
     )
     assert (args.dtype, args.max_num_seqs, args.override_generation_config) == ("bfloat16", 4, {"top_k": 5})
+
+
+def test_pooling_flags_reach_the_engine_config():
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "x",
+            "--runner",
+            "pooling",
+            "--pooler-config",
+            '{"pooling_type": "MEAN", "dimensions": 16}',
+            "--hf-overrides",
+            '{"matryoshka_dimensions": [16, 32]}',
+        ]
+    )
+    kwargs = engine_kwargs(args)
+    assert kwargs["runner"] == "pooling"
+    assert kwargs["pooler_config"] == {"pooling_type": "MEAN", "dimensions": 16}
+    assert kwargs["hf_overrides"] == {"matryoshka_dimensions": [16, 32]}
 
 
 @pytest.mark.parametrize("text, value", [("1024", 1024), ("2GiB", 2 << 30), ("512M", 512 << 20), ("1.5k", 1536)])

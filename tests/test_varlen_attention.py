@@ -177,7 +177,8 @@ def test_blocked_online_softmax(monkeypatch, block, kwargs, causal):
     # a fresh jit traces with the patched block size (the dispatcher may hold a trace made with the default)
     kernel = jax.jit(functools.partial(varlen_attention_reference, causal=causal, **kwargs), static_argnames="sm_scale")
     jaxpr = str(jax.make_jaxpr(functools.partial(kernel, sm_scale=case.sm_scale))(*case.args()))
-    assert f"slice_sizes=({block}, 2, 64)" in jaxpr, "the key walk did not take the patched block size"
+    key_blocks = f"slice_sizes=(2, {block}, 64)"  # a block of the head-major keys [Hkv, T, D]
+    assert key_blocks in jaxpr, "the key walk did not take the patched block size"
     check(case, run(case, kernel), causal=causal, **kwargs)
 
 

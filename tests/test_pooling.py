@@ -1,0 +1,202 @@
+"""Pooling models against their references, on tiny random-weight models: embeddings vs sentence-transformers,
+cross-encoder scores vs CrossEncoder, classifiers vs HF, per-token rewards and bge-m3's three outputs vs torch
+references, scores vs NumPy, and packing invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxserve import PoolingParams
+from scripts.make_test_models import bge_m3_reference, internlm2_reward_reference
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+sentence_transformers = pytest.importorskip("sentence_transformers")
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "Paris is the capital of France.",
+    "naïve café with 3 cats",
+    "hello",
+    "Numbers like 42 and 1999 appear in this somewhat longer sentence about nothing in particular.",
+]
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def assert_spread(vectors) -> None:
+    """The model's outputs differ clearly between inputs, so a parity check means something."""
+    v = np.asarray(vectors, np.float64)
+    sims = cosines(v[:, None, :], v[None, :, :])
+    assert sims[~np.eye(len(v), dtype=bool)].max() < 0.99
+
+
+@pytest.mark.parametrize("name", ["tiny-bert-mean", "tiny-bert-cls-dense", "tiny-bert-matryoshka", "tiny-bge-m3"])
+def test_embeddings_match_sentence_transformers(tiny_models, make_pooling_llm, name):
+    folder = tiny_models[name]
+    expected = sentence_transformers.SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
+    got = np.array([o.outputs.embedding for o in make_pooling_llm(folder).embed(TEXTS, use_tqdm=False)])
+    assert got.shape == expected.shape
+    assert cosines(got, expected).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
+    assert_spread(expected)
+
+
+def test_prompts_from_the_sentence_transformers_config(tiny_models, make_pooling_llm):
+    folder = tiny_models["tiny-bert-mean"]
+    model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
+    llm = make_pooling_llm(folder)
+    got = np.array([o.outputs.embedding for o in llm.embed(TEXTS, prompt_name="query", use_tqdm=False)])
+    assert cosines(got, model.encode(TEXTS, prompt_name="query")).min() >= 0.9999
+    plain = np.array([o.outputs.embedding for o in llm.embed(TEXTS, use_tqdm=False)])
+    assert cosines(got, plain).min() < 0.9999
+    with pytest.raises(ValueError, match="Prompt name 'nope' not found"):
+        llm.embed("x", prompt_name="nope", use_tqdm=False)
+
+
+def test_matryoshka_dimensions_truncate_then_normalize(tiny_models, make_pooling_llm):
+    folder = tiny_models["tiny-bert-matryoshka"]
+    llm = make_pooling_llm(folder)
+    full = np.array([o.outputs.embedding for o in llm.embed(TEXTS, use_tqdm=False)])
+    short = np.array(
+        [o.outputs.embedding for o in llm.embed(TEXTS, pooling_params=PoolingParams(dimensions=16), use_tqdm=False)]
+    )
+    expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=-1, keepdims=True)
+    np.testing.assert_allclose(short, expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"only supports \[16, 32, 64\] matryoshka dimensions"):
+        llm.embed("x", pooling_params=PoolingParams(dimensions=20), use_tqdm=False)
+
+
+def test_unnormalized_embeddings(tiny_models, make_pooling_llm):
+    folder = tiny_models["tiny-bert-mean"]
+    llm = make_pooling_llm(folder)
+    raw = llm.embed(TEXTS[:2], pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+    legacy = llm.embed(TEXTS[:2], pooling_params=PoolingParams(normalize=False), use_tqdm=False)
+    norms = [np.linalg.norm(o.outputs.embedding) for o in raw]
+    assert min(abs(n - 1.0) for n in norms) > 1e-3
+    assert [o.outputs.embedding for o in raw] == [o.outputs.embedding for o in legacy]
+
+
+def test_cross_encoder_scores_match_crossencoder_predict(tiny_models, make_pooling_llm):
+    folder = tiny_models["tiny-xlmr-cross-encoder"]
+    query, documents = TEXTS[0], TEXTS[1:]
+    expected = sentence_transformers.CrossEncoder(str(folder), device="cpu").predict([(query, d) for d in documents])
+    got = [o.outputs.score for o in make_pooling_llm(folder).score(query, documents, use_tqdm=False)]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.ptp(expected) > 0.05
+
+
+@pytest.mark.parametrize("name", ["tiny-bert-classifier", "tiny-qwen2-classifier"])
+def test_classifier_probabilities_and_labels_match_hf(tiny_models, make_pooling_llm, name):
+    folder = tiny_models[name]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = np.stack([model(**tokenizer(t, return_tensors="pt")).logits[0].numpy() for t in TEXTS])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    llm = make_pooling_llm(folder)
+    got = llm.classify(TEXTS, use_tqdm=False)
+    np.testing.assert_allclose([o.outputs.probs for o in got], probs, atol=1e-5)
+    assert [o.outputs.label for o in got] == [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+    raw = llm.classify(TEXTS, pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+    np.testing.assert_allclose([o.outputs.probs for o in raw], logits, atol=1e-4)
+    assert np.ptp(logits) > 1.0
+
+
+def test_reward_model_scores_every_token(tiny_models, make_pooling_llm):
+    folder = tiny_models["tiny-internlm2-reward"]
+    llm = make_pooling_llm(folder)
+    outputs = llm.reward(TEXTS, use_tqdm=False)
+    for output in outputs:
+        expected = internlm2_reward_reference(folder, output.prompt_token_ids)
+        assert output.outputs.data.shape == (len(output.prompt_token_ids), 1)
+        np.testing.assert_allclose(output.outputs.data[:, 0], expected, atol=1e-4)
+    assert np.ptp(outputs[0].outputs.data) > 0.1
+
+
+def test_bge_m3_dense_colbert_and_sparse(tiny_models, make_pooling_llm):
+    folder = tiny_models["tiny-bge-m3"]
+    llm = make_pooling_llm(folder)
+    expected = bge_m3_reference(folder, TEXTS)
+    dense = np.array([o.outputs.data for o in llm.encode(TEXTS, task="embed", use_tqdm=False)])
+    np.testing.assert_allclose(dense, np.asarray(expected["dense"]), atol=1e-5)
+    for got, want in zip(llm.encode(TEXTS, task="token_embed", use_tqdm=False), expected["colbert"]):
+        np.testing.assert_allclose(got.outputs.data, want, atol=1e-5)
+    for got, want in zip(llm.encode(TEXTS, task="token_classify", use_tqdm=False), expected["sparse"]):
+        np.testing.assert_allclose(got.outputs.data[:, 0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_bi_encoder_and_late_interaction_scores_match_numpy(tiny_models, make_pooling_llm):
+    query, documents = TEXTS[0], TEXTS[1:4]
+    embedder = make_pooling_llm(tiny_models["tiny-bert-mean"])
+    vectors = {t: np.array(o.outputs.embedding) for t, o in zip(TEXTS, embedder.embed(TEXTS, use_tqdm=False))}
+    scores = [o.outputs.score for o in embedder.score(query, documents, use_tqdm=False)]
+    np.testing.assert_allclose(scores, [cosines(vectors[query], vectors[d]) for d in documents], atol=1e-6)
+
+    colbert = make_pooling_llm(tiny_models["tiny-bge-m3"], pooler_config={"task": "token_embed"})
+    tokens = {t: o.outputs.data for t, o in zip(TEXTS, colbert.encode(TEXTS, use_tqdm=False))}
+    scores = [o.outputs.score for o in colbert.score([query] * 3, documents, use_tqdm=False)]
+    expected = [(tokens[query] @ tokens[d].T).max(axis=1).sum() for d in documents]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_pairing_rules(tiny_models, make_pooling_llm):
+    llm = make_pooling_llm(tiny_models["tiny-bert-mean"])
+    assert len(llm.score(TEXTS[:3], TEXTS[3:], use_tqdm=False)) == 3  # N:N, zipped
+    with pytest.raises(ValueError, match="Input lengths must be either 1:1, 1:N or N:N"):
+        llm.score(TEXTS[:2], TEXTS[2:5], use_tqdm=False)
+    with pytest.raises(ValueError, match="At least one text element must be given"):
+        llm.score([], TEXTS, use_tqdm=False)
+
+
+def test_a_text_packed_among_50_gives_the_same_vector(tiny_models, make_pooling_llm):
+    llm = make_pooling_llm(tiny_models["tiny-bert-cls-dense"])
+    rng = np.random.default_rng(0)
+    words = " ".join(TEXTS).split()
+    batch = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 20, size=50)]
+    batch[17] = TEXTS[2]
+    alone = np.array(llm.embed(TEXTS[2], use_tqdm=False)[0].outputs.embedding)
+    packed = np.array(llm.embed(batch, use_tqdm=False)[17].outputs.embedding)
+    np.testing.assert_allclose(packed, alone, atol=1e-5)  # float32 roundoff of another bucket shape
+
+
+def test_truncation(tiny_models, make_pooling_llm):
+    llm = make_pooling_llm(tiny_models["tiny-bert-mean"])
+    long_text = " ".join(TEXTS * 4)
+    right = llm.embed(long_text, truncate_prompt_tokens=8, use_tqdm=False)[0]
+    left = llm.embed(long_text, truncate_prompt_tokens=8, truncation_side="left", use_tqdm=False)[0]
+    ids = llm.get_tokenizer().encode(long_text)
+    assert right.prompt_token_ids == ids[:7] + ids[-1:]  # [CLS] + the first tokens + [SEP]
+    assert left.prompt_token_ids == ids[:1] + ids[-7:]
+    limit = llm.engine.max_model_len
+    with pytest.raises(ValueError, match=f"maximum context length is {limit} tokens"):
+        llm.embed(" ".join(TEXTS * 20), use_tqdm=False)
+    full = llm.embed(" ".join(TEXTS * 20), truncate_prompt_tokens=-1, use_tqdm=False)[0]
+    assert len(full.prompt_token_ids) == limit
+    with pytest.raises(ValueError, match="is greater than max_model_len"):
+        llm.embed("x", truncate_prompt_tokens=limit + 1, use_tqdm=False)
+    token_input = llm.encode({"prompt_token_ids": ids}, truncate_prompt_tokens=5, use_tqdm=False)[0]
+    assert token_input.prompt_token_ids == ids[:5]
+
+
+def test_bad_requests(tiny_models, make_pooling_llm):
+    llm = make_pooling_llm(tiny_models["tiny-bert-mean"])
+    with pytest.raises(ValueError, match="You must pass at least one prompt"):
+        llm.embed([], use_tqdm=False)
+    with pytest.raises(ValueError, match="The decoder prompt cannot be empty"):
+        llm.encode({"prompt_token_ids": []}, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"Unsupported task: 'classify' Supported tasks: \('embed', 'token_embed'\)"):
+        llm.classify("x", use_tqdm=False)
+    with pytest.raises(ValueError, match="does not support matryoshka representation"):
+        llm.embed("x", pooling_params=PoolingParams(dimensions=8), use_tqdm=False)
+    with pytest.raises(ValueError, match="`score` task was removed; use `classify` instead."):
+        PoolingParams(task="score")
+    with pytest.raises(ValueError, match="only supported for generative models"):
+        llm.generate("x")
+    assert not llm.engine.has_unfinished_requests()
