@@ -1,13 +1,28 @@
-"""jaxserve: language models served from JAX/XLA behind a vLLM-compatible API."""
+"""jaxserve: language models served from JAX/XLA behind a vLLM-compatible API.
 
-from .async_engine import AsyncEngine
-from .config import EngineConfig
-from .engine import LLMEngine
-from .llm import LLM
-from .outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
-from .pooling_engine import PoolingEngine
-from .pooling_params import PoolingParams
-from .sampling_params import RequestOutputKind, SamplingParams
+The top-level names load lazily, so that `jaxserve.server` and the plain-data modules (sampling and pooling
+parameters, outputs, the tokenizer) can be imported without importing JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AsyncEngine": ".async_engine",
+    "CompletionOutput": ".outputs",
+    "EngineConfig": ".config",
+    "LLM": ".llm",
+    "LLMEngine": ".engine",
+    "Logprob": ".outputs",
+    "PoolingEngine": ".pooling_engine",
+    "PoolingParams": ".pooling_params",
+    "PoolingRequestOutput": ".outputs",
+    "RequestOutput": ".outputs",
+    "RequestOutputKind": ".sampling_params",
+    "SamplingParams": ".sampling_params",
+}
 
 __all__ = [
     "AsyncEngine",
@@ -23,3 +38,22 @@ __all__ = [
     "RequestOutputKind",
     "SamplingParams",
 ]
+
+if TYPE_CHECKING:
+    from .async_engine import AsyncEngine
+    from .config import EngineConfig
+    from .engine import LLMEngine
+    from .llm import LLM
+    from .outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
+    from .pooling_engine import PoolingEngine
+    from .pooling_params import PoolingParams
+    from .sampling_params import RequestOutputKind, SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jaxserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -11,6 +11,7 @@ request gets the error and `errored` turns true (the server's /health then answe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import queue
@@ -23,6 +24,7 @@ from .outputs import PoolingRequestOutput, RequestOutput
 from .pooling_engine import PoolingEngine
 from .pooling_params import PoolingParams
 from .sampling_params import SamplingParams
+from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,13 @@ class AsyncEngine:
         async for output in self._results(request_id, add):
             return output
         raise AssertionError("unreachable: a pooling request yields exactly one output")
+
+    def stats(self) -> EngineStats:
+        """The engine's load; requests handed in but not yet picked up by the loop count as waiting."""
+        stats = self.engine.stats()
+        with self._lock:
+            num_open = len(self._streams)
+        return dataclasses.replace(stats, num_requests_waiting=max(0, num_open - stats.num_requests_running))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))

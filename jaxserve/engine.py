@@ -29,6 +29,7 @@ from .sampler import NUM_BIAS_SLOTS
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,15 @@ class LLMEngine(EngineCore):
                         f"Requested {kind} logprobs of {wanted}, which is greater than max allowed: "
                         f"{self.config.max_logprobs}"
                     )
-        bans = len(params.stop_token_ids) + len(self.extra_eos_token_ids) + 1
-        if params.min_tokens and bans > NUM_BIAS_SLOTS:
-            raise ValueError(f"min_tokens supports at most {NUM_BIAS_SLOTS} stop token ids, got {bans}.")
+        biased = list(params.logit_bias or ())
+        if any(not 0 <= t < self.vocab_size for t in biased):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {biased}.")
+        bans = len(params.stop_token_ids) + len(self.extra_eos_token_ids) + 1 if params.min_tokens else 0
+        if len(biased) + bans > NUM_BIAS_SLOTS:
+            raise ValueError(
+                f"logit_bias and the min_tokens stop-token bans take at most {NUM_BIAS_SLOTS} tokens, "
+                f"got {len(biased)} + {bans}."
+            )
         room = self.max_model_len - num_prompt
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
@@ -161,13 +168,23 @@ class LLMEngine(EngineCore):
     def num_requests(self) -> int:
         return len(self._requests)
 
+    def stats(self) -> EngineStats:
+        running = {seq.request_id for seq in list(self.scheduler.running)}
+        return EngineStats(
+            num_requests_running=len(running),
+            num_requests_waiting=max(0, len(self._requests) - len(running)),
+            kv_cache_usage=self.allocator.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            compiles_after_warmup=self.compile_watch.count,
+        )
+
     # --- the step ---------------------------------------------------------------------------------------
 
     def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        inputs, rows = fill_step(plan, self.runner.shape, self._min_tokens_bans(plan))
+        inputs, rows = fill_step(plan, self.runner.shape, self._step_biases(plan))
         out = self.runner.execute(inputs)
         self.scheduler.commit(plan)
         touched: dict[str, RequestState] = {}
@@ -193,17 +210,23 @@ class LLMEngine(EngineCore):
                 del self._requests[request_id]
         return outputs
 
-    def _min_tokens_bans(self, plan) -> dict[int, list[tuple[int, float]]]:
-        """EOS and stop tokens are masked while a sequence has fewer than `min_tokens` outputs."""
-        bans = {}
+    def _step_biases(self, plan) -> dict[int, list[tuple[int, float]]]:
+        """Each sampling row's sparse logit biases: the request's `logit_bias`, and while a sequence has fewer
+        than `min_tokens` outputs, -inf on EOS and the stop tokens."""
+        biases = {}
         for chunk in plan.chunks:
             seq = chunk.seq
-            if chunk.sample and seq.num_output_tokens < seq.params.min_tokens:
+            if not chunk.sample:
+                continue
+            bias = list((seq.params.logit_bias or {}).items())
+            if seq.num_output_tokens < seq.params.min_tokens:
                 banned = list(seq.params.stop_token_ids)
                 if not seq.params.ignore_eos and self.eos_token_id is not None:
                     banned.append(self.eos_token_id)
-                bans[seq.seq_id] = [(t, -np.inf) for t in dict.fromkeys(banned)]
-        return bans
+                bias += [(t, -np.inf) for t in dict.fromkeys(banned)]
+            if bias:
+                biases[seq.seq_id] = bias
+        return biases
 
     # --- set-up helpers ---------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from flax import nnx
 from .compile_watch import CompileWatch
 from .config import EngineConfig
 from .model_source import cache_root, load_hf_config, resolve_model
+from .stats import EngineStats
 from .tokenizer import Tokenizer, load_chat_template
 from .weights import load_weights
 
@@ -69,6 +70,10 @@ class EngineCore(abc.ABC):
 
     @abc.abstractmethod
     def has_unfinished_requests(self) -> bool: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """A snapshot of the load; safe to call from another thread while the engine steps."""
 
 
 def enable_compilation_cache(directory: Path) -> None:

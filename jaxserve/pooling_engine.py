@@ -27,6 +27,7 @@ from .outputs import PoolingOutput, PoolingRequestOutput
 from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors
 from .pooling_params import TASKS, PoolingParams
 from .st_config import read_st_config
+from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +283,15 @@ class PoolingEngine(EngineCore):
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_requests_running=0,
+            num_requests_waiting=len(self._waiting),
+            kv_cache_usage=0.0,
+            num_preemptions=0,
+            compiles_after_warmup=self.compile_watch.count,
+        )
 
     def _step(self) -> list[PoolingRequestOutput]:
         shape = self.runner.shape

@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, clamped to [-100, 100]
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -48,6 +49,8 @@ class SamplingParams:
             self.top_k = 0
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))
+        if self.logit_bias:
+            self.logit_bias = {int(t): max(-100.0, min(100.0, float(b))) for t, b in self.logit_bias.items()}
         if self.logprobs is True:
             self.logprobs = 1
         if self.prompt_logprobs is True:

@@ -1,0 +1,14 @@
+"""A snapshot of an engine's load, read by the server for `/metrics`, `/load` and admission control."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    num_requests_running: int  # requests with a sequence scheduled to run
+    num_requests_waiting: int  # requests accepted but not yet running
+    kv_cache_usage: float  # fraction of KV pages in use, 0..1 (0 for pooling engines, which have no cache)
+    num_preemptions: int  # sequences preempted for lack of pages, since start
+    compiles_after_warmup: int  # JAX traces or compiles inside steps, since start (should stay 0)

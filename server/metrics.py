@@ -1,0 +1,224 @@
+"""Prometheus metrics for the HTTP server's `/metrics`, named as vLLM names them (`vllm:` prefix).
+
+Every series carries the labels `model_name` (the served model's first name) and `engine` (always "0"). Each
+`ServerMetrics` owns a private `CollectorRegistry`, so several apps (or tests) in one process never clash.
+
+Request-level metrics (token counters, latency and length histograms) are recorded by the server through a
+`RequestMetrics` per request. Engine-level metrics (running/waiting requests, KV-cache usage, preemptions, compiles
+after warm-up) are read from the engines' `EngineStats` when the registry is scraped.
+
+Never imports jax: only the standard library and prometheus_client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from jaxserve.stats import EngineStats
+
+__all__ = ["ServerMetrics", "RequestMetrics"]
+
+ENGINE = "0"
+LABELS = ("model_name", "engine")
+
+# bucket boundaries as vLLM uses them
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
+    1920.0, 7680.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000,
+)  # fmt: skip
+
+# finish reasons whose `request_success` series exist (at 0) as soon as a model has served a request
+COMMON_FINISH_REASONS = ("stop", "length", "abort")
+
+
+class _EngineStatsCollector(Collector):
+    """Reads `engine_stats()` at scrape time and exposes it as gauges and counters, one series per model."""
+
+    def __init__(self, engine_stats: Callable[[], Mapping[str, EngineStats]]):
+        self._engine_stats = engine_stats
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", labels=LABELS
+        )
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels=LABELS
+        )
+        kv_usage = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=LABELS
+        )
+        preemptions = CounterMetricFamily(
+            "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", labels=LABELS
+        )
+        compiles = CounterMetricFamily(
+            "jaxserve:compiles_after_warmup",
+            "JAX compiles inside engine steps after warm-up; should stay 0.",
+            labels=LABELS,
+        )
+        for model_name, stats in self._engine_stats().items():
+            labels = [model_name, ENGINE]
+            running.add_metric(labels, stats.num_requests_running)
+            waiting.add_metric(labels, stats.num_requests_waiting)
+            kv_usage.add_metric(labels, stats.kv_cache_usage)
+            preemptions.add_metric(labels, stats.num_preemptions)
+            compiles.add_metric(labels, stats.compiles_after_warmup)
+        yield from (running, waiting, kv_usage, preemptions, compiles)
+
+    def describe(self) -> list[Metric]:
+        # the names this collector owns, without calling engine_stats() at registration time
+        return [
+            GaugeMetricFamily("vllm:num_requests_running", ""),
+            GaugeMetricFamily("vllm:num_requests_waiting", ""),
+            GaugeMetricFamily("vllm:kv_cache_usage_perc", ""),
+            CounterMetricFamily("vllm:num_preemptions", ""),
+            CounterMetricFamily("jaxserve:compiles_after_warmup", ""),
+        ]
+
+
+class ServerMetrics:
+    """The server's metrics in a private registry.
+
+    `engine_stats()` returns served model name -> `EngineStats`; it is called on every scrape. `clock` gives the
+    time in seconds for latencies (monotonic; injectable for tests).
+    """
+
+    def __init__(
+        self,
+        engine_stats: Callable[[], Mapping[str, EngineStats]],
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.clock = clock
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(engine_stats))
+        reg = self.registry
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", LABELS, registry=reg)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", LABELS, registry=reg
+        )
+        self.request_success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            (*LABELS, "finished_reason"),
+            registry=reg,
+        )
+        self.time_to_first_token = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.inter_token_latency = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            LABELS,
+            buckets=ITL_BUCKETS,
+            registry=reg,
+        )
+        self.e2e_request_latency = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of end to end request latency in seconds.",
+            LABELS,
+            buckets=E2E_BUCKETS,
+            registry=reg,
+        )
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            LABELS,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed.",
+            LABELS,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self._models: set[str] = set()
+
+    def _ensure_model(self, model_name: str) -> None:
+        """Create a model's series at 0 on its first request, so they are exposed before anything is counted."""
+        if model_name in self._models:
+            return
+        self._models.add(model_name)
+        for metric in (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.time_to_first_token,
+            self.inter_token_latency,
+            self.e2e_request_latency,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
+        ):
+            metric.labels(model_name, ENGINE)
+        for reason in COMMON_FINISH_REASONS:
+            self.request_success.labels(model_name, ENGINE, reason)
+
+    def start_request(self, model_name: str, prompt_tokens: int) -> RequestMetrics:
+        """Start timing a request that arrives now, for `model_name`, with `prompt_tokens` prompt tokens."""
+        self._ensure_model(model_name)
+        return RequestMetrics(self, model_name, prompt_tokens, self.clock())
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of all metrics, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """The metrics of one request, from `ServerMetrics.start_request` to `finish`."""
+
+    def __init__(self, metrics: ServerMetrics, model_name: str, prompt_tokens: int, arrival_time: float):
+        self._metrics = metrics
+        self.model_name = model_name
+        self.prompt_tokens = prompt_tokens
+        self.generation_tokens = 0
+        self.arrival_time = arrival_time
+        self._last_token_time: float | None = None
+        self.finished = False
+
+    def tokens_generated(self, count: int) -> None:
+        """New output tokens arrived: the first call observes the time to first token, each later call observes
+        one inter-token latency (the gap since the previous call). Ignored after `finish` or for `count <= 0`."""
+        if self.finished or count <= 0:
+            return
+        m = self._metrics
+        now = m.clock()
+        if self._last_token_time is None:
+            m.time_to_first_token.labels(self.model_name, ENGINE).observe(now - self.arrival_time)
+        else:
+            m.inter_token_latency.labels(self.model_name, ENGINE).observe(now - self._last_token_time)
+        self._last_token_time = now
+        self.generation_tokens += count
+
+    def finish(self, finish_reason: str) -> None:
+        """The request ended (`stop`, `length`, `abort`, `error`, ...): record its totals. Later calls do nothing."""
+        if self.finished:
+            return
+        self.finished = True
+        m = self._metrics
+        labels = (self.model_name, ENGINE)
+        m.e2e_request_latency.labels(*labels).observe(m.clock() - self.arrival_time)
+        m.request_success.labels(*labels, str(finish_reason)).inc()
+        m.prompt_tokens.labels(*labels).inc(self.prompt_tokens)
+        m.generation_tokens.labels(*labels).inc(self.generation_tokens)
+        m.request_prompt_tokens.labels(*labels).observe(self.prompt_tokens)
+        m.request_generation_tokens.labels(*labels).observe(self.generation_tokens)
