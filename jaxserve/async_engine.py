@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 from .engine import LLMEngine
 from .engine_core import EngineCore
+from .errors import EngineDeadError
 from .outputs import PoolingRequestOutput, RequestOutput
 from .pooling_engine import PoolingEngine
 from .pooling_params import PoolingParams
@@ -27,10 +28,6 @@ from .sampling_params import SamplingParams
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 class AsyncEngine:
@@ -84,6 +81,10 @@ class AsyncEngine:
         with self._lock:
             num_open = len(self._streams)
         return dataclasses.replace(stats, num_requests_waiting=max(0, num_open - stats.num_requests_running))
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise now (ValueError) what `generate` would raise for this request, before any streaming starts."""
+        self._engine_for(LLMEngine, "generation").validate(prompt_token_ids, params)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 
-from .model_source import DEFAULT_GENERATE_MODEL
+from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -121,12 +122,167 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .async_engine import AsyncEngine
+    from .config import EngineConfig
+    from .llm import create_engine
+    from .model_source import load_hf_config, resolve_model
+    from .models.registry import is_generative
+    from .server.launch import run_server
+    from .server.served_models import ServedModel
+
+    if args.trust_remote_code:
+        logging.getLogger(__name__).warning(
+            "--trust-remote-code is accepted for compatibility; jaxserve never runs code from a model folder."
+        )
+    models = args.models or [DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL]
+    names = served_names(models, args.served_model_name)
+    served = []
+    for model, aliases in zip(models, names):
+        engine_args = engine_kwargs(args)
+        if len(models) > 1 and not is_generative(load_hf_config(resolve_model(model), args.hf_overrides)):
+            engine_args["max_model_len"] = None  # a pooling model keeps its own limit beside a generation model
+        engine = AsyncEngine(create_engine(EngineConfig(model=model, **engine_args)))
+        served.append(ServedModel.from_engine(aliases, model, engine, args.chat_template_content_format))
+    run_server(
+        served,
+        server_settings(args),
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+    )
+    return 0
+
+
+def served_names(models: list[str], served_model_name: list[str] | None) -> list[list[str]]:
+    """Each model's names: with one model, every --served-model-name is an alias of it; with several, one
+    name per model, in order. Without the flag, the model as given."""
+    if not served_model_name:
+        return [[model] for model in models]
+    if len(models) == 1:
+        return [list(served_model_name)]
+    if len(served_model_name) != len(models):
+        raise SystemExit(
+            f"error: --served-model-name got {len(served_model_name)} names for {len(models)} models; "
+            "give one name per model, in the order of the models."
+        )
+    return [[name] for name in served_model_name]
+
+
+def server_settings(args: argparse.Namespace):
+    from .server.settings import ServerSettings
+
+    api_keys = args.api_key or [
+        key for key in (os.environ.get("VLLM_API_KEY"), os.environ.get("JAXSERVE_API_KEY")) if key
+    ]
+    return ServerSettings(
+        api_keys=api_keys,
+        enable_request_id_headers=args.enable_request_id_headers,
+        allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods,
+        allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials,
+        root_path=args.root_path,
+        max_num_queued_reqs=args.max_num_queued_reqs,
+        max_request_bytes=args.max_request_size,
+        response_role=args.response_role,
+        trust_request_chat_template=args.trust_request_chat_template,
+        default_chat_template_kwargs=args.default_chat_template_kwargs or {},
+        enable_force_include_usage=args.enable_force_include_usage,
+    )
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", help="address to listen on (default: all interfaces)")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    group.add_argument(
+        "--api-key",
+        nargs="+",
+        help="require 'Authorization: Bearer <key>' on /v1/* (several keys allowed; default: $VLLM_API_KEY or "
+        "$JAXSERVE_API_KEY, else no authentication)",
+    )
+    group.add_argument(
+        "--served-model-name",
+        nargs="+",
+        help="names clients use in 'model'; with one model all are aliases, with several give one per model",
+    )
+    group.add_argument(
+        "--chat-template-content-format",
+        default="auto",
+        choices=["auto", "string", "openai"],
+        help="how message content reaches the template: a string, or OpenAI's list of parts (auto: by the template)",
+    )
+    group.add_argument(
+        "--default-chat-template-kwargs", type=json.loads, help="JSON passed to every chat template render"
+    )
+    group.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests bring their own chat_template (refused otherwise)",
+    )
+    group.add_argument("--response-role", default="assistant", help="role of chat replies (default assistant)")
+    group.add_argument(
+        "--max-num-queued-reqs",
+        type=int,
+        help="answer 503 with Retry-After once this many requests wait for an engine (default: queue without limit)",
+    )
+    group.add_argument(
+        "--max-request-size",
+        type=parse_bytes,
+        default="32MiB",
+        help="largest request body; bigger ones get 413 (default 32MiB)",
+    )
+    group.add_argument("--enable-request-id-headers", action="store_true", help="add X-Request-Id to every response")
+    group.add_argument(
+        "--enable-force-include-usage", action="store_true", help="usage in every stream, asked for or not"
+    )
+    group.add_argument(
+        "--allowed-origins", type=json.loads, default=[], help="CORS origins as JSON, e.g. '[\"*\"]' (default none)"
+    )
+    group.add_argument("--allowed-methods", type=json.loads, default=["*"], help="CORS methods as JSON")
+    group.add_argument("--allowed-headers", type=json.loads, default=["*"], help="CORS headers as JSON")
+    group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group.add_argument("--root-path", help="path prefix when served behind a proxy that adds one")
+    group.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level (default info)",
+    )
+    group.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for vLLM compatibility; jaxserve never runs code shipped with a model",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxserve",
         description="Serve language models from JAX/XLA (GPU, TPU, CPU) with a vLLM-compatible API.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve models over an OpenAI-compatible HTTP API",
+        description="Serve one or more models over HTTP, wire-compatible with vLLM's OpenAI server "
+        "(/v1/completions, /v1/chat/completions, /tokenize, /v1/models, /metrics, ...). Requests pick a model "
+        f"by its name in 'model'. Without MODEL it serves both embedded defaults: {DEFAULT_GENERATE_MODEL} for "
+        f"generation and {DEFAULT_POOLING_MODEL} for embeddings.",
+    )
+    serve.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="HF folder, .gguf file, or a name in the local HF cache; engine flags apply to each (with several "
+        "models, --max-model-len applies to the generation ones)",
+    )
+    add_server_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(run=_serve)
     generate = commands.add_parser(
         "generate",
         help="generate offline for a few prompts and print the results",

@@ -18,7 +18,8 @@ from flax import nnx
 
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
-from .engine_core import EngineCore, StartupTimes, context_length_error
+from .engine_core import EngineCore, StartupTimes
+from .errors import PromptTooLongError
 from .kernels_pallas import kv_cache_shape
 from .kv_pages import PageAllocator
 from .models.registry import create_causal_lm
@@ -43,6 +44,7 @@ class LLMEngine(EngineCore):
         began = time.perf_counter()
         super().__init__(config)
         self.generation_config = config.read_generation_config(self.model_folder)
+        self.sampling_defaults = sampling_defaults(self.generation_config)
         self.eos_token_id, self.extra_eos_token_ids = self._eos_ids()
         positions = self.hf_config.max_position_embeddings
         self.max_model_len = config.resolved_max_model_len(
@@ -87,7 +89,7 @@ class LLMEngine(EngineCore):
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config defaults (vLLM's `get_default_sampling_params`)."""
-        return SamplingParams(**sampling_defaults(self.generation_config))
+        return SamplingParams(**self.sampling_defaults)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -126,7 +128,7 @@ class LLMEngine(EngineCore):
             bad = max(prompt_token_ids) if max(prompt_token_ids) >= self.vocab_size else min(prompt_token_ids)
             raise ValueError(f"Token id {bad} is out of vocabulary")
         if num_prompt >= self.max_model_len:
-            raise ValueError(context_length_error(self.max_model_len, num_prompt))
+            raise PromptTooLongError(self.max_model_len, num_prompt)
         if params.max_tokens is not None and params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens={params.max_tokens} cannot be greater than max_model_len={self.max_model_len}. "

@@ -82,12 +82,3 @@ def enable_compilation_cache(directory: Path) -> None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
-def context_length_error(max_model_len: int, num_tokens: int) -> str:
-    """vLLM's message for a prompt longer than the model takes."""
-    return (
-        f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
-        f"{num_tokens} input tokens, which exceeds this limit even without any output tokens. Please reduce the "
-        f"length of the input prompt. (parameter=input_tokens, value={num_tokens})"
-    )

@@ -20,7 +20,8 @@ from flax import nnx
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, pick_rung, seq_rung, token_rungs
 from .compiled import BucketPrograms, abstract
 from .config import EngineConfig
-from .engine_core import EngineCore, StartupTimes, context_length_error
+from .engine_core import EngineCore, StartupTimes
+from .errors import PromptTooLongError
 from .models.batch import PackedBatch
 from .models.registry import pooling_model_class
 from .outputs import PoolingOutput, PoolingRequestOutput
@@ -185,7 +186,7 @@ class PoolingEngine(EngineCore):
         if num_tokens == 0:
             raise ValueError("The decoder prompt cannot be empty")
         if num_tokens > self.max_model_len:
-            raise ValueError(context_length_error(self.max_model_len, num_tokens))
+            raise PromptTooLongError(self.max_model_len, num_tokens)
         use_activation = (
             params.use_activation if params.use_activation is not None else self.default_params.use_activation
         )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxserve import AsyncEngine, PoolingParams, RequestOutputKind, SamplingParams
-from jaxserve.async_engine import EngineDeadError
+from jaxserve.errors import EngineDeadError
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "1 2 3 4 5 6 7", "café naïve"]
 

@@ -1,0 +1,204 @@
+"""The FastAPI app: routes, middleware and error handlers over a registry of served models.
+
+build_app(ModelRegistry, ServerSettings) → FastAPI
+  /v1/completions, /v1/chat/completions        → completions.py, chat.py (generation models)
+  /tokenize, /detokenize, /v1/models            → here (every model)
+  /health, /ping, /version, /load, /metrics     → here
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, TypeVar
+
+from fastapi import Body, Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from .chat import ChatTemplateArgs, check_template_trust, create_chat_completion, render_chat_prompt
+from .completions import create_completion
+from .context import RequestContext, random_id
+from .errors import APIError, install_error_handlers
+from .metrics import ServerMetrics
+from .middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    ModelPermission,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from .served_models import ModelRegistry, ServedModel
+from .settings import ServerSettings
+
+T = TypeVar("T")
+
+
+def jaxserve_version() -> str:
+    try:
+        return version("jaxserve")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclasses.dataclass
+class ServerState:
+    registry: ModelRegistry
+    settings: ServerSettings
+    metrics: ServerMetrics
+    in_flight: int = 0  # generation requests being served, for /load
+
+
+def state_of(raw: Request) -> ServerState:
+    return raw.app.state.server
+
+
+async def require_json(raw: Request) -> None:
+    """vLLM's media-type check on JSON routes: 400, not 415."""
+    content_type = raw.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise APIError("1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed")
+
+
+async def until_disconnect(raw: Request, work: Awaitable[T]) -> T | Response:
+    """Run `work`, cancelling it if the client goes away first (which aborts its engine requests)."""
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)
+
+
+def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
+    metrics = ServerMetrics(lambda: {m.name: m.engine.stats() for m in registry.models})
+    app = FastAPI(title="jaxserve", version=jaxserve_version(), root_path=settings.root_path or "")
+    app.state.server = ServerState(registry, settings, metrics)
+    install_error_handlers(app)
+    _add_routes(app)
+    # the last added runs first: body limit, then auth, then CORS, then request ids on every response
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_methods=settings.allowed_methods,
+        allow_headers=settings.allowed_headers,
+        allow_credentials=settings.allow_credentials,
+    )
+    if settings.api_keys:
+        app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, root_path=settings.root_path)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.enable_request_id_headers:
+        app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+async def _generation(raw: Request, body, runner_api: str, prefix: str, create) -> Response:
+    state = state_of(raw)
+    model = state.registry.get(body.model, "generate", runner_api)
+    model.check_admission(state.settings.max_num_queued_reqs)
+    ctx = RequestContext.of(raw, prefix, body.request_id)
+    state.in_flight += 1
+    try:
+        return await until_disconnect(raw, create(body, model, ctx))
+    finally:
+        state.in_flight -= 1
+
+
+def _add_routes(app: FastAPI) -> None:
+    json_body = [Depends(require_json)]
+
+    @app.post("/v1/completions", dependencies=json_body)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await _generation(raw, body, "Completions API", "cmpl", create_completion)
+
+    @app.post("/v1/chat/completions", dependencies=json_body)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await _generation(raw, body, "Chat Completions API", "chatcmpl", create_chat_completion)
+
+    @app.post("/tokenize", dependencies=json_body)
+    async def tokenize(
+        body: Annotated[TokenizeCompletionRequest | TokenizeChatRequest, Body()], raw: Request
+    ) -> TokenizeResponse:
+        state = state_of(raw)
+        model = state.registry.get(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            check_template_trust(body.chat_template, state.settings.trust_request_chat_template)
+            args = ChatTemplateArgs(
+                body.messages,
+                body.add_generation_prompt,
+                body.continue_final_message,
+                body.add_special_tokens,
+                body.chat_template,
+                body.chat_template_kwargs,
+                body.tools,
+            )
+            prompt = await asyncio.to_thread(
+                render_chat_prompt, model, args, state.settings.default_chat_template_kwargs
+            )
+            tokens = prompt.token_ids
+        else:
+            tokens = await asyncio.to_thread(model.tokenizer.encode, body.prompt, body.add_special_tokens)
+        strs = model.tokenizer.hf.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return TokenizeResponse(count=len(tokens), max_model_len=model.max_model_len, tokens=tokens, token_strs=strs)
+
+    @app.post("/detokenize", dependencies=json_body)
+    async def detokenize(body: DetokenizeRequest, raw: Request) -> DetokenizeResponse:
+        model = state_of(raw).registry.get(body.model)
+        if any(t >= model.tokenizer.vocab_size for t in body.tokens):
+            raise APIError(f"Token ids must be below the vocabulary size {model.tokenizer.vocab_size}.", param="tokens")
+        text = await asyncio.to_thread(model.tokenizer.decode, body.tokens, False)
+        return DetokenizeResponse(prompt=text)
+
+    @app.get("/v1/models")
+    async def models(raw: Request) -> ModelList:
+        return ModelList(data=[_card(model, name) for model in state_of(raw).registry.models for name in model.names])
+
+    @app.get("/health")
+    async def health(raw: Request) -> Response:
+        return Response(status_code=503 if state_of(raw).registry.dead_engines() else 200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping(raw: Request) -> Response:
+        return await health(raw)
+
+    @app.get("/version")
+    async def server_version() -> dict[str, str]:
+        return {"version": jaxserve_version()}
+
+    @app.get("/load")
+    async def load(raw: Request) -> dict[str, int]:
+        return {"server_load": state_of(raw).in_flight}
+
+    @app.get("/metrics")
+    async def metrics(raw: Request) -> Response:
+        body, content_type = state_of(raw).metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def _card(model: ServedModel, name: str) -> ModelCard:
+    return ModelCard(
+        id=name,
+        created=model.created,
+        root=model.root,
+        max_model_len=model.max_model_len,
+        permission=[ModelPermission(id=f"modelperm-{random_id()}")],
+    )

@@ -1,0 +1,223 @@
+"""`POST /v1/chat/completions`: messages rendered through the chat template, then generation; and the
+template rendering that `/tokenize` shares."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .chat_utils import last_message_text, prepare_messages
+from .context import RequestContext
+from .errors import APIError
+from .generation import SYSTEM_FINGERPRINT, Prompt, generate_all, sampling_params, sse, sse_stream, usage
+from .logprobs import chat_logprobs
+from .protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    DeltaMessage,
+)
+from .served_models import ServedModel
+
+# template arguments set by top-level request fields, which win over chat_template_kwargs
+TOP_LEVEL_TEMPLATE_ARGS = ("add_generation_prompt", "continue_final_message", "tools", "documents", "chat_template")
+
+
+@dataclasses.dataclass
+class ChatTemplateArgs:
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, str]] | None = None
+
+
+def render_chat_prompt(model: ServedModel, args: ChatTemplateArgs, default_kwargs: dict[str, Any]) -> Prompt:
+    """The conversation as the model sees it: template text and its token ids. Runs off the event loop."""
+    template = args.chat_template or model.tokenizer.chat_template
+    messages = prepare_messages(args.messages, model.content_format, template)
+    kwargs = {**default_kwargs, **(args.chat_template_kwargs or {})}
+    for key in TOP_LEVEL_TEMPLATE_ARGS:
+        kwargs.pop(key, None)
+    text = model.tokenizer.render_chat(
+        messages,
+        chat_template=args.chat_template,
+        add_generation_prompt=args.add_generation_prompt,
+        continue_final_message=args.continue_final_message,
+        tools=args.tools,
+        documents=args.documents,
+        chat_template_kwargs=kwargs,
+    )
+    return Prompt(model.tokenizer.encode(text, add_special_tokens=args.add_special_tokens), text)
+
+
+def check_template_trust(chat_template: str | None, trusted: bool) -> None:
+    if chat_template is not None and not trusted:
+        raise APIError(
+            "Chat template is passed with request, but --trust-request-chat-template is not set. "
+            "Refused request with untrusted chat template.",
+            param="chat_template",
+        )
+
+
+def _check_tools(request: ChatCompletionRequest) -> None:
+    if request.tools is not None and not request.tools:
+        raise APIError("`tools` must not be an empty list; leave it out instead.", param="tools")
+    choice = request.tool_choice
+    if choice is not None and choice != "none" and not request.tools:
+        raise APIError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if request.tools and choice != "none":
+        raise APIError(
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set; jaxserve does '
+            'not parse tool calls yet, so send tools with tool_choice "none".',
+            param="tool_choice",
+        )
+
+
+async def create_chat_completion(
+    request: ChatCompletionRequest, model: ServedModel, ctx: RequestContext
+) -> JSONResponse | StreamingResponse:
+    _check_tools(request)
+    check_template_trust(request.chat_template, ctx.settings.trust_request_chat_template)
+    if request.top_logprobs and not request.logprobs:
+        raise APIError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
+    if not request.messages:
+        raise APIError("messages must not be empty.", param="messages")
+    args = ChatTemplateArgs(
+        request.messages,
+        request.add_generation_prompt,
+        request.continue_final_message,
+        request.add_special_tokens,
+        request.chat_template,
+        request.chat_template_kwargs,
+        request.tools,
+        request.documents,
+    )
+    prompt = await asyncio.to_thread(render_chat_prompt, model, args, ctx.settings.default_chat_template_kwargs)
+    num_top = request.top_logprobs or 0
+    logprobs = num_top if request.logprobs else None
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    params = sampling_params(request, model, max_tokens, logprobs)
+    model.engine.check(prompt.token_ids, params)
+    role = ctx.settings.response_role if request.add_generation_prompt else request.messages[-1].get("role", "user")
+    echo = ""
+    if request.echo and request.messages[-1].get("role") == role:
+        echo = last_message_text(request.messages)
+    chat = _Chat(request, model, prompt, params, ctx, role, echo, logprobs)
+    if request.stream:
+        return StreamingResponse(sse_stream(chat.stream()), media_type="text/event-stream")
+    return JSONResponse((await chat.whole()).model_dump(mode="json"))
+
+
+@dataclasses.dataclass
+class _Chat:
+    request: ChatCompletionRequest
+    model: ServedModel
+    prompt: Prompt
+    params: Any
+    ctx: RequestContext
+    role: str
+    echo: str
+    num_top: int | None
+
+    def _logprobs(self, token_ids, entries):
+        if self.num_top is None:
+            return None
+        as_ids = bool(self.request.return_tokens_as_token_ids)
+        return chat_logprobs(token_ids, entries, self.num_top, self.model.tokenizer, as_ids)
+
+    def _outputs(self):
+        return generate_all(self.model, [self.prompt], self.params, self.ctx.engine_id, self.ctx.metrics)
+
+    async def whole(self) -> ChatCompletionResponse:
+        n = self.request.n
+        texts, token_ids, entries = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
+        finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
+        async for _, output in self._outputs():
+            for out in output.outputs:
+                texts[out.index] += out.text
+                token_ids[out.index] += out.token_ids
+                entries[out.index] += out.logprobs or []
+                finish[out.index] = (out.finish_reason, out.stop_reason)
+        choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatMessage(role=self.role, content=self.echo + texts[i]),
+                logprobs=self._logprobs(token_ids[i], entries[i]),
+                finish_reason=finish[i][0],
+                stop_reason=finish[i][1],
+                token_ids=token_ids[i] if self.request.return_token_ids else None,
+            )
+            for i in range(n)
+        ]
+        return ChatCompletionResponse(
+            id=self.ctx.response_id,
+            created=self.ctx.created,
+            model=self.model.name,
+            choices=choices,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            usage=usage(len(self.prompt.token_ids), sum(len(t) for t in token_ids)),
+            prompt_token_ids=self.prompt.token_ids if self.request.return_token_ids else None,
+        )
+
+    def _chunk(self, choice: ChatCompletionStreamChoice, **fields) -> str:
+        chunk = ChatCompletionStreamResponse(
+            id=self.ctx.response_id, created=self.ctx.created, model=self.model.name, choices=[choice], **fields
+        )
+        return sse(chunk)
+
+    async def stream(self) -> AsyncIterator[str]:
+        include_usage, continuous = self.ctx.usage_options(self.request.stream_options)
+        num_prompt = len(self.prompt.token_ids)
+        num_generated = 0
+
+        def running_usage() -> dict:
+            return {"usage": usage(num_prompt, num_generated)} if continuous else {}
+
+        prompt_ids = {"prompt_token_ids": self.prompt.token_ids} if self.request.return_token_ids else {}
+        for i in range(self.request.n):
+            delta = DeltaMessage(role=self.role, content="")
+            yield self._chunk(
+                ChatCompletionStreamChoice(index=i, delta=delta, logprobs=None, finish_reason=None),
+                **running_usage(),
+                **prompt_ids,
+            )
+            if self.echo:
+                echo = ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=self.echo), logprobs=None)
+                yield self._chunk(echo, **running_usage())
+        async for _, output in self._outputs():
+            for out in output.outputs:
+                num_generated += len(out.token_ids)
+                carries_tokens = out.token_ids and (self.num_top is not None or self.request.return_token_ids)
+                if not out.text and not carries_tokens and out.finish_reason is None:
+                    continue
+                choice = ChatCompletionStreamChoice(
+                    index=out.index,
+                    delta=DeltaMessage(content=out.text),
+                    logprobs=self._logprobs(out.token_ids, out.logprobs or []),
+                    finish_reason=out.finish_reason,
+                )
+                if out.finish_reason is not None:
+                    choice.stop_reason = out.stop_reason
+                if self.request.return_token_ids:
+                    choice.token_ids = out.token_ids
+                yield self._chunk(choice, **running_usage())
+        if include_usage:
+            final = ChatCompletionStreamResponse(
+                id=self.ctx.response_id,
+                created=self.ctx.created,
+                model=self.model.name,
+                choices=[],
+                usage=usage(num_prompt, num_generated),
+            )
+            yield sse(final)

@@ -1,0 +1,43 @@
+"""What a route handler knows about the request beyond its body: its ids, the metrics, the server settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from fastapi import Request
+
+from .metrics import ServerMetrics
+from .protocol import StreamOptions
+from .settings import ServerSettings
+
+
+def random_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclasses.dataclass
+class RequestContext:
+    response_id: str  # the `id` of the response, e.g. cmpl-<X-Request-Id or random>
+    engine_id: str  # the engine's id for it, unique even when clients reuse X-Request-Id
+    created: int
+    metrics: ServerMetrics
+    settings: ServerSettings
+
+    @classmethod
+    def of(cls, raw: Request, prefix: str, body_request_id: str | None = None) -> RequestContext:
+        state = raw.app.state.server
+        base = raw.headers.get("X-Request-Id") or body_request_id or random_id()
+        response_id = f"{prefix}-{base}"
+        return cls(
+            response_id, f"{response_id}-{uuid.uuid4().hex[:8]}", int(time.time()), state.metrics, state.settings
+        )
+
+    def usage_options(self, options: StreamOptions | None) -> tuple[bool, bool]:
+        """(include_usage, continuous_usage_stats) of a stream."""
+        if self.settings.enable_force_include_usage:
+            return True, True
+        if options is None:
+            return False, False
+        return bool(options.include_usage), bool(options.include_usage and options.continuous_usage_stats)

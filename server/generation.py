@@ -1,0 +1,186 @@
+"""What completions and chat share: request fields → `SamplingParams` (contract §3.4 precedence: the request,
+then the model's generation_config, then OpenAI's defaults), running several engine requests as one stream,
+metrics per engine request, and SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel
+
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+
+from .errors import APIError, from_exception
+from .metrics import ServerMetrics
+from .protocol import GenerationRequest, UsageInfo
+from .served_models import ServedModel
+
+SYSTEM_FINGERPRINT = "jaxserve"
+OPENAI_DEFAULTS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+UNSUPPORTED = {
+    "use_beam_search": "Beam search",
+    "allowed_token_ids": "allowed_token_ids",
+    "bad_words": "bad_words",
+    "structured_outputs": "Structured outputs",
+}
+
+
+@dataclasses.dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None
+
+
+def sampling_params(
+    request: GenerationRequest,
+    model: ServedModel,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """The engine's parameters for a request; raises APIError/ValueError (400) on what vLLM rejects."""
+    for field, what in UNSUPPORTED.items():
+        if getattr(request, field):
+            raise APIError(f"{what} is not supported by jaxserve.", param=field)
+    if request.response_format and request.response_format.get("type", "text") != "text":
+        raise APIError("Only response_format type 'text' is supported by jaxserve.", param="response_format")
+    if request.stream_options is not None and not request.stream:
+        raise APIError("Stream options can only be defined when `stream=True`.", param="stream_options")
+    defaults = model.sampling_defaults
+    values = {
+        key: getattr(request, key) if getattr(request, key) is not None else defaults.get(key, default)
+        for key, default in OPENAI_DEFAULTS.items()
+    }
+    skip_special_tokens = request.skip_special_tokens
+    if skip_special_tokens is None:
+        skip_special_tokens = defaults.get("skip_special_tokens", True)
+    if max_tokens is None:
+        max_tokens = defaults.get("max_tokens")
+    if model.max_tokens_cap is not None:
+        max_tokens = model.max_tokens_cap if max_tokens is None else min(max_tokens, model.max_tokens_cap)
+    return SamplingParams(
+        n=request.n,
+        seed=request.seed,
+        stop=request.stop,
+        stop_token_ids=request.stop_token_ids,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        ignore_eos=request.ignore_eos,
+        max_tokens=max_tokens,
+        min_tokens=request.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else request.prompt_logprobs,
+        logit_bias=_logit_bias(request.logit_bias),
+        skip_special_tokens=skip_special_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens,
+        output_kind=RequestOutputKind.DELTA,
+        **values,
+    )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        raise APIError(f"logit_bias keys must be token ids, got {list(bias)}.", param="logit_bias") from None
+
+
+def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: int) -> list[int]:
+    """`truncate_prompt_tokens`: keep the last k tokens (-1: as many as the model takes)."""
+    if truncate is None:
+        return token_ids
+    if truncate > max_model_len:
+        raise APIError(
+            f"truncate_prompt_tokens value ({truncate}) is greater than max_model_len ({max_model_len}). "
+            "Please, select a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
+    keep = max_model_len if truncate == -1 else truncate
+    return token_ids[-keep:] if keep else []
+
+
+async def generate_all(
+    model: ServedModel, prompts: list[Prompt], params: SamplingParams, request_id: str, metrics: ServerMetrics
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every prompt as its own engine request; yields (prompt index, delta output) as they arrive. Closing the
+    iterator early (a client that went away) aborts whatever still runs."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, prompt: Prompt) -> None:
+        recorder = metrics.start_request(model.name, len(prompt.token_ids))
+        finish_reason = "abort"
+        try:
+            engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
+            async for output in model.engine.generate(prompt.token_ids, params, engine_id, prompt.text):
+                recorder.tokens_generated(sum(len(c.token_ids) for c in output.outputs))
+                if output.finished:
+                    finish_reason = output.outputs[-1].finish_reason or "stop"
+                await queue.put((index, output))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which reports it
+            finish_reason = "error"
+            await queue.put(exc)
+        finally:
+            recorder.finish(finish_reason)
+            queue.put_nowait(done)
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def sse(payload: BaseModel | dict[str, Any], exclude_unset: bool = True) -> str:
+    if isinstance(payload, BaseModel):
+        body = payload.model_dump_json(exclude_unset=exclude_unset)
+    else:
+        body = json.dumps(payload, separators=(",", ":"))
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Frame a chunk iterator as SSE: an error after the stream began goes out as a `data: {"error": ...}`
+    event, and `[DONE]` always ends it."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:  # noqa: BLE001 - the status line is already sent; the error travels in the stream
+        error = from_exception(exc)
+        yield sse({"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.status}})
+    yield SSE_DONE

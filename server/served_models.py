@@ -1,0 +1,95 @@
+"""The models a server holds and how a request's `model` finds one (DESIGN.md §8: several models per server,
+routed by name). This is the app's engine registry, its only shared mutable state."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from .chat_utils import ContentFormat, resolve_content_format
+from .errors import APIError, busy, not_found
+
+if TYPE_CHECKING:
+    from jaxserve.async_engine import AsyncEngine
+    from jaxserve.tokenizer import Tokenizer
+
+Runner = Literal["generate", "pooling"]
+
+
+@dataclasses.dataclass
+class ServedModel:
+    names: list[str]  # the first is the name in responses and metrics; the rest are aliases
+    root: str  # the model as given on the command line
+    runner: Runner
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    max_model_len: int
+    sampling_defaults: dict[str, Any]  # generation_config.json values that override OpenAI's defaults
+    max_tokens_cap: int | None  # from --override-generation-config max_new_tokens
+    content_format: ContentFormat
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @classmethod
+    def from_engine(cls, names: list[str], root: str, engine: AsyncEngine, content_format_flag: str) -> ServedModel:
+        """Read what the server needs from a running engine (an `LLMEngine` or a `PoolingEngine`)."""
+        core = engine.engine
+        generative = hasattr(core, "sampling_defaults")
+        template = core.tokenizer.chat_template
+        return cls(
+            names=names,
+            root=root,
+            runner="generate" if generative else "pooling",
+            engine=engine,
+            tokenizer=core.tokenizer,
+            max_model_len=core.max_model_len,
+            sampling_defaults=core.sampling_defaults if generative else {},
+            max_tokens_cap=(core.config.override_generation_config or {}).get("max_new_tokens"),
+            content_format=resolve_content_format(content_format_flag, template),
+        )
+
+    def check_admission(self, max_queued: int | None) -> None:
+        """503 when `--max-num-queued-reqs` requests already wait for this engine."""
+        if max_queued is not None and self.engine.stats().num_requests_waiting >= max_queued:
+            raise busy()
+
+
+class ModelRegistry:
+    def __init__(self, models: list[ServedModel]):
+        if not models:
+            raise ValueError("A server needs at least one model.")
+        self.models = models
+        self._by_name: dict[str, ServedModel] = {}
+        for model in models:
+            for name in model.names:
+                if name in self._by_name:
+                    raise ValueError(f"The served model name {name!r} is given to two models.")
+                self._by_name[name] = model
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def get(self, name: str | None, runner: Runner | None = None, api: str = "") -> ServedModel:
+        """The model a request names; with no name, the first model that can serve the route. 404 if the name
+        is unknown, 400 if the model cannot serve this API."""
+        if name is None:
+            candidates = [m for m in self.models if runner is None or m.runner == runner]
+            if not candidates:
+                raise APIError(f"No served model supports the {api}.")
+            return candidates[0]
+        model = self._by_name.get(name)
+        if model is None:
+            raise not_found(
+                f"The model `{name}` does not exist. Valid aliases: {', '.join(self.names)}.", param="model"
+            )
+        if runner is not None and model.runner != runner:
+            raise APIError(f"The model `{name}` does not support the {api}.", param="model")
+        return model
+
+    def dead_engines(self) -> list[str]:
+        return [m.name for m in self.models if m.engine.errored]

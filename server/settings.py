@@ -1,0 +1,25 @@
+"""The server's own settings (the HTTP side of `jaxserve serve`'s flags; engine flags go to the engines)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+DEFAULT_MAX_REQUEST_BYTES = 32 << 20
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    api_keys: list[str] = dataclasses.field(default_factory=list)  # empty: no authentication
+    enable_request_id_headers: bool = False
+    allowed_origins: list[str] = dataclasses.field(default_factory=list)
+    allowed_methods: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    root_path: str | None = None
+    max_num_queued_reqs: int | None = None  # requests waiting per engine before new ones get a 503
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    response_role: str = "assistant"
+    trust_request_chat_template: bool = False
+    default_chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    enable_force_include_usage: bool = False
