@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, TypeVar
 
 from fastapi import Body, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import StreamingResponse
 
 from .chat import ChatTemplateArgs, check_template_trust, create_chat_completion, render_chat_prompt
 from .completions import create_completion
@@ -54,7 +55,6 @@ class ServerState:
     registry: ModelRegistry
     settings: ServerSettings
     metrics: ServerMetrics
-    in_flight: int = 0  # generation requests being served, for /load
 
 
 def state_of(raw: Request) -> ServerState:
@@ -91,7 +91,7 @@ async def until_disconnect(raw: Request, work: Awaitable[T]) -> T | Response:
 
 def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(lambda: {m.name: m.engine.stats() for m in registry.models})
-    app = FastAPI(title="jaxserve", version=jaxserve_version(), root_path=settings.root_path or "")
+    app = FastAPI(title="jaxserve", version=jaxserve_version())
     app.state.server = ServerState(registry, settings, metrics)
     install_error_handlers(app)
     _add_routes(app)
@@ -114,13 +114,26 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
 async def _generation(raw: Request, body, runner_api: str, prefix: str, create) -> Response:
     state = state_of(raw)
     model = state.registry.get(body.model, "generate", runner_api)
-    model.check_admission(state.settings.max_num_queued_reqs)
-    ctx = RequestContext.of(raw, prefix, body.request_id)
-    state.in_flight += 1
+    release = model.admit(state.settings.max_num_queued_reqs)
     try:
-        return await until_disconnect(raw, create(body, model, ctx))
+        response = await until_disconnect(raw, create(body, model, RequestContext.of(raw, prefix, body.request_id)))
+    except BaseException:
+        release()
+        raise
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _then(response.body_iterator, release)
+    else:
+        release()
+    return response
+
+
+async def _then(chunks: AsyncIterator, done: Callable[[], None]) -> AsyncIterator:
+    """`chunks`, then `done()` however the stream ends."""
+    try:
+        async for chunk in chunks:
+            yield chunk
     finally:
-        state.in_flight -= 1
+        done()
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -186,7 +199,7 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/load")
     async def load(raw: Request) -> dict[str, int]:
-        return {"server_load": state_of(raw).in_flight}
+        return {"server_load": sum(model.in_flight for model in state_of(raw).registry.models)}
 
     @app.get("/metrics")
     async def metrics(raw: Request) -> Response:

@@ -30,6 +30,7 @@ def run_server(
         log_level=log_level,
         access_log=access_log,
         timeout_graceful_shutdown=None,
+        root_path=settings.root_path or "",
     )
     for model in models:
         logger.info("Serving %s (%s) as %s", model.root, model.runner, ", ".join(model.names))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from .chat_utils import ContentFormat, resolve_content_format
@@ -29,6 +30,7 @@ class ServedModel:
     max_tokens_cap: int | None  # from --override-generation-config max_new_tokens
     content_format: ContentFormat
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0  # requests admitted and not yet answered in full
 
     @property
     def name(self) -> str:
@@ -52,10 +54,24 @@ class ServedModel:
             content_format=resolve_content_format(content_format_flag, template),
         )
 
-    def check_admission(self, max_queued: int | None) -> None:
-        """503 when `--max-num-queued-reqs` requests already wait for this engine."""
-        if max_queued is not None and self.engine.stats().num_requests_waiting >= max_queued:
-            raise busy()
+    def admit(self, max_queued: int | None) -> Callable[[], None]:
+        """Count a request in (503 when `--max-num-queued-reqs` requests already wait for this engine); returns
+        the call that counts it out, safe to call twice. Waiting = admitted but not running, so requests still
+        being tokenized count too."""
+        if max_queued is not None:
+            waiting = self.in_flight - self.engine.stats().num_requests_running
+            if waiting >= max_queued:
+                raise busy()
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        return release
 
 
 class ModelRegistry:

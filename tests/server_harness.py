@@ -23,9 +23,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(models: list[ServedModel], settings: ServerSettings | None = None) -> Iterator[str]:
     """Serve `models` until the block ends; yields the base URL."""
-    app = build_app(ModelRegistry(models), settings or ServerSettings())
+    settings = settings or ServerSettings()
+    app = build_app(ModelRegistry(models), settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", root_path=settings.root_path or "")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

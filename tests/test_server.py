@@ -1,0 +1,464 @@
+"""The HTTP server, end to end: a real uvicorn server on a loopback port (one per module, several models
+behind it), driven by the official `openai` client and by `httpx`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jaxserve import AsyncEngine, SamplingParams
+from jaxserve.server.served_models import ServedModel
+from jaxserve.server.settings import ServerSettings
+
+from .conftest import TINY_ENGINE, TINY_POOLING
+from .server_harness import running_server
+
+BODY_LIMIT = 256 << 10
+PROMPTS = [f"Story {i}: once upon a time" for i in range(10)]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture(scope="module")
+def llms(tiny_models, llm_cache):
+    return {
+        "llama": llm_cache(tiny_models["tiny-llama"], TINY_ENGINE),
+        "qwen": llm_cache(tiny_models["tiny-qwen2"], TINY_ENGINE),
+        "bert": llm_cache(tiny_models["tiny-bert-mean"], TINY_POOLING),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(llms, tiny_models):
+    names = {"llama": ["llama", "llama-alias"], "qwen": ["qwen"], "bert": ["bert"]}
+    folders = {"llama": "tiny-llama", "qwen": "tiny-qwen2", "bert": "tiny-bert-mean"}
+    models = [
+        ServedModel.from_engine(names[key], str(tiny_models[folders[key]]), AsyncEngine(llm.engine), "auto")
+        for key, llm in llms.items()
+    ]
+    yield models
+    for model in models:
+        model.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    settings = ServerSettings(max_request_bytes=BODY_LIMIT, enable_request_id_headers=True, max_num_queued_reqs=None)
+    with running_server(served, settings) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def stream_text(stream) -> tuple[str, list]:
+    chunks = list(stream)
+    text = "".join(c.choices[0].text if hasattr(c.choices[0], "text") else "" for c in chunks if c.choices)
+    return text, chunks
+
+
+# --- generation ----------------------------------------------------------------------------------------------
+
+
+def test_completion_stream_equals_whole_and_usage_adds_up(client, llms):
+    whole = client.completions.create(
+        model="llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    choice = whole.choices[0]
+    # generation_config.json's repetition_penalty (1.1) applies to requests that don't set one (contract §3.4)
+    defaults = llms["llama"].get_default_sampling_params()
+    assert defaults.repetition_penalty == 1.1
+    offline = llms["llama"].generate(PROMPTS[0], defaults.clone(temperature=0, max_tokens=12, ignore_eos=True))
+    assert choice.text == offline[0].outputs[0].text
+    plain = client.completions.create(
+        model="llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"repetition_penalty": 1.0}
+    )
+    no_penalty = llms["llama"].generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))
+    assert plain.choices[0].text == no_penalty[0].outputs[0].text
+    assert choice.finish_reason == "length"
+    prompt_tokens = len(llms["llama"].get_tokenizer().encode(PROMPTS[0]))
+    assert whole.usage.prompt_tokens == prompt_tokens
+    assert whole.usage.completion_tokens == 12
+    assert whole.usage.total_tokens == prompt_tokens + 12
+    assert whole.model == "llama" and whole.object == "text_completion" and whole.id.startswith("cmpl-")
+
+    stream = client.completions.create(
+        model="llama-alias",
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == prompt_tokens + 12
+    assert all(c.model == "llama" for c in chunks)  # the first name, even when asked by an alias
+
+
+def test_chat_stream_equals_whole_with_continuous_usage(client, llms):
+    whole = client.chat.completions.create(model="llama", messages=CHAT, max_tokens=10, temperature=0)
+    message = whole.choices[0].message
+    assert message.role == "assistant" and message.content
+    tokenizer = llms["llama"].get_tokenizer()
+    prompt_ids = tokenizer.encode(tokenizer.render_chat(CHAT), add_special_tokens=False)
+    assert whole.usage.prompt_tokens == len(prompt_ids)
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    stream = client.chat.completions.create(
+        model="llama",
+        messages=CHAT,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    running = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert all(u is not None for u in running) and running == sorted(running)
+
+
+def test_logprobs_shapes(client):
+    completion = client.completions.create(model="llama", prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=3)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert all(1 <= len(top) <= 4 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+
+    chat = client.chat.completions.create(
+        model="llama", messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy picks the top token
+        assert bytes(entry.bytes).decode() == entry.token
+
+
+def test_echo_prepends_the_prompt_with_its_logprobs(client):
+    result = client.completions.create(
+        model="llama", prompt=PROMPTS[2], max_tokens=4, temperature=0, echo=True, logprobs=1
+    )
+    choice = result.choices[0]
+    assert choice.text.startswith(PROMPTS[2])
+    assert choice.logprobs.token_logprobs[0] is None
+    assert len(choice.logprobs.tokens) == result.usage.prompt_tokens + 4
+
+
+def test_n_seed_and_stop(client):
+    kwargs = dict(model="llama", prompt=PROMPTS[3], max_tokens=10, temperature=1.0, seed=1234, n=3)
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.usage.completion_tokens == sum(
+        len(c.token_ids) for c in client.completions.create(**kwargs, extra_body={"return_token_ids": True}).choices
+    )
+
+    greedy = client.completions.create(
+        model="llama", prompt=PROMPTS[3], max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
+    text = greedy.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.completions.create(model="llama", prompt=PROMPTS[3], max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].stop_reason == stop
+    assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_several_prompts_in_one_completion(client):
+    result = client.completions.create(model="llama", prompt=PROMPTS[:3], max_tokens=4, temperature=0)
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    for prompt, choice in zip(PROMPTS[:3], result.choices):
+        alone = client.completions.create(model="llama", prompt=prompt, max_tokens=4, temperature=0)
+        assert choice.text == alone.choices[0].text
+
+
+def test_routing_by_model(client, llms):
+    for name, key in (("llama", "llama"), ("qwen", "qwen")):
+        params = llms[key].get_default_sampling_params().clone(temperature=0, max_tokens=8, ignore_eos=True)
+        result = client.completions.create(
+            model=name, prompt=PROMPTS[4], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert result.model == name
+        assert result.choices[0].text == llms[key].generate(PROMPTS[4], params)[0].outputs[0].text
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"llama", "llama-alias", "qwen", "bert"}
+    assert models["llama"].max_model_len == TINY_ENGINE["max_model_len"]
+
+
+# --- tokenizer routes ----------------------------------------------------------------------------------------
+
+
+def test_tokenize_detokenize_round_trip(url, llms):
+    tokenizer = llms["qwen"].get_tokenizer()
+    text = "Hello, wörld! 1 2 3"
+    tokens = httpx.post(f"{url}/tokenize", json={"model": "qwen", "prompt": text, "return_token_strs": True}).json()
+    assert tokens["tokens"] == tokenizer.encode(text)
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == TINY_ENGINE["max_model_len"]
+    assert tokens["token_strs"] == tokenizer.hf.convert_ids_to_tokens(tokens["tokens"])
+    back = httpx.post(f"{url}/detokenize", json={"model": "qwen", "tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": tokenizer.decode(tokens["tokens"], skip_special_tokens=False)}
+
+    chat = httpx.post(f"{url}/tokenize", json={"model": "qwen", "messages": CHAT}).json()
+    assert chat["tokens"] == tokenizer.encode(tokenizer.render_chat(CHAT), add_special_tokens=False)
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+LONG_PROMPT = " ".join(["word"] * 400)
+ERROR_CASES = [
+    # (route, body, status, type, param, message fragment)
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "NotFoundError", "model", "Valid aliases: llama"),
+    ("/v1/completions", {"model": "llama"}, 400, "Bad Request", "body.prompt", "1 validation error"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "temperature": "hot"}, 400, "Bad Request", None, "float"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "stop": list("abcde")}, 400, "Bad Request", None, "at most 4"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "temperature": 3}, 400, "BadRequestError", None, "[0, 2]"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "n": 2, "temperature": 0}, 400, "BadRequestError", None,
+     "greedy"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "logprobs": 30}, 400, "BadRequestError", None,
+     "max allowed: 20"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "max_tokens": 100000}, 400, "BadRequestError", None,
+     "cannot be greater than max_model_len=256"),
+    ("/v1/completions", {"model": "llama", "prompt": LONG_PROMPT}, 400, "BadRequestError", "input_tokens",
+     "This model's maximum context length is 256 tokens"),
+    ("/v1/completions", {"model": "llama", "prompt": ""}, 400, "BadRequestError", "prompt", "empty"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "BadRequestError", "stream_options", "stream=True"),
+    ("/v1/completions", {"model": "bert", "prompt": "x"}, 400, "BadRequestError", "model", "does not support"),
+    ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "add_generation_prompt": True,
+     "continue_final_message": True}, 400, "BadRequestError", None, "Cannot set both"),
+    ("/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": [{"type": "bogus"}]}]},
+     400, "BadRequestError", None, "Unsupported chat content part type: bogus"),
+    ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "chat_template": "{{ 1 }}"}, 400,
+     "BadRequestError", "chat_template", "--trust-request-chat-template"),
+    ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "top_logprobs": 2}, 400, "BadRequestError",
+     "top_logprobs", "logprobs"),
+    ("/tokenize", {"model": "bert", "messages": CHAT}, 400, "BadRequestError", None, "chat template"),
+    ("/detokenize", {"model": "llama", "tokens": [-1]}, 400, "Bad Request", None, "non-negative"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("route", "body", "status", "kind", "param", "fragment"), ERROR_CASES)
+def test_error_envelope_then_the_next_request_works(url, route, body, status, kind, param, fragment):
+    response = httpx.post(f"{url}{route}", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and error["code"] == status
+    assert fragment in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    ok = httpx.post(f"{url}/v1/completions", json={"model": "llama", "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_transport_level_errors(url):
+    bad_json = httpx.post(f"{url}/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "Bad Request"
+    text = httpx.post(f"{url}/v1/completions", content=b"{}", headers={"content-type": "text/plain"})
+    assert text.status_code == 400 and "Unsupported Media Type" in text.json()["error"]["message"]
+    too_big = httpx.post(f"{url}/v1/completions", json={"model": "llama", "prompt": "x" * (BODY_LIMIT + 1)})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == 413
+
+    def chunked():
+        yield b'{"model": "llama", "prompt": "'
+        yield b"x" * (BODY_LIMIT + 1)
+        yield b'"}'
+
+    too_big_chunked = httpx.post(
+        f"{url}/v1/completions", content=chunked(), headers={"content-type": "application/json"}
+    )
+    assert too_big_chunked.status_code == 413
+    assert httpx.get(f"{url}/no/such/route").status_code == 404
+    assert httpx.get(f"{url}/v1/completions").status_code == 405
+    assert httpx.post(f"{url}/v1/completions", json={"model": "llama", "prompt": "hi", "max_tokens": 2}).is_success
+
+
+# --- utility routes, headers, metrics ------------------------------------------------------------------------
+
+
+def test_health_version_load_and_request_ids(url):
+    for path in ("/health", "/ping"):
+        response = httpx.get(f"{url}{path}")
+        assert response.status_code == 200 and response.content == b""
+    assert httpx.post(f"{url}/ping").status_code == 200
+    assert "version" in httpx.get(f"{url}/version").json()
+    assert httpx.get(f"{url}/load").json() == {"server_load": 0}
+
+    given = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "llama", "prompt": "hi", "max_tokens": 2},
+        headers={"X-Request-Id": "abc123"},
+    )
+    assert given.headers["x-request-id"] == "abc123" and given.json()["id"] == "cmpl-abc123"
+    fresh = httpx.get(f"{url}/v1/models")
+    assert len(fresh.headers["x-request-id"]) == 32
+
+
+def test_metrics_parse_and_count(url, client):
+    before = _metric_values(url)
+    client.chat.completions.create(model="qwen", messages=CHAT, max_tokens=3, temperature=0)
+    after = _metric_values(url)
+    key = ("vllm:generation_tokens_total", "qwen")
+    assert after[key] - before.get(key, 0) == 3
+    assert after[("vllm:e2e_request_latency_seconds_count", "qwen")] >= 1
+    assert after[("vllm:time_to_first_token_seconds_count", "qwen")] >= 1
+    assert after[("vllm:num_requests_running", "llama")] == 0
+    assert after[("vllm:kv_cache_usage_perc", "llama")] == 0
+    assert after[("jaxserve:compiles_after_warmup_total", "llama")] == 0
+
+
+def _metric_values(url: str, by_reason: bool = False) -> dict[tuple, float]:
+    """Sample values by (name, model); with `by_reason`, only `request_success` by (name, model, reason)."""
+    response = httpx.get(f"{url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    values = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            reason = sample.labels.get("finished_reason")
+            if by_reason and reason is not None:
+                values[(sample.name, sample.labels["model_name"], reason)] = sample.value
+            elif not by_reason and reason is None and "le" not in sample.labels:
+                values[(sample.name, sample.labels.get("model_name"))] = sample.value
+    return values
+
+
+# --- under load ----------------------------------------------------------------------------------------------
+
+
+def test_fifty_concurrent_streams_each_get_their_text_alone(url, client):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(50)]
+    body = dict(model="llama", max_tokens=8, temperature=0, ignore_eos=True)
+    alone = {p: httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"] for p in PROMPTS}
+
+    async def one(http: httpx.AsyncClient, prompt: str) -> str:
+        text, done = "", False
+        async with http.stream("POST", f"{url}/v1/completions", json={**body, "prompt": prompt, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        assert done
+        return text
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=60)) as http:
+            return await asyncio.gather(*(one(http, p) for p in prompts))
+
+    assert asyncio.run(main()) == [alone[p] for p in prompts]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_pages(url, llms):
+    engine = llms["llama"].engine
+    body = {"model": "llama", "prompt": PROMPTS[5], "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.allocator.num_free < engine.allocator.num_pages
+    deadline = time.monotonic() + 20
+    while engine.has_unfinished_requests() or engine.allocator.num_free < engine.allocator.num_pages:
+        assert time.monotonic() < deadline, "the aborted request kept its pages"
+        time.sleep(0.02)
+
+
+def test_a_client_that_disconnects_while_waiting_aborts_a_whole_response(url, llms):
+    engine = llms["llama"].engine
+    aborted = ("vllm:request_success_total", "llama", "abort")
+    before = _metric_values(url, by_reason=True).get(aborted, 0)
+    body = {"model": "llama", "prompt": PROMPTS[6], "max_tokens": 240, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.1)
+    deadline = time.monotonic() + 20
+    while engine.has_unfinished_requests() or engine.allocator.num_free < engine.allocator.num_pages:
+        assert time.monotonic() < deadline, "the abandoned request kept running"
+        time.sleep(0.02)
+    assert _metric_values(url, by_reason=True)[aborted] == before + 1
+
+
+def test_full_queue_answers_503_with_retry_after(served):
+    with running_server(served, ServerSettings(max_num_queued_reqs=2)) as base:
+        body = {"model": "llama", "prompt": PROMPTS[7], "max_tokens": 16, "ignore_eos": True}
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=40)) as http:
+                return await asyncio.gather(*(http.post(f"{base}/v1/completions", json=body) for _ in range(30)))
+
+        responses = asyncio.run(main())
+        busy = [r for r in responses if r.status_code == 503]
+        assert busy and all(r.headers["retry-after"] == "1" for r in busy)
+        assert all(r.json()["error"]["type"] == "Service Unavailable" for r in busy)
+        assert all(r.status_code in (200, 503) for r in responses)
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+
+
+# --- auth, CORS, root path -----------------------------------------------------------------------------------
+
+
+def test_api_key_cors_and_root_path(served):
+    settings = ServerSettings(
+        api_keys=["sk-one", "sk-two"],
+        enable_request_id_headers=True,
+        allowed_origins=["http://app.example"],
+        root_path="/prefix",
+    )
+    with running_server(served, settings) as base:
+        denied = httpx.get(f"{base}/v1/models", headers={"X-Request-Id": "denied"})
+        assert denied.status_code == 401 and denied.json() == {"error": "Unauthorized"}
+        assert denied.headers["x-request-id"] == "denied"
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "bearer sk-two"}).status_code == 200
+        # behind a proxy that strips /prefix: requests arrive without it, and the API documents itself under it
+        assert httpx.get(f"{base}/openapi.json").json()["servers"] == [{"url": "/prefix"}]
+        assert httpx.get(f"{base}/health").status_code == 200  # outside /v1: open
+        keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-one", max_retries=0)
+        assert keyed.completions.create(model="llama", prompt="hi", max_tokens=2).choices[0].text is not None
+
+        preflight = httpx.options(
+            f"{base}/v1/completions",
+            headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        other = httpx.options(
+            f"{base}/v1/completions",
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_dead_engine_turns_health_to_503(tiny_models, llm_cache, monkeypatch):
+    llm = llm_cache(tiny_models["tiny-mistral"], TINY_ENGINE)
+    engine = AsyncEngine(llm.engine)
+    model = ServedModel.from_engine(["mistral"], "tiny-mistral", engine, "auto")
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(llm.engine, "step", broken_step)
+    try:
+        with running_server([model]) as base:
+            assert httpx.get(f"{base}/health").status_code == 200
+            failed = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+            assert failed.status_code == 500 and failed.json()["error"]["type"] == "InternalServerError"
+            assert "device lost" not in failed.text
+            assert httpx.get(f"{base}/health").status_code == 503
+    finally:
+        engine.shutdown()
+        for request_id in list(llm.engine._requests):
+            llm.engine.abort_request(request_id)
