@@ -18,9 +18,9 @@ loopback port) serves that same `AsyncEngine`, so the two paths differ only in t
 The sampling parameters are the ones the server derives for the request: temperature 0 and max_tokens 1 over
 the model's generation_config defaults, with delta outputs. Requests go one at a time, the two paths alternating
 (direct, http, direct, ...) so that drift on a busy machine falls on both alike, after `--warmup` requests of
-each. The table gives p50, p90, mean, min and max per
-path in milliseconds, and their difference: what the server adds. Because the paths alternate, the median of
-the paired differences (each http request minus the direct request just before it) is printed too.
+each. The table gives p50, p90, mean, min and max per path in milliseconds, and the difference of p50, p90 and
+mean: what the server adds. Because the paths alternate, the median of the paired differences (each http
+request minus the direct request just before it) is printed too; it is the steadier figure on a noisy machine.
 
     python scripts/bench_http.py [--model NAME_OR_PATH] [--max-model-len 2048] [--requests 50] [--warmup 5]
                                  [--client httpx|openai] [--message TEXT] [--json out.json]
@@ -208,7 +208,8 @@ def table(rows: list[tuple[str, dict[str, float]]]) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"{'ms':<{width}}  " + "  ".join(f"{c:>8}" for c in columns)]
     for label, values in rows:
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{values[c]:>8.2f}" for c in columns))
+        cells = (f"{values[c]:>8.2f}" if c in values else f"{'-':>8}" for c in columns)
+        lines.append(f"{label:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         async_engine.shutdown()
 
     direct_stats, http_stats = stats_ms(direct_s), stats_ms(http_s)
-    added = {key: http_stats[key] - direct_stats[key] for key in direct_stats}
+    added = {key: http_stats[key] - direct_stats[key] for key in ("p50", "p90", "mean")}
     print()
     print(
         f"1-token chat completion, {direct_prompt} prompt tokens -> {direct_text!r}; {args.requests} sequential "

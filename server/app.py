@@ -189,7 +189,8 @@ def _add_routes(app: FastAPI) -> None:
     async def health(raw: Request) -> Response:
         return Response(status_code=503 if state_of(raw).registry.dead_engines() else 200)
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    @app.get("/ping")
+    @app.post("/ping", operation_id="ping_post")
     async def ping(raw: Request) -> Response:
         return await health(raw)
 

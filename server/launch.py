@@ -1,9 +1,10 @@
 """Run the app under uvicorn. SIGTERM and SIGINT drain: uvicorn stops accepting connections, lets the
-requests in flight finish, and only then are the engines stopped."""
+requests in flight finish, and only then are the engines stopped and the process exits with status 0."""
 
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -34,9 +35,17 @@ def run_server(
     )
     for model in models:
         logger.info("Serving %s (%s) as %s", model.root, model.runner, ", ".join(model.names))
+    # uvicorn re-raises the signal that stopped it once it has drained; a no-op handler lets it return to us
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         uvicorn.Server(config).run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for model in models:
             model.engine.shutdown()
         logger.info("Stopped")
+
+
+def _ignore(signum: int, frame) -> None:
+    pass

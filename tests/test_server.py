@@ -10,11 +10,11 @@ import time
 import httpx
 import openai
 import pytest
+from jaxserve.server.served_models import ServedModel
+from jaxserve.server.settings import ServerSettings
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve import AsyncEngine, SamplingParams
-from jaxserve.server.served_models import ServedModel
-from jaxserve.server.settings import ServerSettings
 
 from .conftest import TINY_ENGINE, TINY_POOLING
 from .server_harness import running_server
@@ -343,7 +343,9 @@ def _metric_values(url: str, by_reason: bool = False) -> dict[tuple, float]:
 def test_fifty_concurrent_streams_each_get_their_text_alone(url, client):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(50)]
     body = dict(model="llama", max_tokens=8, temperature=0, ignore_eos=True)
-    alone = {p: httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"] for p in PROMPTS}
+    alone = {
+        p: httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"] for p in PROMPTS
+    }
 
     async def one(http: httpx.AsyncClient, prompt: str) -> str:
         text, done = "", False
