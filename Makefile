@@ -14,10 +14,9 @@ $(STAMP): pyproject.toml
 .PHONY: install serve test bench
 install: $(STAMP)
 
-# Until the HTTP server lands, "serve" runs the offline demo on the embedded default model.
+# Both embedded defaults (SmolLM2-135M-Instruct and all-MiniLM-L6-v2) on http://localhost:8000.
 serve: $(STAMP)
-	$(BIN)/jaxserve generate --chat --temperature 0 --max-tokens 64 --max-model-len 2048 \
-		"What is the capital of France?" "Write a haiku about the sea."
+	$(BIN)/jaxserve serve --max-model-len 2048
 
 # pytest exits 5 when it collects no tests; that is not a failure.
 test: $(STAMP)
