@@ -8,12 +8,21 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from .chat_utils import last_message_text, prepare_messages
 from .context import RequestContext
 from .errors import APIError
-from .generation import SYSTEM_FINGERPRINT, Prompt, generate_all, sampling_params, sse, sse_stream, usage
+from .generation import (
+    SYSTEM_FINGERPRINT,
+    Prompt,
+    generate_all,
+    json_response,
+    sampling_params,
+    sse,
+    sse_stream,
+    usage,
+)
 from .logprobs import chat_logprobs
 from .protocol import (
     ChatCompletionChoice,
@@ -84,9 +93,7 @@ def _check_tools(request: ChatCompletionRequest) -> None:
         )
 
 
-async def create_chat_completion(
-    request: ChatCompletionRequest, model: ServedModel, ctx: RequestContext
-) -> JSONResponse | StreamingResponse:
+async def create_chat_completion(request: ChatCompletionRequest, model: ServedModel, ctx: RequestContext) -> Response:
     _check_tools(request)
     check_template_trust(request.chat_template, ctx.settings.trust_request_chat_template)
     if request.top_logprobs and not request.logprobs:
@@ -116,7 +123,7 @@ async def create_chat_completion(
     chat = _Chat(request, model, prompt, params, ctx, role, echo, logprobs)
     if request.stream:
         return StreamingResponse(sse_stream(chat.stream()), media_type="text/event-stream")
-    return JSONResponse((await chat.whole()).model_dump(mode="json"))
+    return json_response(await chat.whole())
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from jaxserve.outputs import TokenLogprobs
 
@@ -16,6 +16,7 @@ from .generation import (
     SYSTEM_FINGERPRINT,
     Prompt,
     generate_all,
+    json_response,
     sampling_params,
     sse,
     sse_stream,
@@ -27,14 +28,12 @@ from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, C
 from .served_models import ServedModel
 
 
-async def create_completion(
-    request: CompletionRequest, model: ServedModel, ctx: RequestContext
-) -> JSONResponse | StreamingResponse:
+async def create_completion(request: CompletionRequest, model: ServedModel, ctx: RequestContext) -> Response:
     if request.suffix is not None:
         raise APIError("suffix is not currently supported", param="suffix")
     prompts = await asyncio.to_thread(_tokenize, request, model)
     if request.echo and request.max_tokens == 0:
-        return JSONResponse(_echo_only(request, model, prompts, ctx).model_dump(mode="json"))
+        return json_response(_echo_only(request, model, prompts, ctx))
     echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
     params = sampling_params(request, model, request.max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
     for prompt in prompts:
@@ -43,7 +42,7 @@ async def create_completion(
         return StreamingResponse(
             sse_stream(_stream(request, model, prompts, params, ctx)), media_type="text/event-stream"
         )
-    return JSONResponse((await _whole(request, model, prompts, params, ctx)).model_dump(mode="json"))
+    return json_response(await _whole(request, model, prompts, params, ctx))
 
 
 def _tokenize(request: CompletionRequest, model: ServedModel) -> list[Prompt]:

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from jaxserve.outputs import RequestOutput
@@ -161,6 +162,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     return UsageInfo(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
     )
+
+
+def json_response(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def sse(payload: BaseModel | dict[str, Any], exclude_unset: bool = True) -> str:
