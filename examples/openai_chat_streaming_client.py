@@ -12,16 +12,9 @@ Run the server in one terminal and this script in another:
 
 from __future__ import annotations
 
-import os
 import sys
 
-# `python examples/openai_chat_streaming_client.py` already puts this folder first on sys.path; add it if run
-# otherwise.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-if _HERE not in (os.path.realpath(path) for path in sys.path):
-    sys.path.insert(0, _HERE)
-
-from _common import make_client, make_parser, pick_model, run  # noqa: E402
+from _common import make_client, make_parser, pick_model, run
 
 
 def main() -> None:

@@ -33,9 +33,7 @@ import asyncio
 import json
 import logging
 import platform
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,10 +41,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import httpx
 import numpy as np
-import uvicorn
-from jaxserve.server.app import build_app
-from jaxserve.server.served_models import ModelRegistry, ServedModel
-from jaxserve.server.settings import ServerSettings
+from jaxserve.server.launch import background_server
+from jaxserve.server.served_models import ServedModel
 
 from jaxserve.async_engine import AsyncEngine
 from jaxserve.config import EngineConfig
@@ -100,32 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # the server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serve(async_engine: AsyncEngine, name: str, root: str, access_log: bool) -> Iterator[str]:
     """The OpenAI server over `async_engine`, under uvicorn in a daemon thread; yields its base URL."""
     served = ServedModel.from_engine([name], root, async_engine, "auto")
-    app = build_app(ModelRegistry([served]), ServerSettings())
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=access_log)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with background_server([served], access_log=access_log) as url:
+        yield url
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from fastapi import Body, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 
-from .chat import ChatTemplateArgs, check_template_trust, create_chat_completion, render_chat_prompt
+from .chat import check_template_trust, create_chat_completion, render_chat_prompt
 from .completions import create_completion
 from .context import RequestContext, random_id
 from .errors import APIError, install_error_handlers
@@ -155,17 +155,8 @@ def _add_routes(app: FastAPI) -> None:
         model = state.registry.get(body.model)
         if isinstance(body, TokenizeChatRequest):
             check_template_trust(body.chat_template, state.settings.trust_request_chat_template)
-            args = ChatTemplateArgs(
-                body.messages,
-                body.add_generation_prompt,
-                body.continue_final_message,
-                body.add_special_tokens,
-                body.chat_template,
-                body.chat_template_kwargs,
-                body.tools,
-            )
             prompt = await asyncio.to_thread(
-                render_chat_prompt, model, args, state.settings.default_chat_template_kwargs
+                render_chat_prompt, model, body, state.settings.default_chat_template_kwargs
             )
             tokens = prompt.token_ids
         else:

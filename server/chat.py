@@ -31,6 +31,7 @@ from .protocol import (
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
     ChatMessage,
+    ChatTemplateFields,
     DeltaMessage,
 )
 from .served_models import ServedModel
@@ -39,35 +40,23 @@ from .served_models import ServedModel
 TOP_LEVEL_TEMPLATE_ARGS = ("add_generation_prompt", "continue_final_message", "tools", "documents", "chat_template")
 
 
-@dataclasses.dataclass
-class ChatTemplateArgs:
-    messages: list[dict[str, Any]]
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    documents: list[dict[str, str]] | None = None
-
-
-def render_chat_prompt(model: ServedModel, args: ChatTemplateArgs, default_kwargs: dict[str, Any]) -> Prompt:
+def render_chat_prompt(model: ServedModel, fields: ChatTemplateFields, default_kwargs: dict[str, Any]) -> Prompt:
     """The conversation as the model sees it: template text and its token ids. Runs off the event loop."""
-    template = args.chat_template or model.tokenizer.chat_template
-    messages = prepare_messages(args.messages, model.content_format, template)
-    kwargs = {**default_kwargs, **(args.chat_template_kwargs or {})}
+    template = fields.chat_template or model.tokenizer.chat_template
+    messages = prepare_messages(fields.messages, model.content_format, template)
+    kwargs = {**default_kwargs, **(fields.chat_template_kwargs or {})}
     for key in TOP_LEVEL_TEMPLATE_ARGS:
         kwargs.pop(key, None)
     text = model.tokenizer.render_chat(
         messages,
-        chat_template=args.chat_template,
-        add_generation_prompt=args.add_generation_prompt,
-        continue_final_message=args.continue_final_message,
-        tools=args.tools,
-        documents=args.documents,
+        chat_template=fields.chat_template,
+        add_generation_prompt=fields.add_generation_prompt,
+        continue_final_message=fields.continue_final_message,
+        tools=fields.tools,
+        documents=fields.documents,
         chat_template_kwargs=kwargs,
     )
-    return Prompt(model.tokenizer.encode(text, add_special_tokens=args.add_special_tokens), text)
+    return Prompt(model.tokenizer.encode(text, add_special_tokens=fields.add_special_tokens), text)
 
 
 def check_template_trust(chat_template: str | None, trusted: bool) -> None:
@@ -100,17 +89,7 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
         raise APIError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
     if not request.messages:
         raise APIError("messages must not be empty.", param="messages")
-    args = ChatTemplateArgs(
-        request.messages,
-        request.add_generation_prompt,
-        request.continue_final_message,
-        request.add_special_tokens,
-        request.chat_template,
-        request.chat_template_kwargs,
-        request.tools,
-        request.documents,
-    )
-    prompt = await asyncio.to_thread(render_chat_prompt, model, args, ctx.settings.default_chat_template_kwargs)
+    prompt = await asyncio.to_thread(render_chat_prompt, model, request, ctx.settings.default_chat_template_kwargs)
     num_top = request.top_logprobs or 0
     logprobs = num_top if request.logprobs else None
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens

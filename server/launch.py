@@ -3,8 +3,13 @@ requests in flight finish, and only then are the engines stopped and the process
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -13,6 +18,39 @@ from .served_models import ModelRegistry, ServedModel
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def background_server(
+    models: list[ServedModel], settings: ServerSettings | None = None, access_log: bool = False
+) -> Iterator[str]:
+    """Serve `models` on a free loopback port from a daemon thread until the block ends; yields the base URL.
+    For tests and benchmarks; the engines stay with the caller."""
+    settings = settings or ServerSettings()
+    app = build_app(ModelRegistry(models), settings)
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=access_log, root_path=settings.root_path or ""
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def run_server(

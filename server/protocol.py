@@ -82,23 +82,28 @@ class CompletionRequest(GenerationRequest):
     add_special_tokens: bool = True
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatTemplateFields(RequestBody):
+    """What the chat template is rendered from (shared by chat completions and /tokenize)."""
+
     messages: list[dict[str, Any]]
-    logprobs: bool | None = False
-    top_logprobs: int | None = 0
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = True
-    reasoning_effort: str | None = None
-    echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
     documents: list[dict[str, str]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(ChatTemplateFields, GenerationRequest):
+    logprobs: bool | None = False
+    top_logprobs: int | None = 0
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = True
+    reasoning_effort: str | None = None
+    echo: bool = False
 
 
 class TokenizeCompletionRequest(RequestBody):
@@ -108,15 +113,8 @@ class TokenizeCompletionRequest(RequestBody):
     return_token_strs: bool | None = False
 
 
-class TokenizeChatRequest(RequestBody):
+class TokenizeChatRequest(ChatTemplateFields):
     model: str | None = None
-    messages: list[dict[str, Any]]
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
     return_token_strs: bool | None = False
 
 
@@ -165,18 +163,6 @@ class CompletionChoice(ResponseBody):
     prompt_token_ids: list[int] | None = None
 
 
-class CompletionResponse(ResponseBody):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[CompletionChoice]
-    service_tier: str | None = None
-    system_fingerprint: str | None = None
-    usage: UsageInfo | None = None
-    kv_transfer_params: dict[str, Any] | None = None
-
-
 class CompletionStreamResponse(ResponseBody):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -185,6 +171,11 @@ class CompletionStreamResponse(ResponseBody):
     choices: list[CompletionChoice]
     system_fingerprint: str | None = None
     usage: UsageInfo | None = None
+
+
+class CompletionResponse(CompletionStreamResponse):
+    service_tier: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class ChatLogProb(ResponseBody):
@@ -211,13 +202,38 @@ class ChatMessage(ResponseBody):
     reasoning: str | None = None
 
 
-class ChatCompletionChoice(ResponseBody):
+class ChatChoiceOutcome(ResponseBody):
+    """What a chat choice carries besides its message or delta."""
+
     index: int
-    message: ChatMessage
     logprobs: ChatLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None
+
+
+class ChatCompletionChoice(ChatChoiceOutcome):
+    message: ChatMessage
+
+
+class DeltaMessage(ResponseBody):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(ChatChoiceOutcome):
+    delta: DeltaMessage
+
+
+class ChatCompletionStreamResponse(ResponseBody):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    system_fingerprint: str | None = None
+    usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(ResponseBody):
@@ -232,31 +248,6 @@ class ChatCompletionResponse(ResponseBody):
     prompt_logprobs: list[dict[str, Any] | None] | None = None
     prompt_token_ids: list[int] | None = None
     kv_transfer_params: dict[str, Any] | None = None
-
-
-class DeltaMessage(ResponseBody):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChatCompletionStreamChoice(ResponseBody):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogProbs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
-
-
-class ChatCompletionStreamResponse(ResponseBody):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[ChatCompletionStreamChoice]
-    system_fingerprint: str | None = None
-    usage: UsageInfo | None = None
-    prompt_token_ids: list[int] | None = None
 
 
 class TokenizeResponse(ResponseBody):

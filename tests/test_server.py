@@ -10,6 +10,7 @@ import time
 import httpx
 import openai
 import pytest
+from jaxserve.server.launch import background_server
 from jaxserve.server.served_models import ServedModel
 from jaxserve.server.settings import ServerSettings
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from jaxserve import AsyncEngine, SamplingParams
 
 from .conftest import TINY_ENGINE, TINY_POOLING
-from .server_harness import running_server
 
 BODY_LIMIT = 256 << 10
 PROMPTS = [f"Story {i}: once upon a time" for i in range(10)]
@@ -49,7 +49,7 @@ def served(llms, tiny_models):
 @pytest.fixture(scope="module")
 def url(served):
     settings = ServerSettings(max_request_bytes=BODY_LIMIT, enable_request_id_headers=True, max_num_queued_reqs=None)
-    with running_server(served, settings) as base:
+    with background_server(served, settings) as base:
         yield base
 
 
@@ -394,7 +394,7 @@ def test_a_client_that_disconnects_while_waiting_aborts_a_whole_response(url, ll
 
 
 def test_full_queue_answers_503_with_retry_after(served):
-    with running_server(served, ServerSettings(max_num_queued_reqs=2)) as base:
+    with background_server(served, ServerSettings(max_num_queued_reqs=2)) as base:
         body = {"model": "llama", "prompt": PROMPTS[7], "max_tokens": 16, "ignore_eos": True}
 
         async def main() -> list[httpx.Response]:
@@ -419,7 +419,7 @@ def test_api_key_cors_and_root_path(served):
         allowed_origins=["http://app.example"],
         root_path="/prefix",
     )
-    with running_server(served, settings) as base:
+    with background_server(served, settings) as base:
         denied = httpx.get(f"{base}/v1/models", headers={"X-Request-Id": "denied"})
         assert denied.status_code == 401 and denied.json() == {"error": "Unauthorized"}
         assert denied.headers["x-request-id"] == "denied"
@@ -454,7 +454,7 @@ def test_a_dead_engine_turns_health_to_503(tiny_models, llm_cache, monkeypatch):
 
     monkeypatch.setattr(llm.engine, "step", broken_step)
     try:
-        with running_server([model]) as base:
+        with background_server([model]) as base:
             assert httpx.get(f"{base}/health").status_code == 200
             failed = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
             assert failed.status_code == 500 and failed.json()["error"]["type"] == "InternalServerError"
