@@ -160,6 +160,20 @@ def test_echo_prepends_the_prompt_with_its_logprobs(client):
     assert len(choice.logprobs.tokens) == result.usage.prompt_tokens + 4
 
 
+def test_chat_continues_the_final_message_and_echoes_it(client):
+    messages = [*CHAT, {"role": "assistant", "content": "Once upon"}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True, "echo": True}
+    result = client.chat.completions.create(
+        model="llama", messages=messages, max_tokens=4, temperature=0, extra_body=extra
+    )
+    message = result.choices[0].message
+    assert message.role == "assistant" and message.content.startswith("Once upon")
+    plain = client.chat.completions.create(
+        model="llama", messages=messages, max_tokens=4, temperature=0, extra_body={**extra, "echo": False}
+    )
+    assert message.content == "Once upon" + plain.choices[0].message.content
+
+
 def test_n_seed_and_stop(client):
     kwargs = dict(model="llama", prompt=PROMPTS[3], max_tokens=10, temperature=1.0, seed=1234, n=3)
     first = client.completions.create(**kwargs)
