@@ -23,8 +23,9 @@ from .engine_core import EngineCore
 from .errors import EngineDeadError
 from .outputs import PoolingRequestOutput, RequestOutput
 from .pooling_engine import PoolingEngine
-from .pooling_params import PoolingParams
+from .pooling_params import PoolingParams, PoolingPrompt
 from .sampling_params import SamplingParams
+from .scoring import ScorePlan, plan_scores
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,20 @@ class AsyncEngine:
             num_open = len(self._streams)
         return dataclasses.replace(stats, num_requests_waiting=max(0, num_open - stats.num_requests_running))
 
-    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise now (ValueError) what `generate` would raise for this request, before any streaming starts."""
-        self._engine_for(LLMEngine, "generation").validate(prompt_token_ids, params)
+    def check(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
+        """Raise now (ValueError) what `generate` or `encode` would raise for this request, before any
+        streaming starts or other inputs of the same HTTP request are sent."""
+        if isinstance(params, PoolingParams):
+            self._engine_for(PoolingEngine, "pooling").resolve(len(prompt_token_ids), params)
+        else:
+            self._engine_for(LLMEngine, "generation").validate(prompt_token_ids, params)
+
+    def prepare(self, prompt: str | list[int], **options) -> PoolingPrompt:
+        """A pooling input from a text (or text pair, `text_pair=`) or token ids: `PoolingEngine.prepare`."""
+        return self._engine_for(PoolingEngine, "pooling").prepare(prompt, **options)
+
+    def plan_scores(self, pairs: list[tuple[str, str]], truncate_prompt_tokens: int | None = None) -> ScorePlan:
+        return plan_scores(self._engine_for(PoolingEngine, "pooling"), pairs, truncate_prompt_tokens)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))

@@ -14,7 +14,7 @@ from flax import nnx
 
 from .compile_watch import CompileWatch
 from .config import EngineConfig
-from .model_source import cache_root, load_hf_config, resolve_model
+from .model_source import cache_root, embedded_chat_template, load_hf_config, resolve_model
 from .stats import EngineStats
 from .tokenizer import Tokenizer, load_chat_template
 from .weights import load_weights
@@ -32,7 +32,9 @@ class EngineCore(abc.ABC):
         enable_compilation_cache(Path(config.compile_cache_dir) if config.compile_cache_dir else cache_root() / "xla")
         self.model_folder = resolve_model(config.model)
         self.hf_config = load_hf_config(self.model_folder, config.hf_overrides)
-        self.tokenizer = Tokenizer(self.model_folder, load_chat_template(config.chat_template))
+        self.tokenizer = Tokenizer(
+            self.model_folder, load_chat_template(config.chat_template) or embedded_chat_template(config.model)
+        )
         self.dtype = config.resolved_dtype()
         self.compile_watch = CompileWatch()
         self._rng = random.Random(config.seed)

@@ -25,10 +25,10 @@ from .outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
-from .pooling_engine import PoolingEngine, PoolingPrompt
-from .pooling_params import PoolingParams
+from .pooling_engine import PoolingEngine
+from .pooling_params import PoolingParams, PoolingPrompt
 from .sampling_params import RequestOutputKind, SamplingParams
-from .scoring import cosine, max_sim, pair_up
+from .scoring import pair_up, plan_scores
 from .tokenizer import Tokenizer, load_chat_template
 
 # a text, a list of token ids, or a dict {"prompt": text} / {"prompt_token_ids": ids}
@@ -254,31 +254,16 @@ class LLM:
         """Relevance of each (query, document) pair, paired 1:1, 1:N or N:N. A cross-encoder scores each pair
         jointly; an embedding model gives the cosine of the two embeddings; a token-embedding model MaxSim."""
         engine = self._pooler("score")
-        pairs = pair_up(queries, documents)
-        params = pooling_params or PoolingParams()
-        task = engine.spec.default_task
-        if task == "classify":
-            if engine.spec.num_labels != 1:
-                raise ValueError("Score API is only enabled for num_labels == 1.")
-            inputs = [engine.prepare(q, text_pair=d, truncate_prompt_tokens=truncate_prompt_tokens) for q, d in pairs]
-            outputs = self._pool(inputs, params.clone(task="classify"), use_tqdm)
-            return [
-                ScoringRequestOutput(o.request_id, o.prompt_token_ids, ScoringOutput(float(o.outputs.data[0])))
-                for o in outputs
-            ]
-        if task not in ("embed", "token_embed"):
-            raise ValueError(f"Score API is not supported for a model whose task is {task}.")
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        inputs = [engine.prepare(t, truncate_prompt_tokens=truncate_prompt_tokens) for t in texts]
-        pooled = dict(zip(texts, self._pool(inputs, params.clone(task=task), use_tqdm)))
-        measure = cosine if task == "embed" else max_sim
+        plan = plan_scores(engine, pair_up(queries, documents), truncate_prompt_tokens)
+        outputs = self._pool(plan.prompts, (pooling_params or PoolingParams()).clone(task=plan.task), use_tqdm)
+        scores = plan.scores([o.outputs.data for o in outputs])
         return [
             ScoringRequestOutput(
                 str(i),
-                pooled[q].prompt_token_ids + pooled[d].prompt_token_ids,
-                ScoringOutput(measure(pooled[q].outputs.data, pooled[d].outputs.data)),
+                outputs[q].prompt_token_ids + (outputs[d].prompt_token_ids if d != q else []),
+                ScoringOutput(score),
             )
-            for i, (q, d) in enumerate(pairs)
+            for i, ((q, d), score) in enumerate(zip(plan.pair_inputs, scores))
         ]
 
     def _pooling_input(self, prompt: PromptType) -> str | list[int]:

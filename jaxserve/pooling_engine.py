@@ -26,7 +26,7 @@ from .models.batch import PackedBatch
 from .models.registry import pooling_model_class
 from .outputs import PoolingOutput, PoolingRequestOutput
 from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors
-from .pooling_params import TASKS, PoolingParams
+from .pooling_params import TASKS, PoolingParams, PoolingPrompt
 from .st_config import read_st_config
 from .stats import EngineStats
 
@@ -42,15 +42,6 @@ class PoolingRequest:
     activate: bool
     dimensions: int
     start_offset: int  # prompt tokens left out of the pool (include_prompt=False)
-
-
-@dataclasses.dataclass
-class PoolingPrompt:
-    """A pooling input ready for `add_request`."""
-
-    token_ids: list[int]
-    token_type_ids: list[int] | None = None
-    start_offset: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

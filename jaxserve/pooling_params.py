@@ -42,3 +42,13 @@ class PoolingParams:
 
     def clone(self, **changes) -> PoolingParams:
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class PoolingPrompt:
+    """A pooling input ready for `add_request`: token ids, token type ids of a text pair, and how many leading
+    tokens (a sentence-transformers prompt) the pool leaves out."""
+
+    token_ids: list[int]
+    token_type_ids: list[int] | None = None
+    start_offset: int = 0

@@ -70,6 +70,11 @@ class Tokenizer:
                 self.hf.truncation_side = default_side
         return encoded["input_ids"], encoded.get("token_type_ids")
 
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """The start of `text` that tokenizes to at most `max_tokens` tokens (special tokens not counted)."""
+        offsets = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 

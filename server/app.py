@@ -25,6 +25,8 @@ from .context import RequestContext, random_id
 from .errors import APIError, install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from .pooling import create_classification, create_embedding, create_pooling, create_rerank, create_score
+from .pooling_protocol import ClassificationRequest, EmbeddingRequest, PoolingRequest, RerankRequest, ScoreRequest
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,7 +39,7 @@ from .protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
-from .served_models import ModelRegistry, ServedModel
+from .served_models import ModelRegistry, Runner, ServedModel
 from .settings import ServerSettings
 
 T = TypeVar("T")
@@ -94,7 +96,11 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="jaxserve", version=jaxserve_version())
     app.state.server = ServerState(registry, settings, metrics)
     install_error_handlers(app)
-    _add_routes(app)
+    if registry.any(_is_generative):
+        _add_generation_routes(app)
+    if registry.any(lambda model: not _is_generative(model)):
+        _add_pooling_routes(app, registry)
+    _add_utility_routes(app)
     # the last added runs first: body limit, then auth, then CORS, then request ids on every response
     app.add_middleware(
         CORSMiddleware,
@@ -111,9 +117,11 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _generation(raw: Request, body, runner_api: str, prefix: str, create) -> Response:
+async def _serve(raw: Request, body, runner: Runner, api: str, prefix: str, create, supports=None) -> Response:
+    """Find the model, admit the request (503 when its queue is full), run `create` until the client leaves,
+    and count the request out when its response (streamed or whole) is done."""
     state = state_of(raw)
-    model = state.registry.get(body.model, "generate", runner_api)
+    model = state.registry.get(body.model, runner, api, supports or (lambda m: True))
     release = model.admit(state.settings.max_num_queued_reqs)
     try:
         response = await until_disconnect(raw, create(body, model, RequestContext.of(raw, prefix, body.request_id)))
@@ -136,16 +144,72 @@ async def _then(chunks: AsyncIterator, done: Callable[[], None]) -> AsyncIterato
         done()
 
 
-def _add_routes(app: FastAPI) -> None:
-    json_body = [Depends(require_json)]
+JSON_BODY = [Depends(require_json)]
 
-    @app.post("/v1/completions", dependencies=json_body)
+
+def _is_generative(model: ServedModel) -> bool:
+    return model.runner == "generate"
+
+
+def _embeds(model: ServedModel) -> bool:
+    return bool({"embed", "token_embed"} & set(model.pooling_tasks))
+
+
+def _classifies(model: ServedModel) -> bool:
+    return "classify" in model.pooling_tasks
+
+
+def _scores(model: ServedModel) -> bool:
+    return model.runner == "pooling" and model.can_score
+
+
+def _add_generation_routes(app: FastAPI) -> None:
+    @app.post("/v1/completions", dependencies=JSON_BODY)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
-        return await _generation(raw, body, "Completions API", "cmpl", create_completion)
+        return await _serve(raw, body, "generate", "Completions API", "cmpl", create_completion)
 
-    @app.post("/v1/chat/completions", dependencies=json_body)
+    @app.post("/v1/chat/completions", dependencies=JSON_BODY)
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        return await _generation(raw, body, "Chat Completions API", "chatcmpl", create_chat_completion)
+        return await _serve(raw, body, "generate", "Chat Completions API", "chatcmpl", create_chat_completion)
+
+
+def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
+    """Only the routes some served model can answer, as vLLM registers them by task; others are 404."""
+
+    @app.post("/pooling", dependencies=JSON_BODY)
+    async def pooling(body: PoolingRequest, raw: Request) -> Response:
+        return await _serve(raw, body, "pooling", "Pooling API", "pool", create_pooling)
+
+    if registry.any(_embeds):
+
+        @app.post("/v1/embeddings", dependencies=JSON_BODY)
+        async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
+            return await _serve(raw, body, "pooling", "Embeddings API", "embd", create_embedding, _embeds)
+
+    if registry.any(_classifies):
+
+        @app.post("/classify", dependencies=JSON_BODY)
+        async def classify(body: ClassificationRequest, raw: Request) -> Response:
+            return await _serve(
+                raw, body, "pooling", "Classification API", "classify", create_classification, _classifies
+            )
+
+    if registry.any(_scores):
+
+        async def score(body: ScoreRequest, raw: Request) -> Response:
+            return await _serve(raw, body, "pooling", "Score API", "score", create_score, _scores)
+
+        async def rerank(body: RerankRequest, raw: Request) -> Response:
+            return await _serve(raw, body, "pooling", "Rerank API", "score", create_rerank, _scores)
+
+        for path in ("/score", "/v1/score"):
+            app.add_api_route(path, score, methods=["POST"], dependencies=JSON_BODY, operation_id=f"score{path}")
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            app.add_api_route(path, rerank, methods=["POST"], dependencies=JSON_BODY, operation_id=f"rerank{path}")
+
+
+def _add_utility_routes(app: FastAPI) -> None:
+    json_body = JSON_BODY
 
     @app.post("/tokenize", dependencies=json_body)
     async def tokenize(

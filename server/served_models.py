@@ -29,6 +29,10 @@ class ServedModel:
     sampling_defaults: dict[str, Any]  # generation_config.json values that override OpenAI's defaults
     max_tokens_cap: int | None  # from --override-generation-config max_new_tokens
     content_format: ContentFormat
+    pooling_tasks: tuple[str, ...] = ()  # what a pooling model can do: embed, token_embed, classify, ...
+    default_pooling_task: str | None = None
+    id2label: dict[int, str] = dataclasses.field(default_factory=dict)
+    num_labels: int = 0
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # requests admitted and not yet answered in full
 
@@ -52,7 +56,25 @@ class ServedModel:
             sampling_defaults=core.sampling_defaults if generative else {},
             max_tokens_cap=(core.config.override_generation_config or {}).get("max_new_tokens"),
             content_format=resolve_content_format(content_format_flag, template),
+            pooling_tasks=() if generative else tuple(core.spec.tasks),
+            default_pooling_task=None if generative else core.spec.default_task,
+            id2label={} if generative else _labels(core.hf_config),
+            num_labels=0 if generative else core.spec.num_labels,
         )
+
+    @property
+    def can_score(self) -> bool:
+        """vLLM scores with embedding and token-embedding models, and with one-label classifiers."""
+        task = self.default_pooling_task
+        return task in ("embed", "token_embed") or (task == "classify" and self.num_labels == 1)
+
+    def check_task(self, task: str) -> None:
+        if task not in self.pooling_tasks:
+            raise APIError(
+                f"The model `{self.name}` does not support the {task} task; its tasks are: "
+                f"{', '.join(self.pooling_tasks) or 'generate'}.",
+                param="model",
+            )
 
     def admit(self, max_queued: int | None) -> Callable[[], None]:
         """Count a request in (503 when `--max-num-queued-reqs` requests already wait for this engine); returns
@@ -74,6 +96,11 @@ class ServedModel:
         return release
 
 
+def _labels(hf_config) -> dict[int, str]:
+    labels = getattr(hf_config, "id2label", None) or {}
+    return {int(index): label for index, label in labels.items()}
+
+
 class ModelRegistry:
     def __init__(self, models: list[ServedModel]):
         if not models:
@@ -90,11 +117,17 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._by_name)
 
-    def get(self, name: str | None, runner: Runner | None = None, api: str = "") -> ServedModel:
-        """The model a request names; with no name, the first model that can serve the route. 404 if the name
-        is unknown, 400 if the model cannot serve this API."""
+    def get(
+        self,
+        name: str | None,
+        runner: Runner | None = None,
+        api: str = "",
+        supports: Callable[[ServedModel], bool] = lambda model: True,
+    ) -> ServedModel:
+        """The model a request names; with no name, the first model that can serve the route (`runner`, and
+        `supports`). 404 if the name is unknown, 400 if the model is of the other runner."""
         if name is None:
-            candidates = [m for m in self.models if runner is None or m.runner == runner]
+            candidates = [m for m in self.models if (runner is None or m.runner == runner) and supports(m)]
             if not candidates:
                 raise APIError(f"No served model supports the {api}.")
             return candidates[0]
@@ -106,6 +139,9 @@ class ModelRegistry:
         if runner is not None and model.runner != runner:
             raise APIError(f"The model `{name}` does not support the {api}.", param="model")
         return model
+
+    def any(self, supports: Callable[[ServedModel], bool]) -> bool:
+        return any(supports(model) for model in self.models)
 
     def dead_engines(self) -> list[str]:
         return [m.name for m in self.models if m.engine.errored]

@@ -1,0 +1,287 @@
+"""The pooling routes: /v1/embeddings, /pooling, /classify, /score (/v1/score) and /rerank (/v1, /v2).
+
+Each request's inputs become `PoolingPrompt`s off the event loop (tokenized, or rendered through the chat
+template first), go to the engine together as separate engine requests, and come back as one response."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+
+import ml_dtypes
+import numpy as np
+from fastapi.responses import Response
+
+from jaxserve.pooling_params import PoolingParams, PoolingPrompt
+from jaxserve.scoring import pair_up
+
+from .chat import check_template_trust, render_chat_prompt
+from .context import RequestContext
+from .errors import APIError
+from .generation import json_response, usage
+from .pooling_protocol import (
+    ClassificationData,
+    ClassificationRequest,
+    EmbeddingData,
+    EmbeddingRequest,
+    EncodingFields,
+    ListResponse,
+    PoolingData,
+    PoolingInputFields,
+    PoolingRequest,
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+    ScoreData,
+    ScoreRequest,
+    ScoringFields,
+)
+from .protocol import ChatTemplateFields
+from .served_models import ServedModel
+
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+# --- inputs and the engine ------------------------------------------------------------------------------------
+
+
+def _prepare(request: PoolingInputFields, model: ServedModel, default_kwargs: dict) -> list[PoolingPrompt]:
+    """Every input of the request as a pooling prompt. Runs off the event loop."""
+    truncation = {"truncate_prompt_tokens": request.truncate_prompt_tokens, "truncation_side": request.truncation_side}
+    if request.messages is not None:
+        messages = request.messages
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations or not all(conversations):
+            raise APIError("messages must not be empty.", param="messages")
+        prompts = []
+        for conversation in conversations:
+            fields = ChatTemplateFields(
+                messages=conversation,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                add_special_tokens=bool(request.add_special_tokens),
+                chat_template=request.chat_template,
+                chat_template_kwargs=request.chat_template_kwargs,
+            )
+            rendered = render_chat_prompt(model, fields, default_kwargs)
+            prompts.append(model.engine.prepare(rendered.token_ids, **truncation))
+        return prompts
+    raw = request.input
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]
+    if not raw:
+        raise APIError("You must pass at least one prompt", param="input")
+    if request.add_special_tokens is False:
+        raw = [
+            model.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else item for item in raw
+        ]
+    return [model.engine.prepare(item, **truncation) for item in raw]
+
+
+async def _pool(
+    model: ServedModel, prompts: list[PoolingPrompt], params: PoolingParams, ctx: RequestContext
+) -> list[np.ndarray]:
+    """The pooled outputs of `prompts`, in order. Every input is checked before any is sent."""
+    for prompt in prompts:
+        model.engine.check(prompt.token_ids, params)
+    recorder = ctx.metrics.start_request(model.name, sum(len(p.token_ids) for p in prompts))
+    finish_reason = "abort"
+    try:
+        outputs = await asyncio.gather(
+            *(
+                model.engine.encode(p.token_ids, params, f"{ctx.engine_id}-{i}", p.token_type_ids, p.start_offset)
+                for i, p in enumerate(prompts)
+            )
+        )
+        finish_reason = "stop"
+    finally:
+        recorder.finish(finish_reason)
+    return [output.outputs.data for output in outputs]
+
+
+async def _inputs(request: PoolingInputFields, model: ServedModel, ctx: RequestContext) -> list[PoolingPrompt]:
+    if request.messages is not None:
+        check_template_trust(request.chat_template, ctx.settings.trust_request_chat_template)
+    return await asyncio.to_thread(_prepare, request, model, ctx.settings.default_chat_template_kwargs)
+
+
+def _usage(prompts: list[PoolingPrompt]):
+    return usage(sum(len(p.token_ids) for p in prompts), 0)
+
+
+# --- encodings ------------------------------------------------------------------------------------------------
+
+
+def _raw_bytes(data: np.ndarray, encoding: EncodingFields) -> bytes:
+    array = np.ascontiguousarray(data, dtype=np.float32).astype(DTYPES[encoding.embed_dtype])
+    native = sys.byteorder
+    if encoding.endianness != "native" and encoding.endianness != native:
+        array = array.byteswap()
+    return array.tobytes()
+
+
+def _encoded(data: np.ndarray, encoding: EncodingFields) -> list | str:
+    if encoding.encoding_format == "float":
+        return data.tolist()
+    return base64.b64encode(_raw_bytes(data, encoding)).decode()
+
+
+def _bytes_response(body: ListResponse, arrays: list[np.ndarray], encoding: EncodingFields) -> Response:
+    """`bytes` / `bytes_only`: the raw arrays back to back; `bytes` adds their layout in a `metadata` header."""
+    chunks, items, offset = [], [], 0
+    for index, array in enumerate(arrays):
+        raw = _raw_bytes(array, encoding)
+        chunks.append(raw)
+        items.append(
+            {
+                "index": index,
+                "embed_dtype": encoding.embed_dtype,
+                "endianness": encoding.endianness,
+                "start": offset,
+                "end": offset + len(raw),
+                "shape": list(array.shape),
+            }
+        )
+        offset += len(raw)
+    headers = {}
+    if encoding.encoding_format == "bytes":
+        metadata = {
+            "id": body.id,
+            "created": body.created,
+            "model": body.model,
+            "data": items,
+            "usage": {"prompt_tokens": body.usage.prompt_tokens, "total_tokens": body.usage.total_tokens},
+        }
+        headers["metadata"] = json.dumps(metadata)
+    return Response(b"".join(chunks), media_type="application/octet-stream", headers=headers)
+
+
+def _list_response(
+    ctx: RequestContext, model: ServedModel, prompts, arrays: list[np.ndarray], encoding: EncodingFields, item
+) -> Response:
+    """An embeddings or pooling list response in the requested encoding; `item(index, encoded)` makes a row."""
+    body = ListResponse(id=ctx.response_id, created=ctx.created, model=model.name, data=[], usage=_usage(prompts))
+    if encoding.encoding_format in ("bytes", "bytes_only"):
+        return _bytes_response(body, arrays, encoding)
+    body.data = [item(i, _encoded(array, encoding)) for i, array in enumerate(arrays)]
+    return json_response(body)
+
+
+# --- routes ---------------------------------------------------------------------------------------------------
+
+
+async def create_embedding(request: EmbeddingRequest, model: ServedModel, ctx: RequestContext) -> Response:
+    task = "token_embed" if model.default_pooling_task == "token_embed" else "embed"
+    model.check_task(task)
+    params = PoolingParams(task=task, dimensions=request.dimensions, use_activation=request.activation)
+    prompts = await _inputs(request, model, ctx)
+    arrays = await _pool(model, prompts, params, ctx)
+    return _list_response(ctx, model, prompts, arrays, request, lambda i, e: EmbeddingData(index=i, embedding=e))
+
+
+def default_pooling_task(model: ServedModel) -> str:
+    """/pooling without a task: the token-level output where the model has one (multi-vector embeddings,
+    per-token rewards), else its sequence output."""
+    if "token_embed" in model.pooling_tasks:
+        return "token_embed"
+    return model.default_pooling_task
+
+
+async def create_pooling(request: PoolingRequest, model: ServedModel, ctx: RequestContext) -> Response:
+    params = PoolingParams(
+        task=request.task or default_pooling_task(model),
+        dimensions=request.dimensions,
+        use_activation=request.activation,
+    )
+    model.check_task(params.task)
+    prompts = await _inputs(request, model, ctx)
+    arrays = await _pool(model, prompts, params, ctx)
+    return _list_response(ctx, model, prompts, arrays, request, lambda i, e: PoolingData(index=i, data=e))
+
+
+async def create_classification(request: ClassificationRequest, model: ServedModel, ctx: RequestContext) -> Response:
+    model.check_task("classify")
+    params = PoolingParams(task="classify", use_activation=request.activation)
+    prompts = await _inputs(request, model, ctx)
+    arrays = await _pool(model, prompts, params, ctx)
+    data = [
+        ClassificationData(
+            index=i,
+            label=model.id2label.get(int(np.argmax(probs))),
+            probs=probs.tolist(),
+            num_classes=len(probs),
+        )
+        for i, probs in enumerate(arrays)
+    ]
+    return json_response(
+        ListResponse(id=ctx.response_id, created=ctx.created, model=model.name, data=data, usage=_usage(prompts))
+    )
+
+
+async def _scores(
+    request: ScoringFields, model: ServedModel, queries, documents: list[str], ctx: RequestContext
+) -> tuple[list[float], int]:
+    """Scores of the pairs of `queries` (one, or one per document) and `documents`, and the tokens pooled."""
+    if not model.can_score:
+        raise APIError(
+            f"The model `{model.name}` does not support the Score API (it needs an embedding model or a "
+            f"classifier with one label; its tasks are: {', '.join(model.pooling_tasks)}).",
+            param="model",
+        )
+    if request.max_tokens_per_doc >= model.max_model_len:
+        raise APIError(
+            f"max_tokens_per_doc ({request.max_tokens_per_doc}) must be less than max_model_len "
+            f"({model.max_model_len}).",
+            param="max_tokens_per_doc",
+        )
+
+    def plan():
+        docs = documents
+        if request.max_tokens_per_doc:
+            docs = [model.tokenizer.truncate_text(d, request.max_tokens_per_doc) for d in documents]
+        return model.engine.plan_scores(pair_up(queries, docs), request.truncate_prompt_tokens)
+
+    score_plan = await asyncio.to_thread(plan)
+    params = PoolingParams(task=score_plan.task, use_activation=request.activate)
+    pooled = await _pool(model, score_plan.prompts, params, ctx)
+    return score_plan.scores(pooled), score_plan.num_prompt_tokens
+
+
+async def create_score(request: ScoreRequest, model: ServedModel, ctx: RequestContext) -> Response:
+    queries, documents = request.sides()
+    documents = [documents] if isinstance(documents, str) else documents
+    scores, num_tokens = await _scores(request, model, queries, documents, ctx)
+    data = [ScoreData(index=i, score=score) for i, score in enumerate(scores)]
+    return json_response(
+        ListResponse(id=ctx.response_id, created=ctx.created, model=model.name, data=data, usage=usage(num_tokens, 0))
+    )
+
+
+async def create_rerank(request: RerankRequest, model: ServedModel, ctx: RequestContext) -> Response:
+    texts = [d if isinstance(d, str) else d.get("text") for d in request.documents]
+    if any(not isinstance(t, str) for t in texts):
+        raise APIError('documents must be strings or objects with a "text" string.', param="documents")
+    scores, num_tokens = await _scores(request, model, request.query, texts, ctx)
+    order = sorted(range(len(texts)), key=lambda i: -scores[i])
+    if 0 < request.top_n < len(order):
+        order = order[: request.top_n]
+    results = [
+        RerankResult(
+            index=i,
+            document=RerankDocument(text=texts[i]) if request.return_documents else None,
+            relevance_score=scores[i],
+        )
+        for i in order
+    ]
+    return json_response(
+        RerankResponse(
+            id=ctx.response_id,
+            model=model.name,
+            usage=RerankUsage(prompt_tokens=num_tokens, total_tokens=num_tokens),
+            results=results,
+        )  # fmt: skip
+    )

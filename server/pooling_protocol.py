@@ -1,0 +1,164 @@
+"""Request and response bodies of the pooling routes (vLLM contract §4): /v1/embeddings, /pooling, /classify,
+/score and /rerank. Older spellings are accepted (DESIGN.md §8): `normalize` beside `use_activation`,
+`text_1`/`text_2` beside `queries`/`documents`, a per-request `task` on /pooling."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .protocol import RequestBody, ResponseBody, UsageInfo, now
+
+Message = dict[str, Any]
+
+
+class PoolingInputFields(RequestBody):
+    """Completion-style `input`, or chat-style `messages` (one conversation, or a list of them)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[Message] | list[list[Message]] | None = None
+    add_special_tokens: bool | None = None  # default: true for `input`, false for `messages` (as vLLM)
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    use_activation: bool | None = None
+    normalize: bool | None = None  # older spelling of use_activation for embeddings
+    user: str | None = None
+    request_id: str | None = None
+    priority: int = 0
+
+    @model_validator(mode="after")
+    def _one_kind_of_input(self) -> PoolingInputFields:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("Exactly one of `input` and `messages` must be given")
+        return self
+
+    @property
+    def activation(self) -> bool | None:
+        return self.use_activation if self.use_activation is not None else self.normalize
+
+
+class EncodingFields(RequestBody):
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
+    embed_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    endianness: Literal["native", "big", "little"] = "native"
+
+
+class EmbeddingRequest(PoolingInputFields, EncodingFields):
+    dimensions: int | None = None
+
+
+class PoolingRequest(PoolingInputFields, EncodingFields):
+    task: str | None = None
+    dimensions: int | None = None
+
+
+class ClassificationRequest(PoolingInputFields):
+    pass
+
+
+class ScoringFields(RequestBody):
+    model: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    use_activation: bool | None = None
+    activation: bool | None = None  # older spelling
+    max_tokens_per_doc: int = Field(0, ge=0)
+    user: str | None = None
+    request_id: str | None = None
+    priority: int = 0
+
+    @property
+    def activate(self) -> bool | None:
+        return self.use_activation if self.use_activation is not None else self.activation
+
+
+ScoreInput = str | list[str]
+PAIR_SPELLINGS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+
+
+class ScoreRequest(ScoringFields):
+    queries: ScoreInput | None = None
+    documents: ScoreInput | None = None
+    items: ScoreInput | None = None
+    data_1: ScoreInput | None = None
+    data_2: ScoreInput | None = None
+    text_1: ScoreInput | None = None
+    text_2: ScoreInput | None = None
+
+    def sides(self) -> tuple[ScoreInput, ScoreInput]:
+        """The two sides, whichever of vLLM's spellings the request used (exactly one)."""
+        given = [(a, b) for a, b in PAIR_SPELLINGS if getattr(self, a) is not None and getattr(self, b) is not None]
+        if len(given) != 1:
+            spellings = ", ".join(f"{a}+{b}" for a, b in PAIR_SPELLINGS)
+            raise ValueError(f"Give exactly one pair of inputs: {spellings}")
+        first, second = given[0]
+        return getattr(self, first), getattr(self, second)
+
+
+class RerankRequest(ScoringFields):
+    query: str
+    documents: list[str | dict[str, Any]]
+    top_n: int = Field(0, ge=0)
+    return_documents: bool = True
+
+
+class EmbeddingData(ResponseBody):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | list[list[float]] | str
+
+
+class PoolingData(ResponseBody):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[float] | list[list[float]] | str
+
+
+class ClassificationData(ResponseBody):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ScoreData(ResponseBody):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ListResponse(ResponseBody):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=now)
+    model: str
+    data: list[EmbeddingData] | list[PoolingData] | list[ClassificationData] | list[ScoreData]
+    usage: UsageInfo
+
+
+class RerankDocument(ResponseBody):
+    text: str
+    multi_modal: Any = None
+
+
+class RerankResult(ResponseBody):
+    index: int
+    document: RerankDocument | None = None
+    relevance_score: float
+
+
+class RerankUsage(ResponseBody):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(ResponseBody):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
