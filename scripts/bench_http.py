@@ -41,14 +41,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 import httpx
 import numpy as np
-from jaxserve.server.launch import background_server
-from jaxserve.server.served_models import ServedModel
 
 from jaxserve.async_engine import AsyncEngine
 from jaxserve.config import EngineConfig
 from jaxserve.llm import create_engine
 from jaxserve.model_source import DEFAULT_GENERATE_MODEL
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+from jaxserve.server.launch import background_server
+from jaxserve.server.served_models import ServedModel
 
 DEFAULT_MESSAGE = "What is the capital of France?"
 

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from jaxserve import SamplingParams
 from jaxserve.kernels_pallas import kv_cache_shape
 from jaxserve.models.batch import RaggedBatch
 from jaxserve.models.registry import create_causal_lm
-
-from jaxserve import SamplingParams
 from jaxserve.weights import load_weights
 
 from .conftest import DECODERS

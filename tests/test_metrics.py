@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from jaxserve.server.metrics import ServerMetrics
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from jaxserve.server.metrics import ServerMetrics
 from jaxserve.stats import EngineStats
 
 

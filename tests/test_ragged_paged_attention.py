@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from jaxserve.kernels_pallas import kv_cache_shape, ragged_paged_attention, ragged_paged_attention_reference
 
 rpa_module = importlib.import_module("jaxserve.kernels_pallas.ragged_paged_attention")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from jaxserve.kernels_pallas import POOLING_MODES, segment_pool, segment_pool_reference
 
 LENS = [5, 1, 12, 3, 8, 2]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jaxserve.server.launch import free_port
 
 from jaxserve.cli import build_parser, served_names, server_settings
+from jaxserve.server.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",

@@ -10,12 +10,12 @@ import time
 import httpx
 import openai
 import pytest
-from jaxserve.server.launch import background_server
-from jaxserve.server.served_models import ServedModel
-from jaxserve.server.settings import ServerSettings
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve import AsyncEngine, SamplingParams
+from jaxserve.server.launch import background_server
+from jaxserve.server.served_models import ServedModel
+from jaxserve.server.settings import ServerSettings
 
 from .conftest import TINY_ENGINE, TINY_POOLING
 

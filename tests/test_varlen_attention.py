@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from jaxserve.kernels_pallas import varlen_attention, varlen_attention_reference
 
 varlen_module = importlib.import_module("jaxserve.kernels_pallas.varlen_attention")
