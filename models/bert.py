@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from jaxserve.kernels_pallas import varlen_attention
 
 from .batch import PackedBatch

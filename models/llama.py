@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from jaxserve.kernels_pallas import ragged_paged_attention, varlen_attention
 
 from .batch import PackedBatch, RaggedBatch
