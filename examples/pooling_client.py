@@ -17,28 +17,9 @@ Run the server in one terminal and this script in another:
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
-import httpx
-
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def post(url: str, body: dict) -> dict:
-    """POST `body` as JSON; exits with a one-line message if the server cannot be reached or answers an error."""
-    try:
-        response = httpx.post(url, json=body, timeout=120)
-    except httpx.HTTPError as error:
-        sys.exit(f"error: cannot reach {url} ({error}). Is `jaxserve serve` running?")
-    if response.is_error:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text
-        sys.exit(f"error: HTTP {response.status_code} from {url}: {message}")
-    return response.json()
+from _pooling_http import make_parser, post
 
 
 def shape(value) -> list[int]:
@@ -63,10 +44,7 @@ def shorten(value):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="localhost", help="server host (default localhost)")
-    parser.add_argument("--port", type=int, default=8000, help="server port (default 8000)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"pooling model (default {DEFAULT_MODEL})")
+    parser = make_parser(__doc__)
     parser.add_argument("--task", help="embed, token_embed, classify or token_classify (default: the server's)")
     args = parser.parse_args()
 

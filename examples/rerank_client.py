@@ -12,12 +12,8 @@ Run the server in one terminal and this script in another:
 
 from __future__ import annotations
 
-import argparse
-import sys
+from _pooling_http import make_parser, post
 
-import httpx
-
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 QUERY = "What is the capital of France?"
 DOCUMENTS = [
     "Bananas are rich in potassium.",
@@ -28,26 +24,8 @@ DOCUMENTS = [
 ]
 
 
-def post(url: str, body: dict) -> dict:
-    """POST `body` as JSON; exits with a one-line message if the server cannot be reached or answers an error."""
-    try:
-        response = httpx.post(url, json=body, timeout=120)
-    except httpx.HTTPError as error:
-        sys.exit(f"error: cannot reach {url} ({error}). Is `jaxserve serve` running?")
-    if response.is_error:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text
-        sys.exit(f"error: HTTP {response.status_code} from {url}: {message}")
-    return response.json()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="localhost", help="server host (default localhost)")
-    parser.add_argument("--port", type=int, default=8000, help="server port (default 8000)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedding model (default {DEFAULT_MODEL})")
+    parser = make_parser(__doc__)
     parser.add_argument("--top-n", type=int, default=3, help="results to return (default 3; 0: all)")
     args = parser.parse_args()
 
