@@ -28,8 +28,11 @@ One pass over T: every token gets a segment id (padding and left-out tokens an o
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 POOLING_MODES = ("cls", "last", "mean", "max", "mean_sqrt_len")
 _NORMALIZE_EPS = 1e-12
@@ -91,3 +94,87 @@ def truncate_and_normalize(
         norm = jnp.sqrt(jnp.sum(rows * rows, axis=-1, keepdims=True))
         rows = jnp.where(normalize[:, None], rows / jnp.maximum(norm, _NORMALIZE_EPS), rows)
     return rows
+
+
+# --- Pallas -------------------------------------------------------------------------------------------------------
+
+_BLOCK_TOKENS = 16  # token rows per tile of the walk over a segment
+_MAX_BLOCK_FEATURES = 512
+
+
+def _feature_block(hidden_size: int) -> int:
+    """The widest power of two dividing hidden_size, at most _MAX_BLOCK_FEATURES (Triton blocks are powers of 2)."""
+    return min(hidden_size & -hidden_size, _MAX_BLOCK_FEATURES)
+
+
+def _pool_kernel(cu_ref, num_seqs_ref, offsets_ref, hidden_ref, out_ref, *, mode: str, num_tokens: int):
+    """One (segment, feature block): walks the segment's token tiles once, accumulating in float32."""
+    s, h = pl.program_id(0), pl.program_id(1)
+    width = out_ref.shape[-1]
+    lanes = pl.ds(pl.multiple_of(h * width, width), width)
+    start, end = cu_ref[s], cu_ref[s + 1]
+    real = (s < num_seqs_ref[0]) & (end > start)
+
+    if mode in ("cls", "last"):
+        row = jnp.clip(start if mode == "cls" else end - 1, 0, num_tokens - 1)
+        pooled = hidden_ref[pl.ds(row, 1), lanes].astype(jnp.float32)
+        count = end - start
+    else:
+        first = start + jnp.minimum(offsets_ref[s], end - start)
+        count = jnp.where(real, end - first, 0)
+
+        def add_tile(block, acc):
+            rows = block * _BLOCK_TOKENS + jax.lax.broadcasted_iota(jnp.int32, (_BLOCK_TOKENS, 1), 0)
+            tile = hidden_ref[pl.ds(pl.multiple_of(block * _BLOCK_TOKENS, _BLOCK_TOKENS), _BLOCK_TOKENS), lanes]
+            keep = (rows >= first) & (rows < end)
+            if mode == "max":
+                return jnp.maximum(acc, jnp.max(jnp.where(keep, tile.astype(jnp.float32), -jnp.inf), 0, keepdims=True))
+            return acc + jnp.sum(jnp.where(keep, tile.astype(jnp.float32), 0.0), 0, keepdims=True)
+
+        initial = jnp.full((1, width), -jnp.inf if mode == "max" else 0.0, jnp.float32)
+        first_block = first // _BLOCK_TOKENS
+        last_block = jnp.where(count > 0, pl.cdiv(end, _BLOCK_TOKENS), first_block)
+        pooled = jax.lax.fori_loop(first_block, last_block, add_tile, initial)
+        safe = jnp.maximum(count, 1).astype(jnp.float32)
+        if mode == "mean":
+            pooled = pooled / safe
+        elif mode == "mean_sqrt_len":
+            pooled = pooled / jnp.sqrt(safe)
+    out_ref[...] = jnp.where(real & (count > 0), pooled, 0.0)
+
+
+def segment_pool_pallas(
+    hidden: jax.Array,
+    cu_seqlens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    mode: str,
+    start_offsets: jax.Array | None = None,
+    dimensions: jax.Array | None = None,
+    normalize: jax.Array | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """`segment_pool_reference` as one Pallas kernel: a grid of (segment, feature block), each walking its
+    segment's aligned token tiles once. Truncation and normalization of the [S, H] result follow in the same
+    jitted program."""
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
+    num_tokens, hidden_size = hidden.shape
+    num_segments = cu_seqlens.shape[0] - 1
+    n = num_seqs[0]
+    cu = jnp.where(jnp.arange(num_segments + 1) <= n, cu_seqlens, cu_seqlens[n]).astype(jnp.int32)
+    offsets = jnp.zeros((num_segments,), jnp.int32) if start_offsets is None else start_offsets.astype(jnp.int32)
+    padded_tokens = pl.cdiv(max(num_tokens, 1), _BLOCK_TOKENS) * _BLOCK_TOKENS
+    if padded_tokens != num_tokens:
+        hidden = jnp.pad(hidden, ((0, padded_tokens - num_tokens), (0, 0)))
+    width = _feature_block(hidden_size)
+    whole = pl.no_block_spec
+    pooled = pl.pallas_call(
+        functools.partial(_pool_kernel, mode=mode, num_tokens=max(num_tokens, 1)),
+        grid=(num_segments, hidden_size // width),
+        in_specs=[whole, whole, whole, whole],
+        out_specs=pl.BlockSpec((1, width), lambda s, h: (s, h)),
+        out_shape=jax.ShapeDtypeStruct((num_segments, hidden_size), jnp.float32),
+        interpret=interpret,
+    )(cu, num_seqs.astype(jnp.int32), jnp.maximum(offsets, 0), hidden)
+    return truncate_and_normalize(pooled, dimensions, normalize)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxserve.kernels_pallas import POOLING_MODES, segment_pool, segment_pool_reference
+from jaxserve.kernels_pallas.segment_pool import segment_pool_pallas
 
 LENS = [5, 1, 12, 3, 8, 2]
 OFFSETS = [2, 0, 11, 3, 7, 0]  # prompts: some tokens left out, none, all but one, all of them, ...
@@ -97,19 +98,32 @@ def check(case: PoolCase, out, mode: str, **kwargs) -> np.ndarray:
     return ref
 
 
+IMPLEMENTATIONS = {
+    "reference": segment_pool,
+    "pallas": jax.jit(
+        functools.partial(segment_pool_pallas, interpret=True), static_argnames=("mode",)
+    ),  # the Pallas kernel, run by the interpreter on CPU
+}
+
+
+@pytest.fixture(params=list(IMPLEMENTATIONS))
+def pool(request):
+    return IMPLEMENTATIONS[request.param]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("offsets", [False, True], ids=["whole-segments", "start-offsets"])
 @pytest.mark.parametrize("mode", POOLING_MODES)
-def test_modes_match_numpy(mode, offsets):
+def test_modes_match_numpy(pool, mode, offsets):
     case = make_case(np.random.default_rng(1))
     kwargs = dict(start_offsets=jnp.asarray(padded(OFFSETS, 2, 0), jnp.int32)) if offsets else {}
-    out = segment_pool(*case.args(), mode=mode, **kwargs)
+    out = pool(*case.args(), mode=mode, **kwargs)
     ref = check(case, out, mode, **kwargs)
     s = len(case.lens)
     if offsets and mode in ("cls", "last"):  # the prompt does not move the first / last token
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(segment_pool(*case.args(), mode=mode)))
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(pool(*case.args(), mode=mode)))
     elif offsets:  # the prompt tokens really are left out: 0, 2, 4 change, 3 pools nothing, 1 and 5 keep all
         plain = naive_pool(case, mode)
         assert np.abs(ref[[0, 2, 4]] - plain[[0, 2, 4]]).max(axis=1).min() > 1e-3
@@ -120,14 +134,14 @@ def test_modes_match_numpy(mode, offsets):
         assert all(np.abs(ref[:s] - o[:s]).max() > 1e-2 for o in others)
 
 
-def test_mean_of_single_token_segments_is_the_token():
+def test_mean_of_single_token_segments_is_the_token(pool):
     case = make_case(np.random.default_rng(2), [1, 1, 1], pad_tokens=3, pad_seqs=1)
     for mode in ("cls", "last", "mean", "max"):
-        out = np.asarray(segment_pool(*case.args(), mode=mode))
+        out = np.asarray(pool(*case.args(), mode=mode))
         np.testing.assert_array_equal(out[:3], case.hidden[:3])
 
 
-def test_prompt_tokens_never_reach_the_pool():
+def test_prompt_tokens_never_reach_the_pool(pool):
     """include_prompt=False: huge values in the left-out prompt tokens change nothing (max included)."""
     case = make_case(np.random.default_rng(3))
     offsets = padded(OFFSETS, 2, 0)
@@ -137,19 +151,19 @@ def test_prompt_tokens_never_reach_the_pool():
         loud[lo + 1 : lo + min(OFFSETS[s], case.lens[s])] = 1e30  # keep the cls token as it is
     loud_case = dataclasses.replace(case, hidden=loud)
     for mode in ("mean", "max", "mean_sqrt_len"):
-        want = segment_pool(*case.args(), mode=mode, start_offsets=jnp.asarray(offsets, jnp.int32))
-        got = segment_pool(*loud_case.args(), mode=mode, start_offsets=jnp.asarray(offsets, jnp.int32))
+        want = pool(*case.args(), mode=mode, start_offsets=jnp.asarray(offsets, jnp.int32))
+        got = pool(*loud_case.args(), mode=mode, start_offsets=jnp.asarray(offsets, jnp.int32))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("mode", ["mean", "cls", "max"])
-def test_dimensions_then_normalize(mode):
+def test_dimensions_then_normalize(pool, mode):
     """Matryoshka: the first d features kept, the rest zero, and the kept ones unit-norm where normalize is set."""
     case = make_case(np.random.default_rng(4))
     dims = padded([8, HIDDEN, 16, 1, 100, 3], 2, 5)  # 100 > H keeps everything
     norm = padded([True, True, False, True, True, False], 2, True)
     kwargs = dict(dimensions=jnp.asarray(dims, jnp.int32), normalize=jnp.asarray(norm))
-    out = np.asarray(segment_pool(*case.args(), mode=mode, **kwargs))
+    out = np.asarray(pool(*case.args(), mode=mode, **kwargs))
     check(case, out, mode, dimensions=dims, normalize=norm)
     for s in range(len(case.lens)):
         d = min(int(dims[s]), HIDDEN)
@@ -157,19 +171,19 @@ def test_dimensions_then_normalize(mode):
         if norm[s]:
             np.testing.assert_allclose(np.linalg.norm(out[s, :d]), 1.0, rtol=1e-5)
     # without dimensions: normalize alone is unit-norm over all features; normalize off is plain pooling
-    alone = np.asarray(segment_pool(*case.args(), mode=mode, normalize=jnp.asarray(norm)))
+    alone = np.asarray(pool(*case.args(), mode=mode, normalize=jnp.asarray(norm)))
     check(case, alone, mode, normalize=norm)
     plain = naive_pool(case, mode)
     np.testing.assert_allclose(alone[2], plain[2], rtol=1e-5, atol=1e-6)
     # only dimensions: a truncation of the plain pool
-    cut = np.asarray(segment_pool(*case.args(), mode=mode, dimensions=jnp.asarray(dims, jnp.int32)))
+    cut = np.asarray(pool(*case.args(), mode=mode, dimensions=jnp.asarray(dims, jnp.int32)))
     check(case, cut, mode, dimensions=dims)
 
 
-def test_normalize_zero_vector_stays_zero():
+def test_normalize_zero_vector_stays_zero(pool):
     """A row with nothing pooled (all tokens left out) normalizes to 0, not NaN (eps 1e-12)."""
     case = make_case(np.random.default_rng(5), [3, 4], pad_tokens=2, pad_seqs=1)
-    out = segment_pool(
+    out = pool(
         *case.args(),
         mode="mean",
         start_offsets=jnp.asarray([3, 1, 0], jnp.int32),
@@ -181,17 +195,17 @@ def test_normalize_zero_vector_stays_zero():
 
 
 @pytest.mark.parametrize("mode", POOLING_MODES)
-def test_bf16_hidden_pools_in_float32(mode):
+def test_bf16_hidden_pools_in_float32(pool, mode):
     case = make_case(np.random.default_rng(6), dtype=np.float32)
     bf16 = jnp.asarray(case.hidden, jnp.bfloat16)
-    out = segment_pool(bf16, *case.args()[1:], mode=mode, start_offsets=jnp.asarray(padded(OFFSETS, 2, 0), jnp.int32))
+    out = pool(bf16, *case.args()[1:], mode=mode, start_offsets=jnp.asarray(padded(OFFSETS, 2, 0), jnp.int32))
     assert out.dtype == jnp.float32
     # exactly the float64 pool of the bf16 values: no bf16 rounding of the sum
     as_f32 = dataclasses.replace(case, hidden=np.asarray(bf16.astype(jnp.float32)))
     check(as_f32, out, mode, start_offsets=padded(OFFSETS, 2, 0))
 
 
-def test_padding_never_leaks():
+def test_padding_never_leaks(pool):
     """Same real tokens with and without NaN padding rows / padded segments, and with garbage cu_seqlens entries
     past num_seqs: identical real rows, zero padded rows."""
     case = make_case(np.random.default_rng(7), pad_tokens=9, pad_seqs=3)
@@ -200,21 +214,19 @@ def test_padding_never_leaks():
     junk = dataclasses.replace(case, cu_seqlens=np.concatenate([case.cu_seqlens[: s + 1], [0, n + 9, 2]]))
     offsets = jnp.asarray(padded(OFFSETS, 3, 1), jnp.int32)
     for mode in POOLING_MODES:
-        out = np.asarray(segment_pool(*case.args(), mode=mode, start_offsets=offsets))
+        out = np.asarray(pool(*case.args(), mode=mode, start_offsets=offsets))
         check(case, out, mode, start_offsets=np.asarray(offsets))
-        np.testing.assert_array_equal(
-            out[:s], np.asarray(segment_pool(*clean.args(), mode=mode, start_offsets=offsets[:s]))
-        )
-        np.testing.assert_array_equal(np.asarray(segment_pool(*junk.args(), mode=mode, start_offsets=offsets)), out)
+        np.testing.assert_array_equal(out[:s], np.asarray(pool(*clean.args(), mode=mode, start_offsets=offsets[:s])))
+        np.testing.assert_array_equal(np.asarray(pool(*junk.args(), mode=mode, start_offsets=offsets)), out)
 
 
-def test_all_padding_call_gives_zeros():
+def test_all_padding_call_gives_zeros(pool):
     case = make_case(np.random.default_rng(8), [4, 2], pad_tokens=3, pad_seqs=2)
     case = dataclasses.replace(
         case, lens=[], hidden=np.full_like(case.hidden, np.nan), num_seqs=np.array([0], np.int32)
     )
     for mode in POOLING_MODES:
-        out = np.asarray(segment_pool(*case.args(), mode=mode, normalize=jnp.ones(4, bool)))
+        out = np.asarray(pool(*case.args(), mode=mode, normalize=jnp.ones(4, bool)))
         assert out.shape == (4, HIDDEN) and np.all(out == 0.0)
 
 
