@@ -22,8 +22,11 @@ Memory is O(block x block) for any segment length.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from ._online_softmax import attend_packed_keys, finish, init_carry
 
@@ -79,3 +82,117 @@ def varlen_attention_reference(
         soft_cap=soft_cap,
     )
     return finish(carry).reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+# --- Pallas -------------------------------------------------------------------------------------------------------
+
+_BLOCK_Q = 32  # query tokens per program
+_BLOCK_K = 32  # key tokens per online-softmax step
+_MASKED = -1e30  # finite, so a row that has seen no key yet never computes inf - inf
+
+
+def _key_ranges(seq, real, bounds, num_tokens: int, causal: bool) -> tuple[jax.Array, jax.Array]:
+    """Per query block, the token range its keys lie in: from its first segment's start to its last segment's
+    end (to its last token, when causal). Blocks of padding get an empty range."""
+    starts, ends = bounds
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    lo = jnp.where(real, starts, num_tokens).reshape(-1, _BLOCK_Q).min(axis=1)
+    hi = jnp.where(real, t + 1 if causal else ends, 0).reshape(-1, _BLOCK_Q).max(axis=1)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _varlen_kernel(
+    lo_ref, hi_ref, seq_ref, real_ref, q_ref, k_ref, v_ref, out_ref, *, head_dim, group, sm_scale, causal,
+    sliding_window, soft_cap,
+):  # fmt: skip
+    """One (query block, query head): an online softmax over the key blocks of the block's own segments."""
+    block, head = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(pl.multiple_of(block * _BLOCK_Q, _BLOCK_Q), _BLOCK_Q)
+    q_cols = pl.ds(pl.multiple_of(head * head_dim, head_dim), head_dim)
+    kv_cols = pl.ds(pl.multiple_of((head // group) * head_dim, head_dim), head_dim)
+    q = q_ref[rows, q_cols].astype(jnp.float32) * sm_scale
+    q_seq = seq_ref[rows][:, None]
+    q_pos = block * _BLOCK_Q + jax.lax.broadcasted_iota(jnp.int32, (_BLOCK_Q, 1), 0)
+    lo, hi = lo_ref[block], hi_ref[block]
+
+    def step(key_block, carry):
+        m, l, acc = carry
+        keys = pl.ds(pl.multiple_of(key_block * _BLOCK_K, _BLOCK_K), _BLOCK_K)
+        key_real = real_ref[keys] != 0
+        k = k_ref[keys, kv_cols].astype(jnp.float32)
+        v = jnp.where(key_real[:, None], v_ref[keys, kv_cols].astype(jnp.float32), 0.0)  # padding may hold NaN
+        k_pos = key_block * _BLOCK_K + jax.lax.broadcasted_iota(jnp.int32, (1, _BLOCK_K), 1)
+        visible = (q_seq == seq_ref[keys][None, :]) & key_real[None, :]
+        if causal:
+            visible &= k_pos <= q_pos
+        if sliding_window is not None:
+            distance = q_pos - k_pos if causal else jnp.abs(q_pos - k_pos)
+            visible &= distance < sliding_window
+        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        scores = jnp.where(visible, scores, _MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
+        p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)
+        rescale = jnp.exp(m - m_new)
+        l = l * rescale + p.sum(axis=1, keepdims=True)
+        acc = acc * rescale + jnp.dot(p, v, preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    carry = (
+        jnp.full((_BLOCK_Q, 1), _MASKED, jnp.float32),
+        jnp.zeros((_BLOCK_Q, 1), jnp.float32),
+        jnp.zeros((_BLOCK_Q, head_dim), jnp.float32),
+    )
+    first, last = lo // _BLOCK_K, jnp.where(hi > lo, pl.cdiv(hi, _BLOCK_K), lo // _BLOCK_K)
+    _, l, acc = jax.lax.fori_loop(first, last, step, carry)
+    real = real_ref[rows][:, None] != 0
+    out_ref[rows, q_cols] = jnp.where(real & (l > 0), acc / jnp.where(l > 0, l, 1.0), 0.0).astype(out_ref.dtype)
+
+
+def varlen_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cu_seqlens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    causal: bool,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """`varlen_attention_reference` as one Pallas kernel: a grid of (query block, query head), each walking
+    only the key blocks of its own segments (block-diagonal tiles outside them are never read)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_tokens == 0:
+        return jnp.zeros_like(q)
+    padded = pl.cdiv(num_tokens, max(_BLOCK_Q, _BLOCK_K)) * max(_BLOCK_Q, _BLOCK_K)
+    seq, _, real, bounds = segment_layout(cu_seqlens, num_seqs, padded)
+    lo, hi = _key_ranges(seq, real, bounds, padded, causal)
+
+    def flat(x: jax.Array) -> jax.Array:  # [T, H, D] -> [T_padded, H * D]: 2-D tiles for every backend
+        x = x.reshape(num_tokens, -1)
+        return jnp.pad(x, ((0, padded - num_tokens), (0, 0))) if padded != num_tokens else x
+
+    whole = pl.no_block_spec
+    kernel = functools.partial(
+        _varlen_kernel,
+        head_dim=head_dim,
+        group=num_q_heads // num_kv_heads,
+        sm_scale=sm_scale,
+        causal=causal,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(padded // _BLOCK_Q, num_q_heads),
+        in_specs=[whole] * 7,
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct((padded, num_q_heads * head_dim), q.dtype),
+        interpret=interpret,
+    )(lo, hi, seq, real.astype(jnp.int32), flat(q), flat(k), flat(v))
+    return out[:num_tokens].reshape(num_tokens, num_q_heads, head_dim)

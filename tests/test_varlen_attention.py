@@ -17,10 +17,25 @@ import numpy as np
 import pytest
 
 from jaxserve.kernels_pallas import varlen_attention, varlen_attention_reference
+from jaxserve.kernels_pallas.varlen_attention import varlen_attention_pallas
 
 varlen_module = importlib.import_module("jaxserve.kernels_pallas.varlen_attention")
 
 KERNELS = {"reference": varlen_attention_reference, "dispatcher": varlen_attention}
+# what the behaviour tests run: the dispatcher (the reference on CPU) and the Pallas kernel in interpret mode
+ATTENTION = {
+    "dispatcher": varlen_attention,
+    "pallas": jax.jit(
+        functools.partial(varlen_attention_pallas, interpret=True),
+        static_argnames=("sm_scale", "causal", "sliding_window", "soft_cap"),
+    ),
+}
+
+
+@pytest.fixture(params=list(ATTENTION))
+def attention(request):
+    return ATTENTION[request.param]
+
 
 # (Hq, Hkv, head_dim): GQA ratios 1/4/8, each head dim with more than one ratio
 CONFIGS = [(8, 8, 128), (8, 2, 64), (8, 2, 128), (8, 1, 64)]
@@ -142,10 +157,10 @@ CAUSAL = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidire
 
 @CAUSAL
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", CONFIGS, ids=CONFIG_IDS)
-def test_mixed_segments_match_numpy(num_q_heads, num_kv_heads, head_dim, causal):
+def test_mixed_segments_match_numpy(attention, num_q_heads, num_kv_heads, head_dim, causal):
     rng = np.random.default_rng(100 + head_dim + num_kv_heads + causal)
     case = make_case(rng, MIXED, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    out = run(case, causal=causal)
+    out = run(case, attention, causal=causal)
     ref = check(case, out, causal=causal)
     if causal:  # a segment's first token sees only itself
         group = num_q_heads // num_kv_heads
@@ -153,10 +168,10 @@ def test_mixed_segments_match_numpy(num_q_heads, num_kv_heads, head_dim, causal)
         np.testing.assert_allclose(ref[firsts], np.repeat(case.v[firsts], group, axis=1), rtol=1e-12, atol=1e-12)
 
 
-def test_causal_and_bidirectional_differ():
+def test_causal_and_bidirectional_differ(attention):
     """Bidirectional attention is not causal attention: every row but a segment's last changes."""
     case = make_case(np.random.default_rng(5), MIXED)
-    causal, bidir = (np.asarray(run(case, causal=c)) for c in (True, False))
+    causal, bidir = (np.asarray(run(case, attention, causal=c)) for c in (True, False))
     lasts = case.cu_seqlens[1 : len(case.lens) + 1] - 1
     np.testing.assert_allclose(causal[lasts], bidir[lasts], rtol=1e-5, atol=1e-5)
     others = np.setdiff1d(np.arange(case.num_real), lasts)
@@ -184,42 +199,42 @@ def test_blocked_online_softmax(monkeypatch, block, kwargs, causal):
 
 
 @CAUSAL
-def test_sliding_window_changes_result_and_matches_numpy(causal):
+def test_sliding_window_changes_result_and_matches_numpy(attention, causal):
     case = make_case(np.random.default_rng(99), MIXED)
-    full = np.asarray(run(case, causal=causal))
-    windowed = run(case, causal=causal, sliding_window=5)
+    full = np.asarray(run(case, attention, causal=causal))
+    windowed = run(case, attention, causal=causal, sliding_window=5)
     check(case, windowed, causal=causal, sliding_window=5)
     n = case.num_real
     assert np.abs(np.asarray(windowed)[:n] - full[:n]).max() > 0.1
     # a window covering every segment is no window at all
-    wide = run(case, causal=causal, sliding_window=10_000)
+    wide = run(case, attention, causal=causal, sliding_window=10_000)
     np.testing.assert_allclose(np.asarray(wide), full, rtol=1e-6, atol=1e-6)
 
 
 @CAUSAL
-def test_window_of_one_returns_own_value(causal):
+def test_window_of_one_returns_own_value(attention, causal):
     """sliding_window=1: every query sees only itself, so out = its own V (shared by the group's heads)."""
     case = make_case(np.random.default_rng(98), MIXED)
-    out = run(case, causal=causal, sliding_window=1)
+    out = run(case, attention, causal=causal, sliding_window=1)
     check(case, out, causal=causal, sliding_window=1)
     n, group = case.num_real, case.q.shape[1] // case.k.shape[1]
     np.testing.assert_allclose(np.asarray(out)[:n], np.repeat(case.v[:n], group, axis=1), rtol=1e-6, atol=1e-6)
 
 
 @CAUSAL
-def test_soft_cap_changes_result_and_matches_numpy(causal):
+def test_soft_cap_changes_result_and_matches_numpy(attention, causal):
     case = make_case(np.random.default_rng(97), MIXED)
-    full = np.asarray(run(case, causal=causal))
-    capped = run(case, causal=causal, soft_cap=5.0)
+    full = np.asarray(run(case, attention, causal=causal))
+    capped = run(case, attention, causal=causal, soft_cap=5.0)
     check(case, capped, causal=causal, soft_cap=5.0)
     n = case.num_real
     assert np.abs(np.asarray(capped)[:n] - full[:n]).max() > 0.1
-    both = run(case, causal=causal, sliding_window=5, soft_cap=5.0)
+    both = run(case, attention, causal=causal, sliding_window=5, soft_cap=5.0)
     check(case, both, causal=causal, sliding_window=5, soft_cap=5.0)
 
 
 @pytest.mark.parametrize("poison", ["nan", "huge"])
-def test_padding_never_leaks(poison):
+def test_padding_never_leaks(attention, poison):
     """Same real tokens with and without poisoned padding (tokens and cu_seqlens entries): identical real rows,
     zero padded rows, both causal and bidirectional."""
     lens = [7, 1, 12]
@@ -229,10 +244,10 @@ def test_padding_never_leaks(poison):
     # entries past num_seqs that are not even a repeat of the last value are ignored as well
     junk = dataclasses.replace(case, cu_seqlens=np.concatenate([case.cu_seqlens[: s + 1], [0, 2**31 - 1, 3]]))
     for causal in (True, False):
-        out = np.asarray(run(case, causal=causal))
+        out = np.asarray(run(case, attention, causal=causal))
         check(case, out, causal=causal)
-        np.testing.assert_allclose(out[:n], np.asarray(run(clean, causal=causal)), rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(run(junk, causal=causal)), out)
+        np.testing.assert_allclose(out[:n], np.asarray(run(clean, attention, causal=causal)), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(run(junk, attention, causal=causal)), out)
 
 
 def test_all_padding_call_gives_zeros():
@@ -240,7 +255,7 @@ def test_all_padding_call_gives_zeros():
     of a real batch left in place past num_seqs."""
     case = make_case(np.random.default_rng(3), MIXED)  # the shapes of the other tests: their compiles serve
     case = dataclasses.replace(case, lens=[], q=np.full_like(case.q, np.nan), num_seqs=np.array([0], np.int32))
-    for kernel in KERNELS.values():
+    for kernel in (*KERNELS.values(), ATTENTION["pallas"]):
         for causal in (True, False):
             out = np.asarray(run(case, kernel, causal=causal))
             assert out.shape == case.q.shape and np.all(out == 0.0)
@@ -264,10 +279,10 @@ def test_jit_matches_eager_and_reuses_one_compile(kernel):
     assert jitted._cache_size() == 1
 
 
-def test_bf16_inputs_come_back_in_bf16():
+def test_bf16_inputs_come_back_in_bf16(attention):
     case = make_case(np.random.default_rng(41), MIXED, pad_tokens=2)
     bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (case.q, case.k, case.v)]
-    out = varlen_attention(
+    out = attention(
         *bf16, jnp.asarray(case.cu_seqlens), jnp.asarray(case.num_seqs), sm_scale=case.sm_scale, causal=True
     )
     assert out.dtype == jnp.bfloat16
