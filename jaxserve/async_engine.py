@@ -139,8 +139,8 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                self._drain(block=not self.engine.has_unfinished_requests())
-                if self.engine.has_unfinished_requests():
+                self._drain(block=not self._has_work())
+                if self._has_work():
                     for output in self.engine.step():
                         self._send(output.request_id, output)
         except BaseException as exc:  # noqa: BLE001 - any failure kills the engine, and every caller must hear of it
@@ -150,6 +150,13 @@ class AsyncEngine:
                 streams = list(self._streams.values())
             for loop, stream in streams:
                 loop.call_soon_threadsafe(stream.put_nowait, exc)
+
+    def _has_work(self) -> bool:
+        """Steps are taken only while some caller waits for results: with no stream open, whatever the engine
+        still holds is being aborted, and the engine is left to whoever else drives it (LLM, offline)."""
+        with self._lock:
+            waiting = bool(self._streams)
+        return waiting and self.engine.has_unfinished_requests()
 
     def _drain(self, block: bool) -> None:
         """Carry out queued commands: wait for the first one if `block`, then take whatever else is there."""

@@ -82,6 +82,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         type=json.loads,
         help="JSON merged into the model's config.json, e.g. '{\"matryoshka_dimensions\": [256, 512]}'",
     )
+    group.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "pallas", "reference", "interpret"],
+        help="attention and pooling kernels: auto is Pallas on GPU/TPU and the jnp references on CPU; interpret "
+        "runs the Pallas kernels in Pallas' interpreter (slow; for checking them on CPU)",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed for requests that bring none (default 0)")
 
 
@@ -102,6 +109,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "runner",
         "pooler_config",
         "hf_overrides",
+        "attention_backend",
         "seed",
     )
     return {key: getattr(args, key) for key in keys}

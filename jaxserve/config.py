@@ -57,6 +57,7 @@ class EngineConfig:
     hf_overrides: dict[str, Any] | None = None  # merged into config.json, e.g. {"num_labels": 1}
     pooler_config: dict[str, Any] | None = None  # task, pooling_type, use_activation, dimensions
     seed: int = 0
+    attention_backend: str = "auto"  # kernels: auto (Pallas on GPU/TPU), pallas, reference, interpret
     compile_cache_dir: str | None = None
     progress: bool = True
 

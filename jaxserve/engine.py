@@ -52,7 +52,9 @@ class LLMEngine(EngineCore):
         )
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
 
-        model = self.load_model(lambda: create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(config.seed)))
+        model = self.load_model(
+            lambda: create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(config.seed), kernels=self.kernels)
+        )
         load_seconds = time.perf_counter() - began
 
         pages_per_seq = -(-self.max_model_len // config.page_size)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from .compile_watch import CompileWatch
 from .config import EngineConfig
+from .kernels_pallas import select_kernels
 from .model_source import cache_root, embedded_chat_template, load_hf_config, resolve_model
 from .stats import EngineStats
 from .tokenizer import Tokenizer, load_chat_template
@@ -36,6 +37,7 @@ class EngineCore(abc.ABC):
             self.model_folder, load_chat_template(config.chat_template) or embedded_chat_template(config.model)
         )
         self.dtype = config.resolved_dtype()
+        self.kernels = select_kernels(config.attention_backend)
         self.compile_watch = CompileWatch()
         self._rng = random.Random(config.seed)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .kernels_pallas import segment_pool, truncate_and_normalize
+from .kernels_pallas import REFERENCE_KERNELS, Kernels, truncate_and_normalize
 from .models.batch import PackedBatch
 from .models.layers import Linear, activation
 from .pooling_params import TASKS
@@ -167,9 +167,12 @@ class PoolingModel(nnx.Module):
     """A backbone (anything with `encode(PackedBatch) -> hidden`) and the heads its spec names. Checkpoint
     names of the backbone carry no `backbone.` prefix; ST Dense layers are `st_dense.{i}`."""
 
-    def __init__(self, backbone: nnx.Module, spec: PoolerSpec, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, backbone: nnx.Module, spec: PoolerSpec, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ):
         self.spec = spec
         self.backbone = backbone
+        self.segment_pool = kernels.segment_pool
         self.st_dense = nnx.List([Linear(i, o, bias=b, dtype=dtype, rngs=rngs) for i, o, b, _ in spec.dense])
         if spec.multi_vector:
             h = spec.hidden_size
@@ -203,18 +206,18 @@ class PoolingModel(nnx.Module):
         b, spec = inputs.batch, self.spec
         offsets = None if spec.include_prompt else inputs.start_offsets
         if not spec.dense:
-            return segment_pool(
+            return self.segment_pool(
                 hidden, b.cu_seqlens, b.num_seqs, mode=spec.embed_pooling, start_offsets=offsets,
                 dimensions=inputs.dimensions, normalize=inputs.activate,
             )  # fmt: skip
-        x = segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=spec.embed_pooling, start_offsets=offsets)
+        x = self.segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=spec.embed_pooling, start_offsets=offsets)
         for layer, (_, _, _, act) in zip(self.st_dense, spec.dense):
             x = _activate(act, layer(x.astype(hidden.dtype)).astype(jnp.float32))
         return truncate_and_normalize(x, inputs.dimensions, inputs.activate)
 
     def _classify(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:
         b = inputs.batch
-        rows = segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=self.spec.classify_pooling)
+        rows = self.segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=self.spec.classify_pooling)
         logits = self.backbone.classify(rows.astype(hidden.dtype))
         return jnp.where(inputs.activate[:, None], _activate(self.spec.classify_activation, logits), logits)
 

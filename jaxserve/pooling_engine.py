@@ -128,8 +128,8 @@ class PoolingEngine(EngineCore):
 
         def build():
             rngs = nnx.Rngs(config.seed)
-            backbone = model_class.from_hf_config(self.hf_config, dtype=self.dtype, rngs=rngs)
-            return PoolingModel(backbone, self.spec, dtype=self.dtype, rngs=rngs)
+            backbone = model_class.from_hf_config(self.hf_config, dtype=self.dtype, rngs=rngs, kernels=self.kernels)
+            return PoolingModel(backbone, self.spec, dtype=self.dtype, rngs=rngs, kernels=self.kernels)
 
         model = self.load_model(
             build,

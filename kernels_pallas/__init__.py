@@ -1,16 +1,24 @@
 """Attention and pooling kernels behind backend-independent signatures.
 
-Every kernel has a pure-`jnp` reference; Pallas lowerings for GPU and TPU plug in behind the same
-signatures (DESIGN.md §5). Until they land, every backend runs the reference.
+Every kernel has a pure-`jnp` reference and a Pallas kernel with the same signature (DESIGN.md §5).
+`select_kernels(backend)` gives the set an engine runs: "auto" is Pallas on GPU and TPU and the references on
+CPU; "pallas" and "reference" force one; "interpret" runs the Pallas kernels in Pallas' interpreter (tests on
+CPU). `ragged_paged_attention` has no Pallas kernel yet and is the reference under every backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+
 import jax
 
 from .ragged_paged_attention import ragged_paged_attention_reference
-from .segment_pool import POOLING_MODES, segment_pool_reference, truncate_and_normalize
-from .varlen_attention import varlen_attention_reference
+from .segment_pool import POOLING_MODES, segment_pool_pallas, segment_pool_reference, truncate_and_normalize
+from .varlen_attention import varlen_attention_pallas, varlen_attention_reference
+
+ATTENTION_BACKENDS = ("auto", "pallas", "reference", "interpret")
 
 
 def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -28,8 +36,50 @@ varlen_attention = jax.jit(
 )
 segment_pool = jax.jit(segment_pool_reference, static_argnames=("mode",))
 
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The kernels one engine's models call, all jitted so that a model traces each once per shape."""
+
+    backend: str
+    ragged_paged_attention: Callable
+    varlen_attention: Callable
+    segment_pool: Callable
+
+
+def _pallas_kernels(backend: str, interpret: bool) -> Kernels:
+    return Kernels(
+        backend,
+        ragged_paged_attention,
+        jax.jit(
+            functools.partial(varlen_attention_pallas, interpret=interpret),
+            static_argnames=("sm_scale", "causal", "sliding_window", "soft_cap"),
+        ),
+        jax.jit(functools.partial(segment_pool_pallas, interpret=interpret), static_argnames=("mode",)),
+    )
+
+
+REFERENCE_KERNELS = Kernels("reference", ragged_paged_attention, varlen_attention, segment_pool)
+PALLAS_KERNELS = _pallas_kernels("pallas", interpret=False)
+INTERPRET_KERNELS = _pallas_kernels("interpret", interpret=True)
+
+
+def select_kernels(backend: str = "auto") -> Kernels:
+    """The kernel set for `--attention-backend`: auto (Pallas on GPU/TPU, references on CPU), pallas,
+    reference, or interpret (Pallas kernels in the interpreter)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}.")
+    if backend == "auto":
+        backend = "reference" if jax.default_backend() == "cpu" else "pallas"
+    return {"reference": REFERENCE_KERNELS, "pallas": PALLAS_KERNELS, "interpret": INTERPRET_KERNELS}[backend]
+
+
 __all__ = [
+    "ATTENTION_BACKENDS",
+    "Kernels",
     "POOLING_MODES",
+    "REFERENCE_KERNELS",
+    "select_kernels",
     "kv_cache_shape",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.kernels_pallas import varlen_attention
+from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
 
 from .batch import PackedBatch
 from .layers import Embedding, LayerNorm, Linear, activation
@@ -36,9 +36,10 @@ class EncoderConfig:
     hidden_act: str
     position_offset: int  # RoBERTa family: positions start after the padding index
     num_labels: int
+    kernels: Kernels = REFERENCE_KERNELS  # the attention kernels (select_kernels: Pallas or the references)
 
     @classmethod
-    def from_hf(cls, hf) -> EncoderConfig:
+    def from_hf(cls, hf, kernels: Kernels = REFERENCE_KERNELS) -> EncoderConfig:
         kind = getattr(hf, "position_embedding_type", "absolute")
         if kind not in (None, "absolute"):
             raise ValueError(f"{hf.model_type}: position_embedding_type {kind!r} is not supported (only absolute).")
@@ -55,6 +56,7 @@ class EncoderConfig:
             hidden_act=hf.hidden_act,
             position_offset=hf.pad_token_id + 1 if roberta else 0,
             num_labels=getattr(hf, "num_labels", 2),
+            kernels=kernels,
         )
 
     @property
@@ -81,6 +83,7 @@ class SelfAttention(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
         h = cfg.hidden_size
         self.num_heads = cfg.num_heads
+        self.attention = cfg.kernels.varlen_attention
         self.query = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
         self.key = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
         self.value = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
@@ -89,7 +92,7 @@ class SelfAttention(nnx.Module):
         t, h = x.shape
         d = h // self.num_heads
         q, k, v = (proj(x).reshape(t, self.num_heads, d) for proj in (self.query, self.key, self.value))
-        out = varlen_attention(q, k, v, batch.cu_seqlens, batch.num_seqs, sm_scale=d**-0.5, causal=False)
+        out = self.attention(q, k, v, batch.cu_seqlens, batch.num_seqs, sm_scale=d**-0.5, causal=False)
         return out.reshape(t, h)
 
 
@@ -177,8 +180,10 @@ class EncoderForEmbedding(nnx.Module):
         self.model = EncoderModel(cfg, dtype=dtype, rngs=rngs, with_pooler=False)
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> EncoderForEmbedding:
-        return cls(EncoderConfig.from_hf(hf_config), dtype=dtype, rngs=rngs)
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> EncoderForEmbedding:
+        return cls(EncoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
     def encode(self, batch: PackedBatch) -> jax.Array:
         return self.model(batch)
@@ -193,8 +198,10 @@ class BertForSequenceClassification(nnx.Module):
         self.classifier = Linear(cfg.hidden_size, cfg.num_labels, bias=True, dtype=dtype, rngs=rngs)
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> BertForSequenceClassification:
-        return cls(EncoderConfig.from_hf(hf_config), dtype=dtype, rngs=rngs)
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> BertForSequenceClassification:
+        return cls(EncoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
     def encode(self, batch: PackedBatch) -> jax.Array:
         return self.bert(batch)
@@ -225,8 +232,10 @@ class RobertaForSequenceClassification(nnx.Module):
         self.classifier = RobertaClassificationHead(cfg, dtype=dtype, rngs=rngs)
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> RobertaForSequenceClassification:
-        return cls(EncoderConfig.from_hf(hf_config), dtype=dtype, rngs=rngs)
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> RobertaForSequenceClassification:
+        return cls(EncoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
     def encode(self, batch: PackedBatch) -> jax.Array:
         return self.roberta(batch)

@@ -10,12 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
+
 from .batch import PackedBatch, RaggedBatch
 from .layers import Embedding, Linear, RMSNorm, RopeConfig, rotary_cos_sin
 from .llama import DecoderConfig, causal_attention
 
 
-def decoder_config(hf) -> DecoderConfig:
+def decoder_config(hf, kernels: Kernels = REFERENCE_KERNELS) -> DecoderConfig:
     scaling = getattr(hf, "rope_scaling", None) or {}
     if scaling.get("type", "dynamic") != "dynamic":
         raise ValueError(f"InternLM2 rope_scaling {scaling!r} is not supported (only dynamic or none).")
@@ -33,6 +35,7 @@ def decoder_config(hf) -> DecoderConfig:
         max_position_embeddings=hf.max_position_embeddings,
         qkv_bias=bool(getattr(hf, "bias", False)),
         o_bias=bool(getattr(hf, "bias", False)),
+        kernels=kernels,
     )
 
 
@@ -100,8 +103,10 @@ class InternLM2ForRewardModel(nnx.Module):
         self.v_head = Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, rngs=rngs)
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> InternLM2ForRewardModel:
-        return cls(decoder_config(hf_config), dtype=dtype, rngs=rngs)
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> InternLM2ForRewardModel:
+        return cls(decoder_config(hf_config, kernels), dtype=dtype, rngs=rngs)
 
     def encode(self, batch: PackedBatch) -> jax.Array:
         return self.model(batch)

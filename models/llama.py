@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.kernels_pallas import ragged_paged_attention, varlen_attention
+from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
 
 from .batch import PackedBatch, RaggedBatch
 from .layers import Embedding, Linear, RMSNorm, RopeConfig, apply_rotary, rotary_cos_sin
@@ -37,13 +37,14 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    kernels: Kernels = REFERENCE_KERNELS  # the attention kernels (select_kernels: Pallas or the references)
 
     @property
     def max_tokens(self) -> int:
         return self.max_position_embeddings
 
     @classmethod
-    def from_hf(cls, hf) -> DecoderConfig:
+    def from_hf(cls, hf, kernels: Kernels = REFERENCE_KERNELS) -> DecoderConfig:
         model_type = hf.model_type
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
@@ -68,6 +69,7 @@ class DecoderConfig:
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_window=_sliding_window(hf),
+            kernels=kernels,
         )
 
 
@@ -115,11 +117,11 @@ def causal_attention(q, k, v, cos, sin, batch: RaggedBatch | PackedBatch, kv_pag
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     sm_scale = cfg.head_dim**-0.5
     if isinstance(batch, PackedBatch):
-        out = varlen_attention(
+        out = cfg.kernels.varlen_attention(
             q, k, v, batch.cu_seqlens, batch.num_seqs, sm_scale=sm_scale, causal=True, sliding_window=cfg.sliding_window
         )
         return out, None
-    return ragged_paged_attention(
+    return cfg.kernels.ragged_paged_attention(
         q,
         k,
         v,
@@ -188,8 +190,10 @@ class LlamaForCausalLM(nnx.Module):
         )
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> LlamaForCausalLM:
-        return cls(DecoderConfig.from_hf(hf_config), dtype=dtype, rngs=rngs)
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> LlamaForCausalLM:
+        return cls(DecoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
     @property
     def kv_geometry(self) -> tuple[int, int, int]:
@@ -214,8 +218,10 @@ class LlamaForSequenceClassification(nnx.Module):
         self.score = Linear(cfg.hidden_size, num_labels, bias=False, dtype=dtype, rngs=rngs)
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> LlamaForSequenceClassification:
-        return cls(DecoderConfig.from_hf(hf_config), hf_config.num_labels, dtype=dtype, rngs=rngs)
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> LlamaForSequenceClassification:
+        return cls(DecoderConfig.from_hf(hf_config, kernels), hf_config.num_labels, dtype=dtype, rngs=rngs)
 
     def encode(self, batch: PackedBatch) -> jax.Array:
         return self.model(batch)[0]
@@ -237,8 +243,10 @@ class LlamaForEmbedding(nnx.Module):
         self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs)
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs) -> LlamaForEmbedding:
-        return cls(DecoderConfig.from_hf(hf_config), dtype=dtype, rngs=rngs)
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> LlamaForEmbedding:
+        return cls(DecoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
     def encode(self, batch: PackedBatch) -> jax.Array:
         return self.model(batch)[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from flax import nnx
 
+from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
+
 from .bert import BertForSequenceClassification, EncoderForEmbedding, RobertaForSequenceClassification
 from .internlm2 import InternLM2ForRewardModel
 from .llama import LlamaForCausalLM, LlamaForEmbedding, LlamaForSequenceClassification
@@ -51,5 +53,5 @@ def is_generative(hf_config) -> bool:
     return any(name in CAUSAL_LM_ARCHITECTURES for name in getattr(hf_config, "architectures", None) or [])
 
 
-def create_causal_lm(hf_config, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
-    return causal_lm_class(hf_config).from_hf_config(hf_config, dtype=dtype, rngs=rngs)
+def create_causal_lm(hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS) -> nnx.Module:
+    return causal_lm_class(hf_config).from_hf_config(hf_config, dtype=dtype, rngs=rngs, kernels=kernels)

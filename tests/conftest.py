@@ -75,3 +75,19 @@ def make_llm(llm_cache):
 def make_pooling_llm(llm_cache):
     """The same for pooling engines."""
     yield from _checked_engines(llm_cache, TINY_POOLING)
+
+
+@pytest.fixture(scope="module")
+def no_persistent_compile_cache():
+    """Compile in memory only. XLA:CPU crashes serializing some of the Pallas interpreter's programs into the
+    persistent cache (which any engine built earlier in the session turns on), so the kernel tests keep theirs out
+    of it."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()

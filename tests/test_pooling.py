@@ -200,3 +200,23 @@ def test_bad_requests(tiny_models, make_pooling_llm):
     with pytest.raises(ValueError, match="only supported for generative models"):
         llm.generate("x")
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.kernels
+@pytest.mark.usefixtures("no_persistent_compile_cache")
+@pytest.mark.parametrize(
+    "name",
+    ["tiny-bert-mean", "tiny-xlmr-cross-encoder", "tiny-qwen2-classifier", "tiny-internlm2-reward", "tiny-bge-m3"],
+)
+def test_pallas_kernels_in_interpret_mode_give_the_reference_results(tiny_models, make_pooling_llm, name):
+    """The engine with its attention and pooling forced onto the Pallas kernels (run by Pallas' interpreter on
+    CPU) pools every task as it does on the jnp references."""
+    reference = make_pooling_llm(tiny_models[name])
+    pallas = make_pooling_llm(tiny_models[name], attention_backend="interpret")
+    assert (reference.engine.kernels.backend, pallas.engine.kernels.backend) == ("reference", "interpret")
+    texts = ["The quick brown fox jumps over the lazy dog.", "Hello", "A somewhat longer sentence, " * 2]
+    for task in reference.engine.spec.tasks:
+        want = reference.encode(texts, task=task, use_tqdm=False)
+        got = pallas.encode(texts, task=task, use_tqdm=False)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g.outputs.data, w.outputs.data, rtol=1e-4, atol=1e-5)

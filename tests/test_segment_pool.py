@@ -98,6 +98,8 @@ def check(case: PoolCase, out, mode: str, **kwargs) -> np.ndarray:
     return ref
 
 
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
+
 IMPLEMENTATIONS = {
     "reference": segment_pool,
     "pallas": jax.jit(

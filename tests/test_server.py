@@ -34,7 +34,24 @@ def llms(tiny_models, llm_cache):
 
 
 @pytest.fixture(scope="module")
-def served(llms, tiny_models):
+def offline(llms) -> dict[str, str]:
+    """Texts generated offline, before any AsyncEngine runs: an engine must not be stepped from two threads."""
+
+    def greedy(key: str, prompt: str, max_tokens: int, defaults: bool = True) -> str:
+        params = llms[key].get_default_sampling_params() if defaults else SamplingParams()
+        params = params.clone(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        return llms[key].generate(prompt, params, use_tqdm=False)[0].outputs[0].text
+
+    return {
+        "llama/0": greedy("llama", PROMPTS[0], 12),
+        "llama/0/no-penalty": greedy("llama", PROMPTS[0], 12, defaults=False),
+        "llama/4": greedy("llama", PROMPTS[4], 8),
+        "qwen/4": greedy("qwen", PROMPTS[4], 8),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(llms, offline, tiny_models):
     names = {"llama": ["llama", "llama-alias"], "qwen": ["qwen"], "bert": ["bert"]}
     folders = {"llama": "tiny-llama", "qwen": "tiny-qwen2", "bert": "tiny-bert-mean"}
     models = [
@@ -67,21 +84,22 @@ def stream_text(stream) -> tuple[str, list]:
 # --- generation ----------------------------------------------------------------------------------------------
 
 
-def test_completion_stream_equals_whole_and_usage_adds_up(client, llms):
+def test_completion_stream_equals_whole_and_usage_adds_up(client, llms, offline):
     whole = client.completions.create(
         model="llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
     )
     choice = whole.choices[0]
     # generation_config.json's repetition_penalty (1.1) applies to requests that don't set one (contract §3.4)
-    defaults = llms["llama"].get_default_sampling_params()
-    assert defaults.repetition_penalty == 1.1
-    offline = llms["llama"].generate(PROMPTS[0], defaults.clone(temperature=0, max_tokens=12, ignore_eos=True))
-    assert choice.text == offline[0].outputs[0].text
+    assert llms["llama"].get_default_sampling_params().repetition_penalty == 1.1
+    assert choice.text == offline["llama/0"]
     plain = client.completions.create(
-        model="llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"repetition_penalty": 1.0}
+        model="llama",
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.0, "ignore_eos": True},
     )
-    no_penalty = llms["llama"].generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))
-    assert plain.choices[0].text == no_penalty[0].outputs[0].text
+    assert plain.choices[0].text == offline["llama/0/no-penalty"]
     assert choice.finish_reason == "length"
     prompt_tokens = len(llms["llama"].get_tokenizer().encode(PROMPTS[0]))
     assert whole.usage.prompt_tokens == prompt_tokens
@@ -202,14 +220,13 @@ def test_several_prompts_in_one_completion(client):
         assert choice.text == alone.choices[0].text
 
 
-def test_routing_by_model(client, llms):
-    for name, key in (("llama", "llama"), ("qwen", "qwen")):
-        params = llms[key].get_default_sampling_params().clone(temperature=0, max_tokens=8, ignore_eos=True)
+def test_routing_by_model(client, offline):
+    for name in ("llama", "qwen"):
         result = client.completions.create(
             model=name, prompt=PROMPTS[4], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
         )
         assert result.model == name
-        assert result.choices[0].text == llms[key].generate(PROMPTS[4], params)[0].outputs[0].text
+        assert result.choices[0].text == offline[f"{name}/4"]
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"llama", "llama-alias", "qwen", "bert"}
     assert models["llama"].max_model_len == TINY_ENGINE["max_model_len"]

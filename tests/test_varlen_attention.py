@@ -21,6 +21,8 @@ from jaxserve.kernels_pallas.varlen_attention import varlen_attention_pallas
 
 varlen_module = importlib.import_module("jaxserve.kernels_pallas.varlen_attention")
 
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
+
 KERNELS = {"reference": varlen_attention_reference, "dispatcher": varlen_attention}
 # what the behaviour tests run: the dispatcher (the reference on CPU) and the Pallas kernel in interpret mode
 ATTENTION = {
