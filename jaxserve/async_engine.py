@@ -47,6 +47,11 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def runner(self) -> str:
+        """ "generate" or "pooling": what the engine serves."""
+        return "generate" if isinstance(self.engine, LLMEngine) else "pooling"
+
+    @property
     def errored(self) -> bool:
         return self.error is not None
 

@@ -40,11 +40,11 @@ import logging
 import platform
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import httpx
 import numpy as np
 from bench_embed import single_token_words, texts_of  # scripts/bench_embed.py, next to this file
+from bench_http import package_version
 
 from jaxserve import LLM
 from jaxserve.async_engine import AsyncEngine
@@ -229,13 +229,6 @@ def table(rows: list[dict], clients: int, tokens: int) -> str:
             f"{r['ratio']:>5.2f}"
         )
     return "\n".join(lines)
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

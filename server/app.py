@@ -2,6 +2,7 @@
 
 build_app(ModelRegistry, ServerSettings) → FastAPI
   /v1/completions, /v1/chat/completions        → completions.py, chat.py (generation models)
+  /v1/embeddings, /pooling, /classify, /score, /rerank → pooling.py (pooling models)
   /tokenize, /detokenize, /v1/models            → here (every model)
   /health, /ping, /version, /load, /metrics     → here
 """
@@ -101,7 +102,8 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     if registry.any(lambda model: not _is_generative(model)):
         _add_pooling_routes(app, registry)
     _add_utility_routes(app)
-    # the last added runs first: body limit, then auth, then CORS, then request ids on every response
+    # the last added is the outermost: request ids (on every response, 401 and 413 included), then the body
+    # limit, then auth, then CORS
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
@@ -117,11 +119,19 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _serve(raw: Request, body, runner: Runner, api: str, prefix: str, create, supports=None) -> Response:
+async def _serve(
+    raw: Request,
+    body,
+    runner: Runner,
+    api: str,
+    prefix: str,
+    create,
+    supports: Callable[[ServedModel], bool] | None = None,
+) -> Response:
     """Find the model, admit the request (503 when its queue is full), run `create` until the client leaves,
     and count the request out when its response (streamed or whole) is done."""
     state = state_of(raw)
-    model = state.registry.get(body.model, runner, api, supports or (lambda m: True))
+    model = state.registry.get(body.model, runner, api, supports)
     release = model.admit(state.settings.max_num_queued_reqs)
     try:
         response = await until_disconnect(raw, create(body, model, RequestContext.of(raw, prefix, body.request_id)))
@@ -209,9 +219,7 @@ def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
 
 
 def _add_utility_routes(app: FastAPI) -> None:
-    json_body = JSON_BODY
-
-    @app.post("/tokenize", dependencies=json_body)
+    @app.post("/tokenize", dependencies=JSON_BODY)
     async def tokenize(
         body: Annotated[TokenizeCompletionRequest | TokenizeChatRequest, Body()], raw: Request
     ) -> TokenizeResponse:
@@ -228,7 +236,7 @@ def _add_utility_routes(app: FastAPI) -> None:
         strs = model.tokenizer.hf.convert_ids_to_tokens(tokens) if body.return_token_strs else None
         return TokenizeResponse(count=len(tokens), max_model_len=model.max_model_len, tokens=tokens, token_strs=strs)
 
-    @app.post("/detokenize", dependencies=json_body)
+    @app.post("/detokenize", dependencies=JSON_BODY)
     async def detokenize(body: DetokenizeRequest, raw: Request) -> DetokenizeResponse:
         model = state_of(raw).registry.get(body.model)
         if any(t >= model.tokenizer.vocab_size for t in body.tokens):

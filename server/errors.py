@@ -9,6 +9,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -82,7 +83,7 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ValidationError | RequestValidationError):
         return validation_error(exc.errors())
-    if isinstance(exc, ValueError | TypeError | OverflowError):
+    if isinstance(exc, ValueError | TypeError | OverflowError | jinja2.TemplateError):
         return APIError(str(exc), param=getattr(exc, "param", None))
     if isinstance(exc, EngineDeadError):
         return APIError(
@@ -113,4 +114,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle)
     app.add_exception_handler(APIError, handle)
     app.add_exception_handler(ValueError, handle)
+    app.add_exception_handler(jinja2.TemplateError, handle)
     app.add_exception_handler(Exception, handle)

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
-from .errors import APIError, from_exception
+from .errors import APIError, error_body, from_exception
 from .metrics import ServerMetrics
 from .protocol import GenerationRequest, UsageInfo
 from .served_models import ServedModel
@@ -132,8 +132,6 @@ async def generate_all(
                 if output.finished:
                     finish_reason = output.outputs[-1].finish_reason or "stop"
                 await queue.put((index, output))
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which reports it
             finish_reason = "error"
             await queue.put(exc)
@@ -168,9 +166,10 @@ def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def sse(payload: BaseModel | dict[str, Any], exclude_unset: bool = True) -> str:
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One SSE event; a chunk leaves out the fields it never set, as vLLM's do."""
     if isinstance(payload, BaseModel):
-        body = payload.model_dump_json(exclude_unset=exclude_unset)
+        body = payload.model_dump_json(exclude_unset=True)
     else:
         body = json.dumps(payload, separators=(",", ":"))
     return f"data: {body}\n\n"
@@ -187,5 +186,5 @@ async def sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
             yield chunk
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; the error travels in the stream
         error = from_exception(exc)
-        yield sse({"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.status}})
+        yield sse(error_body(error.message, error.type, error.status, error.param))
     yield SSE_DONE

@@ -44,12 +44,12 @@ class ServedModel:
     def from_engine(cls, names: list[str], root: str, engine: AsyncEngine, content_format_flag: str) -> ServedModel:
         """Read what the server needs from a running engine (an `LLMEngine` or a `PoolingEngine`)."""
         core = engine.engine
-        generative = hasattr(core, "sampling_defaults")
+        generative = engine.runner == "generate"
         template = core.tokenizer.chat_template
         return cls(
             names=names,
             root=root,
-            runner="generate" if generative else "pooling",
+            runner=engine.runner,
             engine=engine,
             tokenizer=core.tokenizer,
             max_model_len=core.max_model_len,
@@ -122,12 +122,14 @@ class ModelRegistry:
         name: str | None,
         runner: Runner | None = None,
         api: str = "",
-        supports: Callable[[ServedModel], bool] = lambda model: True,
+        supports: Callable[[ServedModel], bool] | None = None,
     ) -> ServedModel:
         """The model a request names; with no name, the first model that can serve the route (`runner`, and
         `supports`). 404 if the name is unknown, 400 if the model is of the other runner."""
         if name is None:
-            candidates = [m for m in self.models if (runner is None or m.runner == runner) and supports(m)]
+            candidates = [
+                m for m in self.models if (runner is None or m.runner == runner) and (supports is None or supports(m))
+            ]
             if not candidates:
                 raise APIError(f"No served model supports the {api}.")
             return candidates[0]

@@ -495,3 +495,22 @@ def test_a_dead_engine_turns_health_to_503(tiny_models, llm_cache, monkeypatch):
         engine.shutdown()
         for request_id in list(llm.engine._requests):
             llm.engine.abort_request(request_id)
+
+
+def test_a_request_template_that_fails_is_a_400(served):
+    """With --trust-request-chat-template, a template that raises (as real ones do on bad role orders) or does not
+    parse is the client's error, and the server keeps serving."""
+    with background_server(served, ServerSettings(trust_request_chat_template=True)) as base:
+        for template, fragment in (
+            ("{{ raise_exception('Conversation roles must alternate') }}", "roles must alternate"),
+            ("{% for message in messages %}", "Unexpected end of template"),
+        ):
+            body = {"model": "llama", "messages": CHAT, "max_tokens": 2, "chat_template": template}
+            response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+            assert response.status_code == 400, response.text
+            assert fragment in response.json()["error"]["message"]
+            assert response.json()["error"]["type"] == "BadRequestError"
+        custom = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        body = {"model": "llama", "messages": CHAT, "max_tokens": 2, "chat_template": custom}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 200
