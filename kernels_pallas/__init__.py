@@ -3,7 +3,7 @@
 Every kernel has a pure-`jnp` reference and a Pallas kernel with the same signature (DESIGN.md §5).
 `select_kernels(backend)` gives the set an engine runs: "auto" is Pallas on GPU and TPU and the references on
 CPU; "pallas" and "reference" force one; "interpret" runs the Pallas kernels in Pallas' interpreter (tests on
-CPU). `ragged_paged_attention` has no Pallas kernel yet and is the reference under every backend.
+CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import jax
 
-from .ragged_paged_attention import ragged_paged_attention_reference
+from .ragged_paged_attention import ragged_paged_attention_pallas, ragged_paged_attention_reference
 from .segment_pool import POOLING_MODES, segment_pool_pallas, segment_pool_reference, truncate_and_normalize
 from .varlen_attention import varlen_attention_pallas, varlen_attention_reference
 
@@ -26,15 +26,14 @@ def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: 
     return (num_pages, page_size, 2 * num_kv_heads, head_dim)
 
 
-# jitted so that a model traces it once per shape rather than once per layer (start-up time)
-ragged_paged_attention = jax.jit(
-    ragged_paged_attention_reference, static_argnames=("sm_scale", "sliding_window", "soft_cap")
-)
+_RAGGED_STATIC = ("sm_scale", "sliding_window", "soft_cap")
+_VARLEN_STATIC = ("sm_scale", "causal", "sliding_window", "soft_cap")
+_POOL_STATIC = ("mode",)
 
-varlen_attention = jax.jit(
-    varlen_attention_reference, static_argnames=("sm_scale", "causal", "sliding_window", "soft_cap")
-)
-segment_pool = jax.jit(segment_pool_reference, static_argnames=("mode",))
+# jitted so that a model traces each once per shape rather than once per layer (start-up time)
+ragged_paged_attention = jax.jit(ragged_paged_attention_reference, static_argnames=_RAGGED_STATIC)
+varlen_attention = jax.jit(varlen_attention_reference, static_argnames=_VARLEN_STATIC)
+segment_pool = jax.jit(segment_pool_reference, static_argnames=_POOL_STATIC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +47,14 @@ class Kernels:
 
 
 def _pallas_kernels(backend: str, interpret: bool) -> Kernels:
+    def jitted(kernel: Callable, static: tuple[str, ...]) -> Callable:
+        return jax.jit(functools.partial(kernel, interpret=interpret), static_argnames=static)
+
     return Kernels(
         backend,
-        ragged_paged_attention,
-        jax.jit(
-            functools.partial(varlen_attention_pallas, interpret=interpret),
-            static_argnames=("sm_scale", "causal", "sliding_window", "soft_cap"),
-        ),
-        jax.jit(functools.partial(segment_pool_pallas, interpret=interpret), static_argnames=("mode",)),
+        jitted(ragged_paged_attention_pallas, _RAGGED_STATIC),
+        jitted(varlen_attention_pallas, _VARLEN_STATIC),
+        jitted(segment_pool_pallas, _POOL_STATIC),
     )
 
 

@@ -24,8 +24,11 @@ pages at all, and memory stays O(T x block) for any context length.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from ._online_softmax import _accumulate, attend_packed_keys, finish, init_carry, soft_capped
 
@@ -130,3 +133,222 @@ def ragged_paged_attention_reference(
         soft_cap=soft_cap,
     )
     return finish(carry).reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_pages
+
+
+# --- Pallas -------------------------------------------------------------------------------------------------------
+#
+# The kernel works on query blocks: each sequence's new tokens are cut into blocks of `block_q` tokens, and the
+# blocks are laid out aligned, one after another, sequence after sequence ([num_blocks, block_q] slots, the tail of
+# each sequence's last block empty). A program (block, KV head, split) takes the block's tokens times the KV head's
+# G query heads as one [block_q * G, D] matrix of query rows (so a decode token alone still fills G rows of the
+# matmul), walks the cached pages of its sequence and then the aligned blocks of the sequence's new keys under one
+# online softmax, and, in split 0, writes its tokens' K/V into their pages. New keys are read from the step's
+# inputs, never from the pages being written, and a step writes only positions at or past each sequence's cached
+# length, which no program reads: so the fused write needs no ordering between programs.
+#
+# Split-K: with few programs (small decode batches), the cached pages of each block are divided among
+# `num_splits` programs, each leaving its normalized output and log-sum-exp, which `_combine_splits` merges.
+
+_MASKED = -1e30  # finite, so a row that has seen no key yet never computes inf - inf
+_MIN_ROWS = 16  # query rows per program a tensor-core matmul wants at least
+_MAX_ROWS = 128  # and at most: the accumulator lives in registers
+_TARGET_PROGRAMS = 512  # about four programs per SM on an H100; split-K fills the grid up to this
+_MAX_SPLITS = 16
+
+
+def default_block_q(num_tokens: int, num_seqs: int, group: int) -> int:
+    """Query tokens per program: the bucket's new tokens per sequence slot (T / S, so 1 in a decode bucket),
+    rounded up to a power of two, then raised to give at least _MIN_ROWS query rows and capped at _MAX_ROWS."""
+    per_seq = pl.next_power_of_2(-(-num_tokens // max(1, num_seqs)))
+    fewest, most = pl.next_power_of_2(-(-_MIN_ROWS // group)), max(1, _MAX_ROWS // group)
+    return max(1, min(most, max(per_seq, fewest)))
+
+
+def default_num_splits(num_blocks: int, num_kv_heads: int) -> int:
+    """Splits of the cached context per block: enough to give about _TARGET_PROGRAMS programs."""
+    return max(1, min(_MAX_SPLITS, pl.next_power_of_2(-(-_TARGET_PROGRAMS // (num_blocks * num_kv_heads)))))
+
+
+def _query_blocks(kv_lens, cu_q_lens, num_seqs, num_blocks: int, block_q: int):
+    """Per aligned query block: (sequence, its first new token, its token count, 0 for an unused block); per
+    sequence: (cached tokens, first block). Sequences past num_seqs own no tokens and no blocks."""
+    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs[0]
+    q_lens = jnp.where(in_use, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    cached = jnp.where(in_use, kv_lens - q_lens, 0)
+    blocks = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(blocks)
+    first_block = ends - blocks
+    i = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right"), kv_lens.shape[0] - 1).astype(jnp.int32)
+    first = (i - first_block[seq]) * block_q
+    count = jnp.where(i < ends[-1], jnp.clip(q_lens[seq] - first, 0, block_q), 0)
+    return (seq, first, count), (cached.astype(jnp.int32), first_block.astype(jnp.int32))
+
+
+def _ragged_kernel(
+    block_seq_ref, block_first_ref, block_count_ref, seq_cached_ref, seq_first_block_ref, block_table_ref,
+    q_ref, kv_new_ref, kv_pages_ref, *out_refs, group, block_q, page_size, num_splits, sm_scale, sliding_window,
+    soft_cap,
+):  # fmt: skip
+    """One (query block, KV head, split): attend over the split's share of the cached pages, then (last split)
+    over the new keys up to each row's own position; in split 0, write the block's new K/V into their pages."""
+    out_ref, *lse_ref, kv_out_ref = out_refs
+    block, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seq, first, count = block_seq_ref[block], block_first_ref[block], block_count_ref[block]
+    cached = seq_cached_ref[seq]
+    num_rows = block_q * group
+    token = jax.lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0) // group  # rows are token-major
+    row_real = token < count
+    q_pos = cached + first + token
+    # matmuls in the cache's dtype (bf16 on tensor cores), accumulated in float32
+    q = (q_ref[...].astype(jnp.float32) * sm_scale).astype(kv_pages_ref.dtype)
+    lowest = jnp.maximum(cached + first - sliding_window + 1, 0) if sliding_window else 0
+
+    def attend(kv_ref, index, start, size, limit, carry):
+        """Fold keys [start, start + size) of one page (or new-key block) `index` into the carry; positions at
+        or past `limit` are not keys (stale slots, empty slots) and their values are zeroed."""
+        m, l, acc = carry
+        k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, size), 1)
+        key_real = k_pos < limit
+        k = kv_ref[index, :, 2 * head, :]
+        v = jnp.where(jnp.transpose(key_real), kv_ref[index, :, 2 * head + 1, :], 0)  # stale slots may hold NaN
+        visible = row_real & key_real & (k_pos <= q_pos)
+        if sliding_window:
+            visible &= k_pos > q_pos - sliding_window
+        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if soft_cap:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        scores = jnp.where(visible, scores, _MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
+        p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)
+        rescale = jnp.exp(m - m_new)
+        weighted = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l * rescale + p.sum(axis=1, keepdims=True), acc * rescale + weighted
+
+    def cached_page(i, carry):
+        return attend(kv_pages_ref, block_table_ref[seq, i], i * page_size, page_size, cached, carry)
+
+    first_page = lowest // page_size
+    last_page = jnp.where(count > 0, pl.cdiv(cached, page_size), first_page)
+    per_split = pl.cdiv(last_page - first_page, num_splits)
+    split_start = first_page + split * per_split
+    carry = (
+        jnp.full((num_rows, 1), _MASKED, jnp.float32),
+        jnp.zeros((num_rows, 1), jnp.float32),
+        jnp.zeros((num_rows, q.shape[1]), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(split_start, jnp.minimum(split_start + per_split, last_page), cached_page, carry)
+
+    def new_block(b, carry):
+        index = seq_first_block_ref[seq] + b
+        return attend(kv_new_ref, index, cached + b * block_q, block_q, cached + first + count, carry)
+
+    first_new = jnp.maximum(lowest - cached, 0) // block_q
+    last_new = jnp.where((split == num_splits - 1) & (count > 0), (first + count - 1) // block_q + 1, first_new)
+    m, l, acc = jax.lax.fori_loop(first_new, last_new, new_block, carry)
+
+    out = jnp.where(row_real & (l > 0), acc / jnp.where(l > 0, l, 1.0), 0.0)
+    out_ref[...] = out.astype(out_ref.dtype)
+    if lse_ref:
+        lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _MASKED)
+
+    def write(j, carry):
+        position = cached + first + j
+        page = block_table_ref[seq, position // page_size]
+        kv_out_ref[page, position % page_size, pl.ds(2 * head, 2), :] = kv_new_ref[block, j, pl.ds(2 * head, 2), :]
+        return carry
+
+    jax.lax.fori_loop(0, jnp.where(split == 0, count, 0), write, 0)
+
+
+def _combine_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
+    """Merge the splits' normalized outputs [splits, ..., D] by their log-sum-exps [splits, ..., 1]."""
+    weights = jnp.exp(lse - lse.max(axis=0))
+    return (weights * out).sum(axis=0) / weights.sum(axis=0)
+
+
+def ragged_paged_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_table: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,
+    num_splits: int | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """`ragged_paged_attention_reference` as one Pallas kernel that also writes the cache (kv_pages is aliased
+    to the returned pages: donate it under jit and the update is in place). `block_q` (query tokens per program)
+    and `num_splits` (split-K of the cached context) default to the heuristics above."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, two_hkv, _ = kv_pages.shape
+    num_kv_heads, max_seqs = two_hkv // 2, kv_lens.shape[0]
+    group = num_q_heads // num_kv_heads
+    block_q = block_q or default_block_q(num_tokens, max_seqs, group)
+    num_blocks = -(-(num_tokens + max_seqs * (block_q - 1)) // block_q)  # sum of ceil(q_len / block_q), at most
+    num_splits = num_splits or default_num_splits(num_blocks, num_kv_heads)
+    num_rows = block_q * group
+
+    (block_seq, block_first, block_count), (seq_cached, seq_first_block) = _query_blocks(
+        kv_lens, cu_q_lens, num_seqs, num_blocks, block_q
+    )
+    # token slot of every aligned query slot (num_tokens: empty, read as zeros), and aligned slot of every token
+    c = jnp.arange(block_q, dtype=jnp.int32)
+    source = jnp.where(
+        c[None, :] < block_count[:, None], cu_q_lens[block_seq][:, None] + block_first[:, None] + c, num_tokens
+    ).reshape(-1)
+    seq, _, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    target = seq_first_block[seq] * block_q + jnp.arange(num_tokens, dtype=jnp.int32) - cu_q_lens[seq]
+
+    def aligned(x: jax.Array) -> jax.Array:
+        return jnp.take(x, source, axis=0, mode="fill", fill_value=0)
+
+    q_rows = aligned(q).reshape(num_blocks, block_q, num_kv_heads, group, head_dim).swapaxes(1, 2)
+    q_rows = q_rows.reshape(num_blocks, num_kv_heads, num_rows, head_dim)
+    kv_new = aligned(jnp.stack([k, v], axis=2).reshape(num_tokens, two_hkv, head_dim).astype(kv_pages.dtype))
+    kv_new = kv_new.reshape(num_blocks, block_q, two_hkv, head_dim)
+
+    rows_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, num_rows, head_dim), lambda i, h, s: (i, h, 0, 0))
+    split_spec = pl.BlockSpec((pl.squeezed,) * 3 + (num_rows, head_dim), lambda i, h, s: (s, i, h, 0, 0))
+    lse_spec = pl.BlockSpec((pl.squeezed,) * 3 + (num_rows, 1), lambda i, h, s: (s, i, h, 0, 0))
+    whole = pl.no_block_spec
+    split_shape = (num_splits, num_blocks, num_kv_heads, num_rows)
+    if num_splits == 1:
+        out_shapes = [jax.ShapeDtypeStruct((num_blocks, num_kv_heads, num_rows, head_dim), q.dtype)]
+        out_specs = [rows_spec]
+    else:
+        out_shapes = [
+            jax.ShapeDtypeStruct((*split_shape, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((*split_shape, 1), jnp.float32),
+        ]
+        out_specs = [split_spec, lse_spec]
+    kernel = functools.partial(
+        _ragged_kernel,
+        group=group,
+        block_q=block_q,
+        page_size=page_size,
+        num_splits=num_splits,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    *outs, kv_pages = pl.pallas_call(
+        kernel,
+        grid=(num_blocks, num_kv_heads, num_splits),
+        in_specs=[whole] * 6 + [rows_spec, whole, whole],
+        out_specs=[*out_specs, whole],
+        out_shape=[*out_shapes, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
+        input_output_aliases={8: len(out_shapes)},
+        interpret=interpret,
+    )(block_seq, block_first, block_count, seq_cached, seq_first_block, block_table, q_rows, kv_new, kv_pages)
+    out = outs[0] if num_splits == 1 else _combine_splits(*outs).astype(q.dtype)
+    out = out.reshape(num_blocks, num_kv_heads, block_q, group, head_dim).swapaxes(1, 2)
+    out = out.reshape(num_blocks * block_q, num_q_heads, head_dim)
+    return jnp.where(real[:, None, None], jnp.take(out, target, axis=0, mode="fill", fill_value=0), 0), kv_pages

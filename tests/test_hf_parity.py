@@ -1,5 +1,6 @@
 """Parity with HF transformers in float32, for each decoder architecture: logits for chunked prefill and every
-decode step over the paged cache, and greedy generation token for token."""
+decode step over the paged cache, and greedy generation token for token; both again with the Pallas kernels
+forced on (run by Pallas' interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxserve import SamplingParams
-from jaxserve.kernels_pallas import kv_cache_shape
+from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels, kv_cache_shape, select_kernels
 from jaxserve.models.batch import RaggedBatch
 from jaxserve.models.registry import create_causal_lm
 from jaxserve.weights import load_weights
@@ -45,9 +46,9 @@ def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, **proce
     return outputs
 
 
-def jax_model(folder):
+def jax_model(folder, kernels: Kernels = REFERENCE_KERNELS):
     config = transformers.AutoConfig.from_pretrained(folder)
-    skeleton = nnx.eval_shape(lambda: create_causal_lm(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    skeleton = nnx.eval_shape(lambda: create_causal_lm(config, dtype=jnp.float32, rngs=nnx.Rngs(0), kernels=kernels))
     return load_weights(skeleton, folder, jnp.float32, progress=False)
 
 
@@ -79,27 +80,22 @@ def run_steps(model, token_ids: list[int], chunks: list[int], page_size: int = 1
     return np.concatenate(logits)
 
 
-@pytest.mark.parametrize("name", DECODERS)
-def test_logits_match_hf_for_chunked_prefill_and_decode(tiny_models, name):
-    folder = tiny_models[name]
+def check_logits_match_hf(folder, kernels: Kernels) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(PROMPTS[3] + " " + PROMPTS[1]).input_ids
     ids = (ids * 3)[:70]  # 70 tokens: crosses pages, and Mistral's 32-token sliding window
     with torch.no_grad():
         expected = hf_model(folder)(torch.tensor([ids])).logits[0].numpy()
     # a 23-token prefill chunk, a 17-token chunk, then one decode step per token
-    got = run_steps(jax_model(folder), ids, [23, 17] + [1] * 30)
+    got = run_steps(jax_model(folder, kernels), ids, [23, 17] + [1] * 30)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, atol=2e-5 * scale, rtol=0)
     assert expected.std(axis=-1).min() > 1.0  # the logits really differ between tokens
 
 
-@pytest.mark.parametrize("name", DECODERS)
-def test_greedy_generation_matches_hf_generate(tiny_models, make_llm, name):
-    folder = tiny_models[name]
+def check_greedy_generation_matches_hf(folder, llm) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     expected = hf_greedy(hf_model(folder), tokenizer, PROMPTS, 32)
-    llm = make_llm(folder)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outputs]
     assert got == expected
@@ -109,6 +105,27 @@ def test_greedy_generation_matches_hf_generate(tiny_models, make_llm, name):
         text, whole = output.outputs[0].text, tokenizer.decode(tokens, skip_special_tokens=True)
         assert whole.startswith(text) and set(whole[len(text) :]) <= {"\ufffd"}
         assert output.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_logits_match_hf_for_chunked_prefill_and_decode(tiny_models, name):
+    check_logits_match_hf(tiny_models[name], REFERENCE_KERNELS)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_greedy_generation_matches_hf_generate(tiny_models, make_llm, name):
+    check_greedy_generation_matches_hf(tiny_models[name], make_llm(tiny_models[name]))
+
+
+@pytest.mark.kernels
+@pytest.mark.usefixtures("no_persistent_compile_cache")
+@pytest.mark.parametrize("name", DECODERS)
+def test_pallas_kernels_in_interpret_mode_match_hf(tiny_models, make_llm, name):
+    """The same parity with ragged paged attention (and every other kernel) on the Pallas kernels."""
+    check_logits_match_hf(tiny_models[name], select_kernels("interpret"))
+    llm = make_llm(tiny_models[name], attention_backend="interpret")
+    assert llm.engine.kernels.backend == "interpret"
+    check_greedy_generation_matches_hf(tiny_models[name], llm)
 
 
 def test_repetition_penalty_matches_hf(tiny_models, make_llm):

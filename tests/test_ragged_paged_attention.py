@@ -2,7 +2,8 @@
 
 Every case is a flat batch built from (cached_len, new_len) pairs: decode rows, prefill chunks that continue a
 cache, and fresh prefills in one call, on scattered pages, with padded tokens and padded sequences poisoned so
-that any leak shows up as a wrong real output, a non-zero padded output, or a page slot that changed.
+that any leak shows up as a wrong real output, a non-zero padded output, or a page slot that changed. The
+behaviour tests run on the dispatcher (the reference on CPU) and on the Pallas kernel in interpret mode.
 """
 
 from __future__ import annotations
@@ -17,10 +18,31 @@ import numpy as np
 import pytest
 
 from jaxserve.kernels_pallas import kv_cache_shape, ragged_paged_attention, ragged_paged_attention_reference
+from jaxserve.kernels_pallas.ragged_paged_attention import (
+    default_block_q,
+    default_num_splits,
+    ragged_paged_attention_pallas,
+)
 
 rpa_module = importlib.import_module("jaxserve.kernels_pallas.ragged_paged_attention")
 
-KERNELS = {"reference": ragged_paged_attention_reference, "dispatcher": ragged_paged_attention}
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
+
+STATIC = ("sm_scale", "sliding_window", "soft_cap", "block_q", "num_splits")
+pallas_interpret = jax.jit(functools.partial(ragged_paged_attention_pallas, interpret=True), static_argnames=STATIC)
+KERNELS = {
+    "reference": ragged_paged_attention_reference,
+    "dispatcher": ragged_paged_attention,
+    "pallas": pallas_interpret,
+}
+# what the behaviour tests run: the dispatcher (the reference on CPU) and the Pallas kernel in interpret mode
+ATTENTION = {"dispatcher": ragged_paged_attention, "pallas": pallas_interpret}
+
+
+@pytest.fixture(params=list(ATTENTION))
+def attention(request):
+    return ATTENTION[request.param]
+
 
 # (Hq, Hkv, head_dim, page_size): GQA ratios 1/4/8 each meet both head dims and both page sizes, and every
 # (head_dim, page_size) pair appears, without running the full 3 x 2 x 2 product.
@@ -232,7 +254,7 @@ def check(case: RaggedCase, out, kv_pages, sliding_window=None, soft_cap=None) -
     return ref_out
 
 
-def run(case: RaggedCase, kernel=ragged_paged_attention_reference, **kwargs):
+def run(case: RaggedCase, kernel, **kwargs):
     return kernel(*case.args(), sm_scale=case.sm_scale, **kwargs)
 
 
@@ -240,7 +262,7 @@ def run(case: RaggedCase, kernel=ragged_paged_attention_reference, **kwargs):
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size", CONFIGS, ids=CONFIG_IDS)
-def test_mixed_batch_matches_numpy(num_q_heads, num_kv_heads, head_dim, page_size):
+def test_mixed_batch_matches_numpy(attention, num_q_heads, num_kv_heads, head_dim, page_size):
     rng = np.random.default_rng(1000 + head_dim + page_size + num_kv_heads)
     case = make_case(
         rng,
@@ -253,19 +275,19 @@ def test_mixed_batch_matches_numpy(num_q_heads, num_kv_heads, head_dim, page_siz
     # the layout really is what the test claims: scattered pages, mixed kinds, padded tails
     assert case.q.shape[0] > case.num_real and case.kv_lens.shape[0] > len(case.seqs)
     assert any(np.any(np.diff(row[: -(-sum(sq) // page_size)]) != 1) for row, sq in zip(case.block_table, case.seqs))
-    out, pages = run(case)
+    out, pages = run(case, attention)
     check(case, out, pages)
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS), ids=list(KERNELS))
-def test_dispatcher_and_reference_agree_with_numpy(kernel):
+def test_every_kernel_agrees_with_numpy(kernel):
     case = make_case(np.random.default_rng(7), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
     out, pages = run(case, KERNELS[kernel])
     check(case, out, pages)
 
 
 @pytest.mark.parametrize("poison", ["nan", "huge"])
-def test_padding_never_leaks(poison):
+def test_padding_never_leaks(attention, poison):
     """Same real tokens with and without poisoned padding: identical real outputs, zero padded rows, same pages."""
     seqs = [(37, 1), (20, 9), (0, 12)]
     rng = np.random.default_rng(11)
@@ -283,18 +305,18 @@ def test_padding_never_leaks(poison):
         block_table=case.block_table[:s],
         cu_q_lens=case.cu_q_lens[: s + 1],
     )
-    out, pages = run(case)
-    clean_out, clean_pages = run(clean)
+    out, pages = run(case, attention)
+    clean_out, clean_pages = run(clean, attention)
     check(case, out, pages)
     np.testing.assert_allclose(np.asarray(out)[:n], np.asarray(clean_out), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(pages), np.asarray(clean_pages))
 
 
-def test_all_padding_step_is_a_no_op():
+def test_all_padding_step_is_a_no_op(attention):
     """num_seqs = 0 (a warm-up / empty bucket): every output row is 0 and no page changes."""
     case = make_case(np.random.default_rng(3), [(5, 3)], pad_tokens=6, pad_seqs=3)
     case = dataclasses.replace(case, seqs=[], num_seqs=np.array([0], np.int32), cu_q_lens=np.zeros_like(case.cu_q_lens))
-    out, pages = run(case)
+    out, pages = run(case, attention)
     assert np.all(np.asarray(out) == 0.0)
     np.testing.assert_array_equal(np.asarray(pages), case.kv_pages)
 
@@ -309,9 +331,9 @@ def test_blocked_online_softmax(monkeypatch, block_pages):
     monkeypatch.setattr(rpa_module, "_MAX_GATHERED_ELEMENTS", block_pages * num_tokens * page_size * two_hkv * head_dim)
     assert rpa_module._kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim) == block_pages
     assert pages_per_seq % block_pages != 0 or block_pages == 1  # the padded-table path is taken for 3
-    out, pages = run(case)
+    out, pages = run(case, ragged_paged_attention_reference)
     check(case, out, pages)
-    out_w, pages_w = run(case, sliding_window=7, soft_cap=5.0)
+    out_w, pages_w = run(case, ragged_paged_attention_reference, sliding_window=7, soft_cap=5.0)
     check(case, out_w, pages_w, sliding_window=7, soft_cap=5.0)
 
 
@@ -320,7 +342,7 @@ def test_blocked_online_softmax(monkeypatch, block_pages):
     [CONFIGS[0], CONFIGS[2], CONFIGS[4]],
     ids=[CONFIG_IDS[0], CONFIG_IDS[2], CONFIG_IDS[4]],
 )
-def test_pages_written_by_an_earlier_call(num_q_heads, num_kv_heads, head_dim, page_size):
+def test_pages_written_by_an_earlier_call(attention, num_q_heads, num_kv_heads, head_dim, page_size):
     """Prefill, then decode / continue / start a new sequence on the returned cache; the second call must equal
     attention over each sequence's full K/V history (from the inputs of both calls, not from pages)."""
     rng = np.random.default_rng(5 + page_size)
@@ -342,11 +364,11 @@ def test_pages_written_by_an_earlier_call(num_q_heads, num_kv_heads, head_dim, p
     cache = (1.5 * rng.standard_normal(kv_cache_shape(num_pages, ps, num_kv_heads, head_dim))).astype(np.float32)
 
     call1 = make_case(rng, first, kv_pages=cache, block_rows=block_rows[: len(first)], **dims)
-    out1, pages1 = run(call1)
+    out1, pages1 = run(call1, attention)
     check(call1, out1, pages1)
 
     call2 = make_case(rng, second, kv_pages=np.asarray(pages1), block_rows=block_rows, pad_tokens=4, pad_seqs=1, **dims)
-    out2, pages2 = run(call2)
+    out2, pages2 = run(call2, attention)
     ref2 = check(call2, out2, pages2)
 
     # independent of the page bookkeeping: attention over the concatenated inputs of both calls
@@ -377,35 +399,35 @@ def window_case(page_size: int = 16) -> RaggedCase:
     return make_case(np.random.default_rng(99), seqs, num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=ps)
 
 
-def test_sliding_window_changes_result_and_matches_numpy():
+def test_sliding_window_changes_result_and_matches_numpy(attention):
     case = window_case()
-    full, _ = run(case)
-    windowed, pages = run(case, sliding_window=7)
+    full, _ = run(case, attention)
+    windowed, pages = run(case, attention, sliding_window=7)
     check(case, windowed, pages, sliding_window=7)
     n = case.num_real
     assert np.abs(np.asarray(windowed)[:n] - np.asarray(full)[:n]).max() > 0.1
     # a window covering every context is no window at all
-    wide, _ = run(case, sliding_window=10_000)
+    wide, _ = run(case, attention, sliding_window=10_000)
     np.testing.assert_allclose(np.asarray(wide), np.asarray(full), rtol=1e-6, atol=1e-6)
 
 
-def test_window_of_one_returns_own_value():
+def test_window_of_one_returns_own_value(attention):
     """sliding_window=1: every query sees only itself, so out = its own V (shared by the group's heads)."""
     case = window_case()
-    out, pages = run(case, sliding_window=1)
+    out, pages = run(case, attention, sliding_window=1)
     check(case, out, pages, sliding_window=1)
     n, group = case.num_real, case.q.shape[1] // case.k.shape[1]
     np.testing.assert_allclose(np.asarray(out)[:n], np.repeat(case.v[:n], group, axis=1), rtol=1e-6, atol=1e-6)
 
 
-def test_soft_cap_changes_result_and_matches_numpy():
+def test_soft_cap_changes_result_and_matches_numpy(attention):
     case = window_case()
-    full, _ = run(case)
-    capped, pages = run(case, soft_cap=5.0)
+    full, _ = run(case, attention)
+    capped, pages = run(case, attention, soft_cap=5.0)
     check(case, capped, pages, soft_cap=5.0)
     n = case.num_real
     assert np.abs(np.asarray(capped)[:n] - np.asarray(full)[:n]).max() > 0.1
-    both, pages = run(case, sliding_window=7, soft_cap=5.0)
+    both, pages = run(case, attention, sliding_window=7, soft_cap=5.0)
     check(case, both, pages, sliding_window=7, soft_cap=5.0)
 
 
@@ -431,14 +453,14 @@ def test_jit_matches_eager_and_reuses_one_compile(kernel):
     for case in (a, b):
         out, pages = jitted(*case.args())
         check(case, out, pages, **kwargs)
-        eager_out, eager_pages = run(case, **kwargs)
+        eager_out, eager_pages = run(case, ragged_paged_attention_reference, **kwargs)
         np.testing.assert_allclose(np.asarray(out), np.asarray(eager_out), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(pages), np.asarray(eager_pages))
     assert jitted._cache_size() == 1
 
 
 @pytest.mark.parametrize("stale", [np.nan, np.inf])
-def test_stale_values_in_reused_pages_never_leak(stale):
+def test_stale_values_in_reused_pages_never_leak(attention, stale):
     """Slots past a sequence's length (left over from an earlier request) may hold anything, NaN included."""
     case = make_case(np.random.default_rng(21), [(20, 3), (5, 9), (0, 4)], page_size=16)
     poisoned = case.kv_pages.copy()
@@ -448,8 +470,78 @@ def test_stale_values_in_reused_pages_never_leak(stale):
         written[case.block_table[s, pos // 16], pos % 16] = True
     poisoned[~written] = stale
     case = dataclasses.replace(case, kv_pages=poisoned)
-    out, _ = run(case)
+    out, _ = run(case, attention)
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(
         np.asarray(out)[: case.num_real], naive_ragged_paged_attention(case)[0][: case.num_real], rtol=1e-4, atol=1e-4
     )
+
+
+# --- the Pallas kernel's own parameters ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "block_q,num_splits",
+    [(1, 1), (2, 4), (8, 3), (32, 1)],
+    ids=["one-token-blocks", "split-k-4", "split-k-3-uneven", "blocks-longer-than-sequences"],
+)
+def test_pallas_query_blocks_and_splits(block_q, num_splits):
+    """Any query block size and any split of the cached context give the same attention and the same pages:
+    blocks shorter than, equal to and longer than sequences; splits with more splits than a context has pages."""
+    case = make_case(np.random.default_rng(41), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, page_size=16)
+    for kwargs in ({}, dict(sliding_window=7, soft_cap=5.0)):
+        out, pages = run(case, pallas_interpret, block_q=block_q, num_splits=num_splits, **kwargs)
+        check(case, out, pages, **kwargs)
+
+
+def test_pallas_split_k_decode_over_long_contexts():
+    """The decode shape split-K is for: one token per sequence over contexts of many pages, the splits' outputs
+    merged by their log-sum-exps (a split may see no key at all: the short context)."""
+    ps = 16
+    seqs = [(40 * ps + 5, 1), (17 * ps, 1), (3, 1), (25 * ps - 1, 1)]
+    case = make_case(np.random.default_rng(43), seqs, num_q_heads=8, num_kv_heads=1, head_dim=128, page_size=ps)
+    assert default_num_splits(default_block_q(case.q.shape[0], case.kv_lens.shape[0], 8), 1) > 1
+    for num_splits in (None, 8):
+        out, pages = run(case, pallas_interpret, num_splits=num_splits)
+        check(case, out, pages)
+
+
+def test_pallas_bfloat16_cache_matches_the_reference():
+    """bf16 queries and cache (matmuls in bf16, softmax in float32): close to the float32 model; the pages
+    written are exactly the bf16 K/V, as the reference writes them."""
+    case = make_case(np.random.default_rng(47), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, page_size=16)
+    args = [jnp.asarray(a).astype(jnp.bfloat16) if a.dtype == np.float32 else jnp.asarray(a) for a in case.args()]
+    out, pages = pallas_interpret(*args, sm_scale=case.sm_scale)
+    ref_out, ref_pages = ragged_paged_attention_reference(*args, sm_scale=case.sm_scale)
+    assert out.dtype == pages.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(pages, np.float32), np.asarray(ref_pages, np.float32))
+    n = case.num_real
+    want = naive_ragged_paged_attention(case)[0][:n]
+    np.testing.assert_allclose(np.asarray(out, np.float32)[:n], want, atol=0.05 * case.value_scale())
+    assert np.all(np.asarray(out, np.float32)[n:] == 0.0)
+
+
+def test_pallas_writes_the_donated_cache_in_place():
+    """Under jit with the cache donated, the kernel's aliased output is the cache buffer itself."""
+    case = make_case(np.random.default_rng(53), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, page_size=16)
+    step = jax.jit(
+        functools.partial(ragged_paged_attention_pallas, sm_scale=case.sm_scale, interpret=True), donate_argnums=3
+    )
+    args = list(case.args())
+    pointer = args[3].unsafe_buffer_pointer()
+    out, pages = step(*args)
+    check(case, out, pages)
+    assert args[3].is_deleted() and pages.unsafe_buffer_pointer() == pointer
+
+
+def test_pallas_default_tiling():
+    """Decode buckets (T == S) get one token per block, raised to 16 query rows; prefill buckets get their
+    tokens per sequence slot, capped at 128 rows; small grids are split up to about 512 programs."""
+    assert default_block_q(64, 64, group=4) == 4
+    assert default_block_q(64, 64, group=16) == 1
+    assert default_block_q(2048, 256, group=4) == 8
+    assert default_block_q(2048, 16, group=4) == 32
+    assert default_block_q(2048, 1, group=8) == 16
+    assert default_num_splits(num_blocks=64, num_kv_heads=8) == 1
+    assert default_num_splits(num_blocks=1, num_kv_heads=8) == 16
+    assert default_num_splits(num_blocks=16, num_kv_heads=8) == 4
