@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ._lowering import compiler_params
 from ._online_softmax import _accumulate, attend_packed_keys, finish, init_carry, soft_capped
 
 _MAX_GATHERED_ELEMENTS = 1 << 24  # bound on T * block_tokens * 2Hkv * D per loop iteration
@@ -283,10 +284,12 @@ def ragged_paged_attention_pallas(
     block_q: int | None = None,
     num_splits: int | None = None,
     interpret: bool = False,
+    platform: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`ragged_paged_attention_reference` as one Pallas kernel that also writes the cache (kv_pages is aliased
     to the returned pages: donate it under jit and the update is in place). `block_q` (query tokens per program)
-    and `num_splits` (split-K of the cached context) default to the heuristics above."""
+    and `num_splits` (split-K of the cached context) default to the heuristics above; `platform` picks the
+    lowering (`_lowering.compiler_params`)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads, max_seqs = two_hkv // 2, kv_lens.shape[0]
@@ -347,6 +350,7 @@ def ragged_paged_attention_pallas(
         out_shape=[*out_shapes, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
         input_output_aliases={8: len(out_shapes)},
         interpret=interpret,
+        compiler_params=compiler_params(platform),
     )(block_seq, block_first, block_count, seq_cached, seq_first_block, block_table, q_rows, kv_new, kv_pages)
     out = outs[0] if num_splits == 1 else _combine_splits(*outs).astype(q.dtype)
     out = out.reshape(num_blocks, num_kv_heads, block_q, group, head_dim).swapaxes(1, 2)

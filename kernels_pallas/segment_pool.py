@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ._lowering import compiler_params
+
 POOLING_MODES = ("cls", "last", "mean", "max", "mean_sqrt_len")
 _NORMALIZE_EPS = 1e-12
 
@@ -153,10 +155,11 @@ def segment_pool_pallas(
     dimensions: jax.Array | None = None,
     normalize: jax.Array | None = None,
     interpret: bool = False,
+    platform: str | None = None,
 ) -> jax.Array:
     """`segment_pool_reference` as one Pallas kernel: a grid of (segment, feature block), each walking its
     segment's aligned token tiles once. Truncation and normalization of the [S, H] result follow in the same
-    jitted program."""
+    jitted program. `platform` picks the lowering (`_lowering.compiler_params`)."""
     if mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
     num_tokens, hidden_size = hidden.shape
@@ -173,8 +176,11 @@ def segment_pool_pallas(
         functools.partial(_pool_kernel, mode=mode, num_tokens=max(num_tokens, 1)),
         grid=(num_segments, hidden_size // width),
         in_specs=[whole, whole, whole, whole],
-        out_specs=pl.BlockSpec((1, width), lambda s, h: (s, h)),
-        out_shape=jax.ShapeDtypeStruct((num_segments, hidden_size), jnp.float32),
+        # [S, 1, H] rather than [S, H], so that a block's last two dims are (1, width): whole in the middle one,
+        # as Mosaic TPU requires of a block shorter than 8 rows
+        out_specs=pl.BlockSpec((pl.squeezed, 1, width), lambda s, h: (s, 0, h)),
+        out_shape=jax.ShapeDtypeStruct((num_segments, 1, hidden_size), jnp.float32),
         interpret=interpret,
+        compiler_params=compiler_params(platform),
     )(cu, num_seqs.astype(jnp.int32), jnp.maximum(offsets, 0), hidden)
-    return truncate_and_normalize(pooled, dimensions, normalize)
+    return truncate_and_normalize(pooled.reshape(num_segments, hidden_size), dimensions, normalize)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ._lowering import compiler_params
 from ._online_softmax import attend_packed_keys, finish, init_carry
 
 _MAX_BLOCK_TOKENS = 128  # queries and keys per online-softmax step
@@ -162,9 +163,11 @@ def varlen_attention_pallas(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
+    platform: str | None = None,
 ) -> jax.Array:
     """`varlen_attention_reference` as one Pallas kernel: a grid of (query block, query head), each walking
-    only the key blocks of its own segments (block-diagonal tiles outside them are never read)."""
+    only the key blocks of its own segments (block-diagonal tiles outside them are never read). `platform` picks
+    the lowering (`_lowering.compiler_params`)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
@@ -194,5 +197,6 @@ def varlen_attention_pallas(
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((padded, num_q_heads * head_dim), q.dtype),
         interpret=interpret,
+        compiler_params=compiler_params(platform),
     )(lo, hi, seq, real.astype(jnp.int32), flat(q), flat(k), flat(v))
     return out[:num_tokens].reshape(num_tokens, num_q_heads, head_dim)
