@@ -155,6 +155,15 @@ _MIN_ROWS = 16  # query rows per program a tensor-core matmul wants at least
 _MAX_ROWS = 128  # and at most: the accumulator lives in registers
 _TARGET_PROGRAMS = 512  # about four programs per SM on an H100; split-K fills the grid up to this
 _MAX_SPLITS = 16
+_KV_BLOCK_TOKENS = 64  # cached tokens per online-softmax step: whole pages, gathered by the block table
+
+
+def default_pages_per_block(page_size: int, platform: str | None = None) -> int:
+    """Cache pages per online-softmax step: _KV_BLOCK_TOKENS worth, except on TPU, whose Mosaic lowering has no
+    vector-indexed gather (one page per step there)."""
+    if (platform or jax.default_backend()) == "tpu":
+        return 1
+    return max(1, _KV_BLOCK_TOKENS // page_size)
 
 
 def default_block_q(num_tokens: int, num_seqs: int, group: int) -> int:
@@ -188,8 +197,8 @@ def _query_blocks(kv_lens, cu_q_lens, num_seqs, num_blocks: int, block_q: int):
 
 def _ragged_kernel(
     block_seq_ref, block_first_ref, block_count_ref, seq_cached_ref, seq_first_block_ref, block_table_ref,
-    q_ref, kv_new_ref, kv_pages_ref, *out_refs, group, block_q, page_size, num_splits, sm_scale, sliding_window,
-    soft_cap,
+    q_ref, kv_new_ref, kv_pages_ref, *out_refs, group, block_q, page_size, pages_per_block, num_splits, sm_scale,
+    sliding_window, soft_cap,
 ):  # fmt: skip
     """One (query block, KV head, split): attend over the split's share of the cached pages, then (last split)
     over the new keys up to each row's own position; in split 0, write the block's new K/V into their pages."""
@@ -205,14 +214,13 @@ def _ragged_kernel(
     q = (q_ref[...].astype(jnp.float32) * sm_scale).astype(kv_pages_ref.dtype)
     lowest = jnp.maximum(cached + first - sliding_window + 1, 0) if sliding_window else 0
 
-    def attend(kv_ref, index, start, size, limit, carry):
-        """Fold keys [start, start + size) of one page (or new-key block) `index` into the carry; positions at
-        or past `limit` are not keys (stale slots, empty slots) and their values are zeroed."""
+    def attend(k, v, start, limit, carry):
+        """Fold the keys k, v [K, D] at positions [start, start + K) into the carry; positions at or past
+        `limit` are not keys (stale slots, empty slots) and their values are zeroed."""
         m, l, acc = carry
-        k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, size), 1)
+        k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
         key_real = k_pos < limit
-        k = kv_ref[index, :, 2 * head, :]
-        v = jnp.where(jnp.transpose(key_real), kv_ref[index, :, 2 * head + 1, :], 0)  # stale slots may hold NaN
+        v = jnp.where(jnp.transpose(key_real), v, 0)  # stale slots may hold NaN
         visible = row_real & key_real & (k_pos <= q_pos)
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window
@@ -226,23 +234,33 @@ def _ragged_kernel(
         weighted = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l * rescale + p.sum(axis=1, keepdims=True), acc * rescale + weighted
 
-    def cached_page(i, carry):
-        return attend(kv_pages_ref, block_table_ref[seq, i], i * page_size, page_size, cached, carry)
+    block_tokens = pages_per_block * page_size
 
-    first_page = lowest // page_size
-    last_page = jnp.where(count > 0, pl.cdiv(cached, page_size), first_page)
-    per_split = pl.cdiv(last_page - first_page, num_splits)
-    split_start = first_page + split * per_split
+    def cached_block(i, carry):
+        if pages_per_block == 1:
+            page = block_table_ref[seq, i]
+            k, v = kv_pages_ref[page, :, 2 * head, :], kv_pages_ref[page, :, 2 * head + 1, :]
+        else:  # a gather of whole pages by a vector of page numbers (a Triton load)
+            pages = block_table_ref[seq, pl.ds(pl.multiple_of(i * pages_per_block, pages_per_block), pages_per_block)]
+            k = kv_pages_ref[pages, :, 2 * head, :].reshape(block_tokens, -1)
+            v = kv_pages_ref[pages, :, 2 * head + 1, :].reshape(block_tokens, -1)
+        return attend(k, v, i * block_tokens, cached, carry)
+
+    first_kv_block = lowest // block_tokens
+    last_kv_block = jnp.where(count > 0, pl.cdiv(cached, block_tokens), first_kv_block)
+    per_split = pl.cdiv(last_kv_block - first_kv_block, num_splits)
+    split_start = first_kv_block + split * per_split
     carry = (
         jnp.full((num_rows, 1), _MASKED, jnp.float32),
         jnp.zeros((num_rows, 1), jnp.float32),
         jnp.zeros((num_rows, q.shape[1]), jnp.float32),
     )
-    carry = jax.lax.fori_loop(split_start, jnp.minimum(split_start + per_split, last_page), cached_page, carry)
+    carry = jax.lax.fori_loop(split_start, jnp.minimum(split_start + per_split, last_kv_block), cached_block, carry)
 
     def new_block(b, carry):
         index = seq_first_block_ref[seq] + b
-        return attend(kv_new_ref, index, cached + b * block_q, block_q, cached + first + count, carry)
+        k, v = kv_new_ref[index, :, 2 * head, :], kv_new_ref[index, :, 2 * head + 1, :]
+        return attend(k, v, cached + b * block_q, cached + first + count, carry)
 
     first_new = jnp.maximum(lowest - cached, 0) // block_q
     last_new = jnp.where((split == num_splits - 1) & (count > 0), (first + count - 1) // block_q + 1, first_new)
@@ -283,13 +301,14 @@ def ragged_paged_attention_pallas(
     soft_cap: float | None = None,
     block_q: int | None = None,
     num_splits: int | None = None,
+    pages_per_block: int | None = None,
     interpret: bool = False,
     platform: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`ragged_paged_attention_reference` as one Pallas kernel that also writes the cache (kv_pages is aliased
-    to the returned pages: donate it under jit and the update is in place). `block_q` (query tokens per program)
-    and `num_splits` (split-K of the cached context) default to the heuristics above; `platform` picks the
-    lowering (`_lowering.compiler_params`)."""
+    to the returned pages: donate it under jit and the update is in place). The tiling defaults to the heuristics
+    above: `block_q` query tokens per program, `num_splits` splits of the cached context, `pages_per_block`
+    cache pages per online-softmax step. `platform` picks the lowering (`_lowering.compiler_params`)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads, max_seqs = two_hkv // 2, kv_lens.shape[0]
@@ -298,6 +317,8 @@ def ragged_paged_attention_pallas(
     num_blocks = -(-(num_tokens + max_seqs * (block_q - 1)) // block_q)  # sum of ceil(q_len / block_q), at most
     num_splits = num_splits or default_num_splits(num_blocks, num_kv_heads)
     num_rows = block_q * group
+    pages_per_block = pages_per_block or default_pages_per_block(page_size, platform)
+    block_table = jnp.pad(block_table, ((0, 0), (0, -block_table.shape[1] % pages_per_block)))  # whole blocks
 
     (block_seq, block_first, block_count), (seq_cached, seq_first_block) = _query_blocks(
         kv_lens, cu_q_lens, num_seqs, num_blocks, block_q
@@ -337,6 +358,7 @@ def ragged_paged_attention_pallas(
         group=group,
         block_q=block_q,
         page_size=page_size,
+        pages_per_block=pages_per_block,
         num_splits=num_splits,
         sm_scale=sm_scale,
         sliding_window=sliding_window,

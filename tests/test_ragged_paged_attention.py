@@ -21,6 +21,7 @@ from jaxserve.kernels_pallas import kv_cache_shape, ragged_paged_attention, ragg
 from jaxserve.kernels_pallas.ragged_paged_attention import (
     default_block_q,
     default_num_splits,
+    default_pages_per_block,
     ragged_paged_attention_pallas,
 )
 
@@ -28,7 +29,7 @@ rpa_module = importlib.import_module("jaxserve.kernels_pallas.ragged_paged_atten
 
 pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
 
-STATIC = ("sm_scale", "sliding_window", "soft_cap", "block_q", "num_splits")
+STATIC = ("sm_scale", "sliding_window", "soft_cap", "block_q", "num_splits", "pages_per_block")
 pallas_interpret = jax.jit(functools.partial(ragged_paged_attention_pallas, interpret=True), static_argnames=STATIC)
 KERNELS = {
     "reference": ragged_paged_attention_reference,
@@ -481,16 +482,18 @@ def test_stale_values_in_reused_pages_never_leak(attention, stale):
 
 
 @pytest.mark.parametrize(
-    "block_q,num_splits",
-    [(1, 1), (2, 4), (8, 3), (32, 1)],
-    ids=["one-token-blocks", "split-k-4", "split-k-3-uneven", "blocks-longer-than-sequences"],
+    "block_q,num_splits,pages_per_block",
+    [(1, 1, 1), (2, 4, 2), (8, 3, 3), (32, 1, 8)],
+    ids=["one-token-one-page", "split-k-4", "split-k-3-uneven", "blocks-longer-than-sequences"],
 )
-def test_pallas_query_blocks_and_splits(block_q, num_splits):
-    """Any query block size and any split of the cached context give the same attention and the same pages:
-    blocks shorter than, equal to and longer than sequences; splits with more splits than a context has pages."""
+def test_pallas_tiling(block_q, num_splits, pages_per_block):
+    """Any tiling gives the same attention and the same pages: query blocks shorter than, equal to and longer
+    than sequences; more splits than a context has pages; cache blocks of one page, of a number of pages that
+    does not divide the block table (read past its end), and longer than any context."""
     case = make_case(np.random.default_rng(41), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, page_size=16)
+    tiling = dict(block_q=block_q, num_splits=num_splits, pages_per_block=pages_per_block)
     for kwargs in ({}, dict(sliding_window=7, soft_cap=5.0)):
-        out, pages = run(case, pallas_interpret, block_q=block_q, num_splits=num_splits, **kwargs)
+        out, pages = run(case, pallas_interpret, **tiling, **kwargs)
         check(case, out, pages, **kwargs)
 
 
@@ -536,7 +539,8 @@ def test_pallas_writes_the_donated_cache_in_place():
 
 def test_pallas_default_tiling():
     """Decode buckets (T == S) get one token per block, raised to 16 query rows; prefill buckets get their
-    tokens per sequence slot, capped at 128 rows; small grids are split up to about 512 programs."""
+    tokens per sequence slot, capped at 128 rows; small grids are split up to about 512 programs; cache steps
+    are 64 tokens of whole pages, one page on TPU."""
     assert default_block_q(64, 64, group=4) == 4
     assert default_block_q(64, 64, group=16) == 1
     assert default_block_q(2048, 256, group=4) == 8
@@ -545,3 +549,5 @@ def test_pallas_default_tiling():
     assert default_num_splits(num_blocks=64, num_kv_heads=8) == 1
     assert default_num_splits(num_blocks=1, num_kv_heads=8) == 16
     assert default_num_splits(num_blocks=16, num_kv_heads=8) == 4
+    assert (default_pages_per_block(16, "gpu"), default_pages_per_block(32, "gpu")) == (4, 2)
+    assert (default_pages_per_block(128, "gpu"), default_pages_per_block(16, "tpu")) == (1, 1)
