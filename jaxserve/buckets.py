@@ -6,8 +6,6 @@ A step never has more sequences or logits rows than tokens, so one program per T
 
 from __future__ import annotations
 
-import bisect
-
 ACCELERATOR_MIN_RUNG = 16
 CPU_MIN_RUNG = 1
 POW2_LIMIT = 512
@@ -26,13 +24,6 @@ def token_rungs(max_num_batched_tokens: int, min_rung: int = ACCELERATOR_MIN_RUN
         rung += POW2_LIMIT
     rungs.append(budget)
     return rungs
-
-
-def pick_rung(rungs: list[int], num_tokens: int) -> int:
-    i = bisect.bisect_left(rungs, num_tokens)
-    if i == len(rungs):
-        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {rungs[-1]}")
-    return rungs[i]
 
 
 def seq_rung(token_rung: int, max_num_seqs: int) -> int:

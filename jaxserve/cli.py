@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL
 
@@ -147,7 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
     names = served_names(models, args.served_model_name)
     served = []
     for model, aliases in zip(models, names):
-        engine_args = engine_kwargs(args)
+        engine_args = engine_kwargs(args) | {"strict_compile": args.strict_compile}
         if len(models) > 1 and not is_generative(load_hf_config(resolve_model(model), args.hf_overrides)):
             engine_args["max_model_len"] = None  # a pooling model keeps its own limit beside a generation model
         engine = AsyncEngine(create_engine(EngineConfig(model=model, **engine_args)))
@@ -198,6 +199,7 @@ def server_settings(args: argparse.Namespace):
         trust_request_chat_template=args.trust_request_chat_template,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
         enable_force_include_usage=args.enable_force_include_usage,
+        launched_at=args.launched_at,
     )
 
 
@@ -261,6 +263,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
     group.add_argument(
+        "--strict-compile",
+        action="store_true",
+        help="compile every bucket before answering (default: answer once the buckets up to --max-num-seqs and "
+        "the largest are compiled; the rest compile in the background, and steps pad up to a compiled one)",
+    )
+    group.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="accepted for vLLM compatibility; jaxserve never runs code shipped with a model",
@@ -272,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxserve",
         description="Serve language models from JAX/XLA (GPU, TPU, CPU) with a vLLM-compatible API.",
     )
+    parser.set_defaults(launched_at=None)  # main() sets it: start-up is timed from there
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -308,12 +317,73 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, help="default: the model's generation_config, else 16")
     add_engine_args(generate)
     generate.set_defaults(run=_generate)
+    add_bench_parsers(commands)
     return parser
 
 
+def add_bench_parsers(commands) -> None:
+    from .bench.offline import add_latency_args, add_throughput_args
+    from .bench.serve import add_serve_bench_args
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark a running server, or an engine offline",
+        description="Benchmarks in the manner of `vllm bench`: 'serve' drives a running OpenAI-compatible server "
+        "(jaxserve or any other); 'latency' and 'throughput' run an engine in this process through the LLM API.",
+    )
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    serve = kinds.add_parser(
+        "serve",
+        help="request throughput, TTFT, TPOT and inter-token latency against a running server",
+        description="Send a synthetic dataset to a running server at a request rate (Poisson) or a concurrency, "
+        "and report throughput and latency percentiles; /v1/embeddings reports requests/s, tokens/s and latency.",
+    )
+    add_serve_bench_args(serve)
+    serve.set_defaults(run=_bench_serve)
+    latency = kinds.add_parser(
+        "latency",
+        help="end-to-end latency of one batch, offline",
+        description="Time one batch of requests (random prompts, EOS ignored) end to end, several times.",
+    )
+    add_latency_args(latency)
+    add_engine_args(latency)
+    latency.set_defaults(run=_bench_offline)
+    throughput = kinds.add_parser(
+        "throughput",
+        help="requests/s and tokens/s of many requests at once, offline",
+        description="Submit many requests (random prompts, EOS ignored) at once and time them; a pooling model "
+        "embeds them.",
+    )
+    add_throughput_args(throughput)
+    add_engine_args(throughput)
+    throughput.set_defaults(run=_bench_offline)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from .bench.serve import BenchmarkError, config_from_args, main_serve_bench
+
+    try:
+        main_serve_bench(config_from_args(args), args.save_result, args.result_dir, args.result_filename)
+    except (BenchmarkError, ValueError) as error:
+        print(f"jaxserve bench serve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_offline(args: argparse.Namespace) -> int:
+    from . import LLM
+    from .bench.offline import run_latency, run_throughput
+
+    llm = LLM(args.model or DEFAULT_GENERATE_MODEL, **engine_kwargs(args))
+    (run_latency if args.bench == "latency" else run_throughput)(llm, args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    launched_at = time.time()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.launched_at = launched_at
     return args.run(args)
 
 

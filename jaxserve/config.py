@@ -59,6 +59,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # kernels: auto (Pallas on GPU/TPU), pallas, reference, interpret
     compile_cache_dir: str | None = None
+    strict_compile: bool = True  # compile every bucket before the engine returns; False: the rest in the background
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -69,7 +69,7 @@ class LLMEngine(EngineCore):
             CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG,
         )
         self.runner = ModelRunner(model, shape, num_pages, config.page_size, self.dtype)
-        compile_seconds = self.runner.warm_up(progress=config.progress)
+        compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
 
         self.allocator = PageAllocator(num_pages, config.page_size)
@@ -174,13 +174,14 @@ class LLMEngine(EngineCore):
 
     def stats(self) -> EngineStats:
         running = {seq.request_id for seq in list(self.scheduler.running)}
-        return EngineStats(
+        load = EngineStats(
             num_requests_running=len(running),
             num_requests_waiting=max(0, len(self._requests) - len(running)),
             kv_cache_usage=self.allocator.usage,
             num_preemptions=self.scheduler.num_preemptions,
             compiles_after_warmup=self.compile_watch.count,
         )
+        return self._startup_stats(load)
 
     # --- the step ---------------------------------------------------------------------------------------
 
@@ -188,7 +189,8 @@ class LLMEngine(EngineCore):
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        inputs, rows = fill_step(plan, self.runner.shape, self._step_biases(plan))
+        rung = self.runner.programs.rung_for(plan.num_tokens)
+        inputs, rows = fill_step(plan, self.runner.shape, self._step_biases(plan), rung)
         out = self.runner.execute(inputs)
         self.scheduler.commit(plan)
         touched: dict[str, RequestState] = {}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 from .compile_watch import CompileWatch
 from .config import EngineConfig
@@ -79,10 +80,24 @@ class EngineCore(abc.ABC):
     def stats(self) -> EngineStats:
         """A snapshot of the load; safe to call from another thread while the engine steps."""
 
+    def _startup_stats(self, stats: EngineStats) -> EngineStats:
+        """`stats` with the start-up times and the compiled buckets filled in."""
+        programs = self.runner.programs
+        return dataclasses.replace(
+            stats,
+            load_seconds=self.startup.load_seconds,
+            compile_seconds=self.startup.compile_seconds,
+            buckets_compiled=len(programs.ready_rungs),
+            buckets_total=len(programs.rungs),
+        )
+
 
 def enable_compilation_cache(directory: Path) -> None:
-    """Turn on JAX's persistent compilation cache for every program, however small or quick to compile."""
+    """Turn on JAX's persistent compilation cache in `directory` for every program, however small or quick to
+    compile. JAX binds its cache to a folder on first use, so a different folder resets it."""
     directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
+    if jax.config.jax_compilation_cache_dir != str(directory):
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

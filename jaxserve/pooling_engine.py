@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, pick_rung, seq_rung, token_rungs
-from .compiled import BucketPrograms, abstract
+from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, seq_rung, token_rungs
+from .compiled import BucketPrograms, abstract, first_rungs
 from .config import EngineConfig
 from .engine_core import EngineCore, StartupTimes
 from .errors import PromptTooLongError
@@ -72,9 +72,9 @@ def empty_pooling_inputs(shape: PoolingShape, num_tokens: int) -> PoolingInputs:
     )
 
 
-def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape) -> PoolingInputs:
-    num_tokens = sum(len(r.token_ids) for r in requests)
-    inputs = empty_pooling_inputs(shape, pick_rung(shape.token_rungs, num_tokens))
+def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape, rung: int) -> PoolingInputs:
+    """Host arrays for a batch of whole sequences, packed, padded to the bucket `rung`."""
+    inputs = empty_pooling_inputs(shape, rung)
     b = inputs.batch
     offset = 0
     for i, request in enumerate(requests):
@@ -98,17 +98,22 @@ class PoolingRunner:
     def __init__(self, model: PoolingModel, shape: PoolingShape):
         self.shape = shape
         self.graphdef, self.params = nnx.split(model)
-        self._programs = BucketPrograms(jax.jit(self._step_fn), shape.token_rungs, "pooling")
+        self.programs = BucketPrograms(jax.jit(self._step_fn), shape.token_rungs, "pooling")
 
     def _step_fn(self, params, inputs: PoolingInputs) -> dict[str, jax.Array]:
         return nnx.merge(self.graphdef, params)(inputs)
 
-    def warm_up(self, progress: bool = True) -> float:
-        return self._programs.compile(lambda t: (self.params, abstract(empty_pooling_inputs(self.shape, t))), progress)
+    def warm_up(self, strict: bool = True, progress: bool = True) -> float:
+        """Compile the buckets ahead of time (with strict=False, the rest in the background: compiled.py);
+        returns the seconds until the engine can step."""
+        first = None if strict else first_rungs(self.shape.token_rungs, self.shape.max_num_seqs)
+        return self.programs.compile(
+            lambda t: abstract((self.params, empty_pooling_inputs(self.shape, t))), first, progress
+        )
 
     def execute(self, inputs: PoolingInputs, tasks: set[str]) -> dict[str, np.ndarray]:
         """Run the bucket's program; copy back only the outputs of `tasks`."""
-        outputs = self._programs(inputs.batch.token_ids.shape[0], self.params, inputs)
+        outputs = self.programs(inputs.batch.token_ids.shape[0], self.params, inputs)
         return jax.device_get({task: outputs[task] for task in tasks})
 
 
@@ -151,7 +156,7 @@ class PoolingEngine(EngineCore):
             max_num_seqs, max_num_batched_tokens, CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG
         )
         self.runner = PoolingRunner(model, shape)
-        compile_seconds = self.runner.warm_up(progress=config.progress)
+        compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
         self.vocab_size = self.hf_config.vocab_size
         self._waiting: deque[PoolingRequest] = deque()
@@ -277,13 +282,14 @@ class PoolingEngine(EngineCore):
         return bool(self._waiting)
 
     def stats(self) -> EngineStats:
-        return EngineStats(
+        load = EngineStats(
             num_requests_running=0,
             num_requests_waiting=len(self._waiting),
             kv_cache_usage=0.0,
             num_preemptions=0,
             compiles_after_warmup=self.compile_watch.count,
         )
+        return self._startup_stats(load)
 
     def _step(self) -> list[PoolingRequestOutput]:
         shape = self.runner.shape
@@ -298,7 +304,8 @@ class PoolingEngine(EngineCore):
             tokens += len(batch[-1].token_ids)
         if not batch:
             return []
-        outputs = self.runner.execute(fill_pooling_step(batch, shape), {r.task for r in batch})
+        inputs = fill_pooling_step(batch, shape, self.runner.programs.rung_for(tokens))
+        outputs = self.runner.execute(inputs, {r.task for r in batch})
         results, offset = [], 0
         for i, request in enumerate(batch):
             n = len(request.token_ids)

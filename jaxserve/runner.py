@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .buckets import pick_rung, seq_rung, token_rungs
-from .compiled import BucketPrograms, abstract
+from .buckets import seq_rung, token_rungs
+from .compiled import BucketPrograms, abstract, first_rungs
 from .kernels_pallas import kv_cache_shape
 from .models.batch import RaggedBatch
 from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
@@ -85,11 +85,11 @@ class RowInfo:
 
 
 def fill_step(
-    plan: StepPlan, shape: RunnerShape, bias: dict[int, list[tuple[int, float]]]
+    plan: StepPlan, shape: RunnerShape, bias: dict[int, list[tuple[int, float]]], rung: int
 ) -> tuple[StepInputs, list[RowInfo]]:
-    """Host arrays for a plan, padded to its bucket. `bias` maps seq_id → (token, value) pairs for this step."""
-    num_tokens = pick_rung(shape.token_rungs, plan.num_tokens)
-    inputs = empty_inputs(shape, num_tokens)
+    """Host arrays for a plan, padded to the bucket `rung`. `bias` maps seq_id → (token, value) pairs for this
+    step."""
+    inputs = empty_inputs(shape, rung)
     b, smp = inputs.batch, inputs.sampling
     rows: list[RowInfo] = []
     offset = 0
@@ -149,7 +149,7 @@ class ModelRunner:
             kv_pages=[jnp.zeros(page_shape, kv_dtype) for _ in range(num_layers)],
             history=TokenHistory.zeros(shape.max_num_seqs, shape.vocab_size),
         )
-        self._programs = BucketPrograms(jax.jit(self._step_fn, donate_argnums=(1,)), shape.token_rungs, "generation")
+        self.programs = BucketPrograms(jax.jit(self._step_fn, donate_argnums=(1,)), shape.token_rungs, "generation")
 
     def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
         model = nnx.merge(self.graphdef, params)
@@ -159,12 +159,14 @@ class ModelRunner:
         out = sample(logits, inputs.sampling, history, self.shape.num_top_logprobs)
         return DeviceState(kv_pages, history), out
 
-    def warm_up(self, progress: bool = True) -> float:
-        """Compile every bucket ahead of time; returns the seconds it took."""
-        return self._programs.compile(
-            lambda t: (self.params, self.state, abstract(empty_inputs(self.shape, t))), progress
+    def warm_up(self, strict: bool = True, progress: bool = True) -> float:
+        """Compile the buckets ahead of time (with strict=False, the rest in the background: compiled.py);
+        returns the seconds until the engine can step."""
+        first = None if strict else first_rungs(self.shape.token_rungs, self.shape.max_num_seqs)
+        return self.programs.compile(
+            lambda t: abstract((self.params, self.state, empty_inputs(self.shape, t))), first, progress
         )
 
     def execute(self, inputs: StepInputs) -> SampleOutput:
-        self.state, out = self._programs(inputs.batch.token_ids.shape[0], self.params, self.state, inputs)
+        self.state, out = self.programs(inputs.batch.token_ids.shape[0], self.params, self.state, inputs)
         return jax.device_get(out)

@@ -12,3 +12,7 @@ class EngineStats:
     kv_cache_usage: float  # fraction of KV pages in use, 0..1 (0 for pooling engines, which have no cache)
     num_preemptions: int  # sequences preempted for lack of pages, since start
     compiles_after_warmup: int  # JAX traces or compiles inside steps, since start (should stay 0)
+    load_seconds: float = 0.0  # start-up: building the model and loading its weights
+    compile_seconds: float = 0.0  # start-up: compiling the buckets needed before the first step
+    buckets_compiled: int = 0  # compiled programs so far (the rest compile in the background)
+    buckets_total: int = 0

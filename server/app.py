@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, TypeVar
@@ -44,6 +46,7 @@ from .served_models import ModelRegistry, Runner, ServedModel
 from .settings import ServerSettings
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def jaxserve_version() -> str:
@@ -94,7 +97,14 @@ async def until_disconnect(raw: Request, work: Awaitable[T]) -> T | Response:
 
 def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(lambda: {m.name: m.engine.stats() for m in registry.models})
-    app = FastAPI(title="jaxserve", version=jaxserve_version())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.launched_at is not None:
+            report_startup(time.time() - settings.launched_at, registry, metrics)
+        yield
+
+    app = FastAPI(title="jaxserve", version=jaxserve_version(), lifespan=lifespan)
     app.state.server = ServerState(registry, settings, metrics)
     install_error_handlers(app)
     if registry.any(_is_generative):
@@ -117,6 +127,19 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     if settings.enable_request_id_headers:
         app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def report_startup(seconds: float, registry: ModelRegistry, metrics: ServerMetrics) -> None:
+    """Log how long start-up took, split by model into loading and compiling, and export the total."""
+    metrics.startup_seconds.set(seconds)
+    for model in registry.models:
+        stats = model.engine.stats()
+        logger.info(
+            "%s: weights loaded in %.1f s, %d of %d buckets compiled in %.1f s%s",
+            model.name, stats.load_seconds, stats.buckets_compiled, stats.buckets_total, stats.compile_seconds,
+            "" if stats.buckets_compiled == stats.buckets_total else " (the rest compile in the background)",
+        )  # fmt: skip
+    logger.info("Ready in %.1f s after launch", seconds)
 
 
 async def _serve(

@@ -5,7 +5,8 @@ Every series carries the labels `model_name` (the served model's first name) and
 
 Request-level metrics (token counters, latency and length histograms) are recorded by the server through a
 `RequestMetrics` per request. Engine-level metrics (running/waiting requests, KV-cache usage, preemptions, compiles
-after warm-up) are read from the engines' `EngineStats` when the registry is scraped.
+after warm-up, start-up times and compiled buckets) are read from the engines' `EngineStats` when the registry is
+scraped. `jaxserve:startup_seconds` is set once the server answers.
 
 Never imports jax: only the standard library and prometheus_client.
 """
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -43,6 +44,13 @@ E2E_BUCKETS = (
 TOKEN_BUCKETS = (
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000,
 )  # fmt: skip
+
+STARTUP_GAUGES = {
+    "jaxserve:startup_load_seconds": "Seconds the engine took to build the model and load its weights.",
+    "jaxserve:startup_compile_seconds": "Seconds the engine took to compile the buckets it needs before serving.",
+    "jaxserve:buckets_compiled": "Compiled bucket programs; the rest compile in the background.",
+    "jaxserve:buckets_total": "Bucket programs the engine compiles in all.",
+}
 
 # finish reasons whose `request_success` series exist (at 0) as soon as a model has served a request
 COMMON_FINISH_REASONS = ("stop", "length", "abort")
@@ -72,6 +80,10 @@ class _EngineStatsCollector(Collector):
             "JAX compiles inside engine steps after warm-up; should stay 0.",
             labels=LABELS,
         )
+        startup = {
+            name: GaugeMetricFamily(name, text, labels=LABELS)
+            for name, text in STARTUP_GAUGES.items()
+        }  # fmt: skip
         for model_name, stats in self._engine_stats().items():
             labels = [model_name, ENGINE]
             running.add_metric(labels, stats.num_requests_running)
@@ -79,7 +91,11 @@ class _EngineStatsCollector(Collector):
             kv_usage.add_metric(labels, stats.kv_cache_usage)
             preemptions.add_metric(labels, stats.num_preemptions)
             compiles.add_metric(labels, stats.compiles_after_warmup)
-        yield from (running, waiting, kv_usage, preemptions, compiles)
+            startup["jaxserve:startup_load_seconds"].add_metric(labels, stats.load_seconds)
+            startup["jaxserve:startup_compile_seconds"].add_metric(labels, stats.compile_seconds)
+            startup["jaxserve:buckets_compiled"].add_metric(labels, stats.buckets_compiled)
+            startup["jaxserve:buckets_total"].add_metric(labels, stats.buckets_total)
+        yield from (running, waiting, kv_usage, preemptions, compiles, *startup.values())
 
     def describe(self) -> list[Metric]:
         # the names this collector owns, without calling engine_stats() at registration time
@@ -89,6 +105,7 @@ class _EngineStatsCollector(Collector):
             GaugeMetricFamily("vllm:kv_cache_usage_perc", ""),
             CounterMetricFamily("vllm:num_preemptions", ""),
             CounterMetricFamily("jaxserve:compiles_after_warmup", ""),
+            *(GaugeMetricFamily(name, "") for name in STARTUP_GAUGES),
         ]
 
 
@@ -151,6 +168,11 @@ class ServerMetrics:
             "Number of generation tokens processed.",
             LABELS,
             buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.startup_seconds = Gauge(
+            "jaxserve:startup_seconds",
+            "Seconds from launching the server until it answered (loading, compiling, starting up).",
             registry=reg,
         )
         self._models: set[str] = set()

@@ -23,3 +23,4 @@ class ServerSettings:
     trust_request_chat_template: bool = False
     default_chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     enable_force_include_usage: bool = False
+    launched_at: float | None = None  # time.time() when the server was launched: start-up is measured from it

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve.cli import build_parser, served_names, server_settings
 from jaxserve.server.launch import free_port
@@ -61,6 +62,21 @@ def test_examples_run_against_the_server(server, script):
     assert "qwen3" in result.stdout
 
 
+def test_startup_is_timed_and_exported(server):
+    """Start-up time since launch, and each model's loading and compiling, are on /metrics; without
+    --strict-compile at least the first buckets are compiled, and (having served already) soon all of them."""
+    url, _ = server
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    (total,) = families["jaxserve:startup_seconds"].samples
+    assert total.value > 0
+    for name in ("jaxserve:startup_load_seconds", "jaxserve:startup_compile_seconds"):
+        samples = {s.labels["model_name"]: s.value for s in families[name].samples}
+        assert set(samples) == {"qwen3", "bert"} and all(0 < v < total.value for v in samples.values())
+    compiled = {s.labels["model_name"]: s.value for s in families["jaxserve:buckets_compiled"].samples}
+    buckets = {s.labels["model_name"]: s.value for s in families["jaxserve:buckets_total"].samples}
+    assert all(1 <= compiled[m] <= buckets[m] for m in ("qwen3", "bert"))
+
+
 def test_both_models_are_listed_and_sigterm_drains_a_stream(server, tiny_models):
     url, process = server
     st_config = json.loads((tiny_models["tiny-bert-mean"] / "sentence_bert_config.json").read_text())
@@ -83,6 +99,8 @@ def test_both_models_are_listed_and_sigterm_drains_a_stream(server, tiny_models)
     assert process.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+    log = process.stdout.read()
+    assert "Ready in" in log and "weights loaded in" in log and "buckets compiled in" in log
 
 
 def test_served_names_and_settings_from_flags(monkeypatch):
