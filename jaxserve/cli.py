@@ -91,6 +91,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "runs the Pallas kernels in Pallas' interpreter (slow; for checking them on CPU)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed for requests that bring none (default 0)")
+    group.add_argument(
+        "--compile-cache-dir",
+        help="JAX's persistent compilation cache (default $JAXSERVE_CACHE_DIR/xla, i.e. ~/.cache/jaxserve/xla)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -112,6 +116,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "hf_overrides",
         "attention_backend",
         "seed",
+        "compile_cache_dir",
     )
     return {key: getattr(args, key) for key in keys}
 

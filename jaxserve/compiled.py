@@ -46,6 +46,7 @@ class BucketPrograms:
         self._executables: dict[int, jax.stages.Compiled] = {}
         self._ready: tuple[int, ...] = ()  # sorted; replaced whole, so readers on other threads see a snapshot
         self._background: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def ready_rungs(self) -> tuple[int, ...]:
@@ -77,10 +78,18 @@ class BucketPrograms:
         if self._background is not None:
             self._background.join()
 
+    def stop(self) -> None:
+        """Stop compiling in the background after the bucket in progress (a process must not exit while XLA
+        compiles in one of its threads)."""
+        self._stopping.set()
+        self.wait()
+
     def _compile_in_background(self, rungs: list[int], example_args: Callable[[int], tuple]) -> None:
         began = time.perf_counter()
         for rung in rungs:  # one at a time, smallest first: each is usable as soon as it is done
-            self._compile([rung], example_args, progress=False)
+            if self._stopping.is_set():
+                return
+            self._add(rung, self._step.lower(*example_args(rung)).compile())
         logger.info(
             "Compiled the other %d %s buckets (T = %s) in the background in %.1f s",
             len(rungs), self._what, rungs, time.perf_counter() - began,
@@ -95,10 +104,12 @@ class BucketPrograms:
         ):
             futures = {pool.submit(lowered[rung].compile): rung for rung in rungs}
             for future in concurrent.futures.as_completed(futures):
-                rung = futures[future]
-                self._executables[rung] = future.result()
-                self._ready = tuple(sorted((*self._ready, rung)))
+                self._add(futures[future], future.result())
                 bar.update()
+
+    def _add(self, rung: int, executable: jax.stages.Compiled) -> None:
+        self._executables[rung] = executable
+        self._ready = tuple(sorted((*self._ready, rung)))
 
     def __call__(self, rung: int, *args):
         return self._executables[rung](*args)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from _harness import markdown_table, provenance, provenance_lines, write_docs_section
 
 from jaxserve import LLM
 from jaxserve.model_source import DEFAULT_POOLING_MODEL, resolve_model
@@ -129,12 +130,13 @@ def main() -> int:
     parser.add_argument("--mix-sequences", type=int, help="texts in the variable-length mix (4096 on GPU, 256 on CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
 
     on_gpu = jax.default_backend() != "cpu"
     mix_count = args.mix_sequences or (4096 if on_gpu else 256)
     device = jax.devices()[0]
-    results = dict(device=f"{device.platform}: {device.device_kind}", host=platform.node(), runs=[])
+    results = dict(**provenance(f"{device.platform}: {device.device_kind}"), host=platform.node(), runs=[])
     minilm = resolve_model(DEFAULT_POOLING_MODEL)
     rng = np.random.default_rng(0)
     for name in args.models:
@@ -160,6 +162,14 @@ def main() -> int:
                   f"({ours * 1e3:9.1f} ms) | baseline {run['baseline_tok_s']:12,.0f} tok/s | x{run['ratio']:.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.docs:
+        table = markdown_table([
+            {"model": r["model"], "workload": r["workload"], "jaxserve tok/s": f"{r['tok_s']:,.0f}",
+             "baseline tok/s": f"{r['baseline_tok_s']:,.0f}", "ratio": f"{r['ratio']:.2f}"}
+            for r in results["runs"]
+        ])  # fmt: skip
+        body = f"{provenance_lines(results)}\n- Baseline: {results['runs'][0]['baseline']}\n\n{table}"
+        write_docs_section(f"embed-{jax.default_backend()}", body)
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from _harness import markdown_table, provenance, provenance_lines, write_docs_section
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.model_source import DEFAULT_GENERATE_MODEL
@@ -72,8 +73,10 @@ def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float
     return elapsed
 
 
-def hf_generate_seconds(folder: Path, dummy: bool, dtype: str, prompts: list[list[int]]) -> float:
-    """Seconds for HF transformers to generate OUTPUT_TOKENS greedy tokens after each prompt, as one batch."""
+def hf_generate_seconds(
+    folder: Path, dummy: bool, dtype: str, prompts: list[list[int]], max_new_tokens: int = OUTPUT_TOKENS
+) -> float:
+    """Seconds for HF transformers to generate `max_new_tokens` greedy tokens after each prompt, as one batch."""
     import torch
     import transformers
 
@@ -87,7 +90,7 @@ def hf_generate_seconds(folder: Path, dummy: bool, dtype: str, prompts: list[lis
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     model.generation_config = transformers.GenerationConfig(
-        max_new_tokens=OUTPUT_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     ids = torch.tensor(prompts, device=device)
     with torch.inference_mode():
@@ -108,6 +111,7 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, help="engine token budget (default: the engine's)")
     parser.add_argument("--hf", action="store_true", help="also time HF transformers generate on the same work")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
 
     backend = jax.default_backend()
@@ -125,9 +129,9 @@ def main() -> int:
     vocab = min(llm.engine.vocab_size, llm.get_tokenizer().vocab_size)
     device = jax.devices()[0]
     results = dict(
+        **provenance(f"{device.platform}: {device.device_kind}"),
         model=model,
         dtype=np.dtype(llm.engine.dtype).name,
-        device=f"{device.platform}: {device.device_kind}",
         host=platform.node(),
         startup=vars(llm.engine.startup),
         runs=[],
@@ -161,6 +165,16 @@ def main() -> int:
         print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.docs:
+        table = markdown_table([
+            {"batch": r["batch"], "ms/step (decode)": f"{r['step_ms']:.2f}",
+             "output tok/s (end to end)": f"{r['output_tok_s']:,.0f}",
+             "HF output tok/s": f"{r['hf_output_tok_s']:,.0f}" if "hf_output_tok_s" in r else "",
+             "HF ms/step": f"{r['hf_total_s'] / OUTPUT_TOKENS * 1e3:.2f}" if "hf_total_s" in r else ""}
+            for r in results["runs"]
+        ])  # fmt: skip
+        body = f"{provenance_lines(results)}\n- Model: {model}, {results['dtype']}\n\n{table}"
+        write_docs_section(f"generate-{backend}", body)
     return 0
 
 

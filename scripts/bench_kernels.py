@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import importlib
 import json
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _harness import markdown_table, provenance, provenance_lines, write_docs_section
 
 from jaxserve.kernels_pallas import kv_cache_shape
 from jaxserve.kernels_pallas.ragged_paged_attention import (
@@ -290,26 +288,13 @@ def run(sizes: Sizes, only: tuple[str, ...], repeats: int, interpret: bool) -> t
     return results, copy_bandwidth(sizes.copy_bytes, repeats), matmul_rate(sizes.matmul_n, repeats)
 
 
-def markdown(rows: list[dict]) -> str:
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(row[h]) for h in head) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), help="workloads to run")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per kernel (the median is reported)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (with the Pallas interpreter on CPU)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
 
     interpret = jax.default_backend() == "cpu"  # Pallas runs in its interpreter there: a check, not a measurement
@@ -318,19 +303,20 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r.row(copy_bw, mm_rate) for r in results]
     device = jax.devices()[0].device_kind
     print(f"device: {device}; copy {copy_bw / 1e9:.0f} GB/s; bf16 matmul {mm_rate / 1e12:.1f} TFLOP/s")
-    print(markdown(rows))
+    table = markdown_table(rows)
+    print(table)
+    record = {
+        **provenance(device),
+        "jax": jax.__version__,
+        "copy_GBps": copy_bw / 1e9,
+        "matmul_TFLOPs": mm_rate / 1e12,
+        "results": rows,
+    }
     if args.json:
-        record = {
-            "device": device,
-            "date": datetime.date.today().isoformat(),
-            "commit": git_commit().strip(),
-            "jax": jax.__version__,
-            "command": " ".join(["python", "scripts/bench_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
-            "copy_GBps": copy_bw / 1e9,
-            "matmul_TFLOPs": mm_rate / 1e12,
-            "results": rows,
-        }
         args.json.write_text(json.dumps(record, indent=2))
+    if args.docs:
+        summary = f"Copy {copy_bw / 1e9:,.0f} GB/s and bf16 matmul {mm_rate / 1e12:,.1f} TFLOP/s in the same run."
+        write_docs_section(f"kernels-{jax.default_backend()}", f"{provenance_lines(record)}\n\n{summary}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,17 @@ def test_steps_pad_up_to_a_compiled_bucket_until_the_rest_are_ready(monkeypatch)
     assert programs.rung_for(3) == 4
 
 
+def test_stop_ends_background_compilation_after_the_bucket_in_progress(monkeypatch):
+    programs = BucketPrograms(jax.jit(lambda x: x + 1), [1, 2, 4, 8], "test")
+    release = threading.Event()
+    original = programs._compile_in_background
+    monkeypatch.setattr(programs, "_compile_in_background", lambda *args: (release.wait(), original(*args)))
+    programs.compile(lambda t: (jax.ShapeDtypeStruct((t,), jnp.float32),), first=[1, 8], progress=False)
+    threading.Timer(0.5, release.set).start()
+    programs.stop()  # asks first, then waits: the background thread sees the request once released
+    assert programs.ready_rungs == (1, 8)
+
+
 @pytest.mark.parametrize("kind", ["generate", "pooling"])
 def test_engine_serves_while_compiling_in_the_background(tiny_models, llm_cache, kind):
     """strict_compile=False: the engine returns with its first buckets compiled, answers exactly as the
