@@ -110,7 +110,7 @@ class AsyncEngine:
         self._stopping = True
         self._commands.put(("stop", None, None))
         self._thread.join()
-        self.engine.runner.programs.stop()
+        self.engine.shutdown()
 
     def _engine_for(self, kind: type, what: str):
         if self.error is not None:

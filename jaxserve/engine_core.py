@@ -80,6 +80,10 @@ class EngineCore(abc.ABC):
     def stats(self) -> EngineStats:
         """A snapshot of the load; safe to call from another thread while the engine steps."""
 
+    def shutdown(self) -> None:
+        """Stop compiling buckets in the background (after the one in progress)."""
+        self.runner.programs.stop()
+
     def _startup_stats(self, stats: EngineStats) -> EngineStats:
         """`stats` with the start-up times and the compiled buckets filled in."""
         programs = self.runner.programs

@@ -75,7 +75,7 @@ def measure_latency(
         "batch_size": batch_size,
         "input_len": workload.input_len,
         "output_len": workload.output_len,
-        "ms_per_step": float(latencies.mean()) / max(1, workload.output_len) * 1e3,
+        "ms_per_output_token": float(latencies.mean()) / max(1, workload.output_len) * 1e3,  # prefill included
     }
 
 
@@ -137,7 +137,7 @@ def run_latency(llm: LLM, args: argparse.Namespace) -> dict:
         llm, Workload(args.input_len, args.output_len), args.batch_size, args.n, args.num_iters_warmup,
         args.num_iters, args.profile,
     )  # fmt: skip
-    print(f"Avg latency: {result['avg_latency']:.4f} s ({result['ms_per_step']:.2f} ms per output token)")
+    print(f"Avg latency: {result['avg_latency']:.4f} s ({result['ms_per_output_token']:.2f} ms per output token)")
     for p, value in result["percentiles"].items():
         print(f"{p}% percentile latency: {value:.4f} s")
     write_json(args.output_json, result)
