@@ -54,6 +54,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-cache-memory", type=parse_bytes, help="KV cache size, e.g. 2GiB (the way to size it on CPU)"
     )
+    group.add_argument(
+        "--num-kv-pages",
+        type=int,
+        help="exact KV page count, overriding --gpu-memory-utilization and --kv-cache-memory",
+    )
     group.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
     group.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default 20)")
     group.add_argument(
@@ -106,6 +111,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "max_num_batched_tokens",
         "gpu_memory_utilization",
         "kv_cache_memory",
+        "num_kv_pages",
         "page_size",
         "max_logprobs",
         "generation_config",
@@ -140,8 +146,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .async_engine import AsyncEngine
     from .config import EngineConfig
     from .llm import create_engine
-    from .model_source import load_hf_config, resolve_model
-    from .models.registry import is_generative
     from .server.launch import run_server
     from .server.served_models import ServedModel
 
@@ -153,9 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     names = served_names(models, args.served_model_name)
     served = []
     for model, aliases in zip(models, names):
-        engine_args = engine_kwargs(args) | {"strict_compile": args.strict_compile}
-        if len(models) > 1 and not is_generative(load_hf_config(resolve_model(model), args.hf_overrides)):
-            engine_args["max_model_len"] = None  # a pooling model keeps its own limit beside a generation model
+        engine_args = model_engine_args(args, models, model) | {"strict_compile": args.strict_compile}
         engine = AsyncEngine(create_engine(EngineConfig(model=model, **engine_args)))
         served.append(ServedModel.from_engine(aliases, model, engine, args.chat_template_content_format))
     run_server(
@@ -167,6 +169,37 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=not args.disable_uvicorn_access_log,
     )
     return 0
+
+
+def model_engine_args(args: argparse.Namespace, models: list[str], model: str) -> dict:
+    """The engine flags for one of several models served (or compiled) together: with several, a pooling
+    model keeps its own limit beside a generation model's --max-model-len."""
+    from .model_source import load_hf_config, resolve_model
+    from .models.registry import is_generative
+
+    engine_args = engine_kwargs(args)
+    if len(models) > 1 and not is_generative(load_hf_config(resolve_model(model), args.hf_overrides)):
+        engine_args["max_model_len"] = None
+    return engine_args
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .precompile import compile_model, table
+    from .targets import get_target
+
+    models = args.models or [DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL]
+    results = [
+        compile_model(model, get_target(target), model_engine_args(args, models, model))
+        for target in args.target
+        for model in models
+    ]
+    print(table(results))
+    for result in results:
+        if result.compiled is not None:
+            print(
+                f"{result.target} {result.model}: {len(result.compiled.buckets)} buckets, limits {result.compiled.limits}"
+            )
+    return 0 if all(result.ok for result in results) else 1
 
 
 def served_names(models: list[str], served_model_name: list[str] | None) -> list[list[str]]:
@@ -322,8 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, help="default: the model's generation_config, else 16")
     add_engine_args(generate)
     generate.set_defaults(run=_generate)
+    add_compile_parser(commands)
     add_bench_parsers(commands)
     return parser
+
+
+def add_compile_parser(commands) -> None:
+    from .targets import TARGETS
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="compile every bucket program for a TPU or GPU (present or not) into the compilation cache",
+        description="Build each model's engine as `serve` would, with the same flags, but only as shapes, and "
+        "compile every bucket program (model and kernels together) for each --target into the persistent "
+        "compilation cache (--compile-cache-dir), with a manifest (jaxserve-manifest.json) of what was compiled: "
+        "versions, limits, per-bucket seconds and memory. The chip need not be attached: TPU targets need libtpu "
+        "(pip install 'jax[tpu]'), GPU targets the CUDA plugin (pip install 'jax[cuda13]'). Then `jaxserve serve` "
+        "on that chip, with the same flags and cache folder, starts without compiling. Weights are never read: "
+        "a folder with config.json and the tokenizer is enough. Prints a table of target x model x bucket; "
+        "exits 1 if any bucket failed to compile.",
+    )
+    compile_.add_argument(
+        "models", nargs="*", metavar="MODEL", help="as for serve; without MODEL, both embedded defaults"
+    )
+    compile_.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        choices=list(TARGETS),
+        help="the chip to compile for (repeat for several); tpu-v5e-4 and the like are one chip of that slice",
+    )
+    add_engine_args(compile_)
+    compile_.set_defaults(run=_compile)
 
 
 def add_bench_parsers(commands) -> None:

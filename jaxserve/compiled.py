@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import dataclasses
 import logging
 import os
+import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -27,10 +30,85 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
 
 def abstract(tree):
-    """ShapeDtypeStructs for a tree of arrays."""
+    """ShapeDtypeStructs for a tree of arrays. They carry no sharding: lowered on the default device, the
+    program is the same (and so is its cache key) whether that device is attached or a compile target's."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+@dataclasses.dataclass
+class BucketReport:
+    """How one rung's program came to be: compile seconds, whether it came from the persistent cache, and the
+    compiler's memory figures (bytes; None where the backend reports none)."""
+
+    tokens: int
+    seconds: float
+    cache_hit: bool
+    temp_bytes: int | None = None
+    argument_bytes: int | None = None
+    generated_code_bytes: int | None = None
+    kernel_scratch_bytes: int | None = None  # the most on-chip scratch a kernel uses (TPU: scoped VMEM)
+    error: str | None = None  # the compiler's, when the rung did not compile (kept only in compile-only runs)
+
+    @classmethod
+    def of(
+        cls, tokens: int, seconds: float, cache_hit: bool, executable: jax.stages.Compiled, detailed: bool = False
+    ) -> BucketReport:
+        """`detailed` also reads the kernels' scratch from the compiled program's text (slow for a large one)."""
+        memory = executable.memory_analysis()
+        return cls(
+            tokens,
+            round(seconds, 3),
+            cache_hit,
+            getattr(memory, "temp_size_in_bytes", None),
+            getattr(memory, "argument_size_in_bytes", None),
+            getattr(memory, "generated_code_size_in_bytes", None),
+            kernel_scratch_bytes(executable) if detailed else None,
+        )
+
+
+_USED_SCOPED_MEMORY = re.compile(r'"used_scoped_memory_configs":\[([^\]]*)\]')
+_SIZE = re.compile(r'"size":"(\d+)"')
+
+
+def kernel_scratch_bytes(executable: jax.stages.Compiled) -> int | None:
+    """The most scoped VMEM any Mosaic kernel of the program uses, as the TPU compiler reports it per custom
+    call; None where the compiler reports none (Triton's shared memory is not in the program's text)."""
+    used = [
+        int(size) for configs in _USED_SCOPED_MEMORY.findall(executable.as_text()) for size in _SIZE.findall(configs)
+    ]
+    return max(used) if used else None
+
+
+class _CacheHits:
+    """Which rungs were loaded from the persistent cache. JAX reports a hit through `jax.monitoring`, in the
+    thread that compiles, so a compile run inside `compiling(rung)` is attributed to its rung."""
+
+    def __init__(self) -> None:
+        self.rungs: set[int] = set()
+        self._current = threading.local()
+        ref = weakref.ref(self)
+
+        def listener(event: str, **kwargs) -> None:
+            tally = ref()
+            rung = getattr(tally._current, "rung", None) if tally is not None else None
+            if event == _CACHE_HIT and rung is not None:
+                tally.rungs.add(rung)
+
+        jax.monitoring.register_event_listener(listener)
+
+    def compile(self, rung: int, lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, float, bool]:
+        """(executable, seconds, whether it was a cache hit)."""
+        began = time.perf_counter()
+        self._current.rung = rung
+        try:
+            executable = lowered.compile()
+        finally:
+            self._current.rung = None
+        return executable, time.perf_counter() - began, rung in self.rungs
 
 
 def first_rungs(rungs: list[int], max_num_seqs: int) -> list[int]:
@@ -38,15 +116,30 @@ def first_rungs(rungs: list[int], max_num_seqs: int) -> list[int]:
     return sorted({r for r in rungs if r <= max_num_seqs} | {rungs[-1]})
 
 
+def error_line(error: Exception) -> str:
+    """The line of a compiler's message that says what failed (XLA wraps Mosaic's and Triton's in a few)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in lines:
+        if any(mark in line for mark in ("E1001", "E2003", "Mosaic failed", "error:", "Error:")):
+            return line[:300]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 class BucketPrograms:
-    def __init__(self, step: Callable, rungs: list[int], what: str):
+    """The compiled step of each rung. With `keep_going` (compiling for another chip, where the programs are
+    only reported), a rung that fails to lower or compile is recorded with its error and the others go on."""
+
+    def __init__(self, step: Callable, rungs: list[int], what: str, keep_going: bool = False):
         self._step = step  # a jax.jit-wrapped function
         self.rungs = rungs
         self._what = what
+        self._keep_going = keep_going
         self._executables: dict[int, jax.stages.Compiled] = {}
         self._ready: tuple[int, ...] = ()  # sorted; replaced whole, so readers on other threads see a snapshot
         self._background: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._cache_hits = _CacheHits()
+        self.reports: dict[int, BucketReport] = {}
 
     @property
     def ready_rungs(self) -> tuple[int, ...]:
@@ -89,25 +182,41 @@ class BucketPrograms:
         for rung in rungs:  # one at a time, smallest first: each is usable as soon as it is done
             if self._stopping.is_set():
                 return
-            self._add(rung, self._step.lower(*example_args(rung)).compile())
+            self._add(rung, *self._cache_hits.compile(rung, self._step.lower(*example_args(rung))))
         logger.info(
             "Compiled the other %d %s buckets (T = %s) in the background in %.1f s",
             len(rungs), self._what, rungs, time.perf_counter() - began,
         )  # fmt: skip
 
     def _compile(self, rungs: list[int], example_args: Callable[[int], tuple], progress: bool) -> None:
-        lowered = {rung: self._step.lower(*example_args(rung)) for rung in rungs}
+        lowered = {}
+        for rung in rungs:
+            try:
+                lowered[rung] = self._step.lower(*example_args(rung))
+            except Exception as error:
+                self._failed(rung, error)
+        rungs = list(lowered)
         workers = max(1, min(len(rungs), os.cpu_count() or 1))
         with (
             concurrent.futures.ThreadPoolExecutor(workers) as pool,
             tqdm(total=len(rungs), desc=f"Compiling {self._what}", unit="bucket", disable=not progress) as bar,
         ):
-            futures = {pool.submit(lowered[rung].compile): rung for rung in rungs}
+            futures = {pool.submit(self._cache_hits.compile, rung, lowered[rung]): rung for rung in rungs}
             for future in concurrent.futures.as_completed(futures):
-                self._add(futures[future], future.result())
+                try:
+                    self._add(futures[future], *future.result())
+                except Exception as error:
+                    self._failed(futures[future], error)
                 bar.update()
 
-    def _add(self, rung: int, executable: jax.stages.Compiled) -> None:
+    def _failed(self, rung: int, error: Exception) -> None:
+        if not self._keep_going:
+            raise error
+        logger.warning("The %s bucket T = %d did not compile: %s", self._what, rung, error_line(error))
+        self.reports[rung] = BucketReport(rung, 0.0, False, error=error_line(error))
+
+    def _add(self, rung: int, executable: jax.stages.Compiled, seconds: float, cache_hit: bool) -> None:
+        self.reports[rung] = BucketReport.of(rung, seconds, cache_hit, executable, detailed=self._keep_going)
         self._executables[rung] = executable
         self._ready = tuple(sorted((*self._ready, rung)))
 

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+
+from .kernels_pallas._lowering import lowering_platform
+from .targets import get_target
 
 # (max_num_seqs, max_num_batched_tokens) when not given
 ACCELERATOR_LIMITS = (256, 2048)
@@ -59,6 +61,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # kernels: auto (Pallas on GPU/TPU), pallas, reference, interpret
     compile_cache_dir: str | None = None
+    target: str | None = None  # compile only, for this chip (`jaxserve.targets`, `jaxserve compile`); no serving
     strict_compile: bool = True  # compile every bucket before the engine returns; False: the rest in the background
     progress: bool = True
 
@@ -73,10 +76,19 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}.")
+        if self.target is not None:
+            get_target(self.target)
+
+    @property
+    def platform(self) -> str:
+        """ "cpu", "gpu" or "tpu": the target's when compiling for one, else the attached device's."""
+        if self.target is not None:
+            return get_target(self.target).platform
+        return lowering_platform()
 
     @property
     def on_cpu(self) -> bool:
-        return jax.default_backend() == "cpu"
+        return self.platform == "cpu"
 
     def resolved_dtype(self):
         if self.dtype == "auto":

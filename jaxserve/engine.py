@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
+from .compile_manifest import CompiledModel
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
 from .engine_core import EngineCore, StartupTimes
 from .errors import PromptTooLongError
@@ -31,6 +33,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .stats import EngineStats
+from .targets import Target
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ ACTIVATION_RESERVE_FRACTION = 0.1  # of free device memory, kept for the step's 
 
 class LLMEngine(EngineCore):
     """Generation: paged KV cache, continuous batching, sampling."""
+
+    runner_kind = "generate"
 
     def __init__(self, config: EngineConfig):
         began = time.perf_counter()
@@ -58,7 +63,8 @@ class LLMEngine(EngineCore):
         load_seconds = time.perf_counter() - began
 
         pages_per_seq = -(-self.max_model_len // config.page_size)
-        num_pages = self._num_kv_pages(model, pages_per_seq, max_num_seqs)
+        compiled = self.compiled_for_here()
+        num_pages = self._num_kv_pages(model, pages_per_seq, max_num_seqs, compiled)
         self.vocab_size = self.hf_config.vocab_size
         shape = RunnerShape(
             max_num_seqs,
@@ -68,9 +74,13 @@ class LLMEngine(EngineCore):
             config.max_logprobs,
             CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG,
         )
-        self.runner = ModelRunner(model, shape, num_pages, config.page_size, self.dtype)
+        self.runner = ModelRunner(
+            model, shape, num_pages, config.page_size, self.dtype, compile_only=self.target is not None
+        )
         compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
+        limits = {"max_model_len": self.max_model_len, "page_size": config.page_size, "num_kv_pages": num_pages}
+        self.after_warm_up(self.runner.programs, {**limits, **dataclasses.asdict(shape)}, compiled)
 
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.allocator)
@@ -245,7 +255,10 @@ class LLMEngine(EngineCore):
             primary = configured[0]
         return primary, [t for t in configured if t != primary]
 
-    def _num_kv_pages(self, model, pages_per_seq: int, max_num_seqs: int) -> int:
+    def _num_kv_pages(self, model, pages_per_seq: int, max_num_seqs: int, compiled: CompiledModel | None) -> int:
+        """KV pages: as configured, else what the memory budget holds (at most what max_num_seqs sequences of
+        max_model_len use). A compile for this chip (`compiled`) fixes the count when the budget holds it, so
+        that the programs are the compiled ones."""
         config = self.config
         num_layers, num_kv_heads, head_dim = model.kv_geometry
         page_bytes = num_layers * int(np.prod(kv_cache_shape(1, config.page_size, num_kv_heads, head_dim)))
@@ -255,9 +268,14 @@ class LLMEngine(EngineCore):
         else:
             if config.kv_cache_memory is not None:
                 budget = config.kv_cache_memory
+            elif self.target is not None:
+                budget = _target_kv_budget(self.target, config.gpu_memory_utilization, model)
             else:
                 budget = _device_kv_budget(config.gpu_memory_utilization)
             num_pages = min(budget // page_bytes, pages_per_seq * max_num_seqs)
+            compiled_pages = compiled.limits.get("num_kv_pages", 0) if compiled else 0
+            if config.kv_cache_memory is None and 0 < compiled_pages <= num_pages:
+                num_pages = compiled_pages
         if num_pages < pages_per_seq:
             raise ValueError(
                 f"The KV cache holds {num_pages} pages ({num_pages * config.page_size} tokens), fewer than one "
@@ -265,6 +283,14 @@ class LLMEngine(EngineCore):
                 "(--kv-cache-memory on CPU, --gpu-memory-utilization on GPU) or lower --max-model-len."
             )
         return int(num_pages)
+
+
+def _target_kv_budget(target: Target, utilization: float, model) -> int:
+    """`_device_kv_budget` for a chip that is not attached: its memory, less the weights and the reserve."""
+    if target.platform == "cpu":
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    weights = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(model)))
+    return int((target.memory_bytes * utilization - weights) * (1 - ACTIVATION_RESERVE_FRACTION))
 
 
 def _device_kv_budget(utilization: float) -> int:

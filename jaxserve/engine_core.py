@@ -1,23 +1,31 @@
-"""What every engine shares: the model folder, its config and tokenizer, the dtype, the compilation cache,
-the compile watch around each step, and model loading (a checkpoint, or random weights for benchmarks)."""
+"""What every engine shares: the model folder, its config and tokenizer, the dtype, the compilation cache and
+its manifest, the compile watch around each step, and model loading (a checkpoint, random weights for
+benchmarks, or only the shapes when the engine is built to compile for another chip)."""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
+from . import compile_manifest
+from .compile_manifest import CompiledModel
 from .compile_watch import CompileWatch
+from .compiled import BucketPrograms
 from .config import EngineConfig
 from .kernels_pallas import select_kernels
 from .model_source import cache_root, embedded_chat_template, load_hf_config, resolve_model
 from .stats import EngineStats
+from .targets import Target, attached_target, get_target
 from .tokenizer import Tokenizer, load_chat_template
 from .weights import load_weights
 
@@ -28,10 +36,18 @@ class StartupTimes:
     compile_seconds: float
 
 
+logger = logging.getLogger(__name__)
+
+
 class EngineCore(abc.ABC):
+    runner_kind: str  # "generate" or "pooling": what the compile manifest calls the engine's programs
+
     def __init__(self, config: EngineConfig):
         self.config = config
-        enable_compilation_cache(Path(config.compile_cache_dir) if config.compile_cache_dir else cache_root() / "xla")
+        self.cache_dir = Path(config.compile_cache_dir) if config.compile_cache_dir else cache_root() / "xla"
+        enable_compilation_cache(self.cache_dir)
+        # compile only, for a chip that need not be attached (`jaxserve compile`); None: a serving engine
+        self.target: Target | None = get_target(config.target) if config.target else None
         self.model_folder = resolve_model(config.model)
         self.hf_config = load_hf_config(self.model_folder, config.hf_overrides)
         self.tokenizer = Tokenizer(
@@ -48,8 +64,11 @@ class EngineCore(abc.ABC):
         extra: Mapping | None = None,
         aliases: Callable[[nnx.Module], Mapping] = lambda model: {},
     ) -> nnx.Module:
-        """`build()` with the checkpoint's weights (or random ones under load_format=dummy). `extra` holds
-        tensors from outside the safetensors; `aliases(skeleton)` the checkpoint prefixes to try."""
+        """`build()` with the checkpoint's weights (or random ones under load_format=dummy; only the shapes
+        when compiling for a target). `extra` holds tensors from outside the safetensors; `aliases(skeleton)` the
+        checkpoint prefixes to try."""
+        if self.target is not None:
+            return nnx.eval_shape(build)
         if self.config.load_format == "dummy":
             return nnx.jit(build)()  # random weights, created on the device
         skeleton = nnx.eval_shape(build)
@@ -83,6 +102,58 @@ class EngineCore(abc.ABC):
     def shutdown(self) -> None:
         """Stop compiling buckets in the background (after the one in progress)."""
         self.runner.programs.stop()
+
+    # --- the compile manifest ----------------------------------------------------------------------------
+
+    def _model_hash(self) -> str:
+        return compile_manifest.model_hash(self.hf_config.to_dict(), self.runner_kind, self.config.pooler_config)
+
+    def compiled_for_here(self) -> CompiledModel | None:
+        """The manifest entry that compiled this model for the attached chip with this JAX, if the cache folder
+        has one; says so when it only has the model compiled for other chips or JAX versions."""
+        if self.target is not None:
+            return None
+        here = attached_target()
+        device = jax.devices()[0]
+        entry, others = compile_manifest.applicable(
+            self.cache_dir, self._model_hash(), self.runner_kind, here.name if here else "", device.device_kind
+        )
+        if others:
+            jax_version, jaxlib_version = compile_manifest.current_versions()
+            logger.warning(
+                "The compile cache %s holds %s compiled for %s, not for this %s with JAX %s, jaxlib %s: "
+                "every bucket compiles here.",
+                self.cache_dir, self.config.model, "; ".join(e.describe() for e in others),
+                here.name if here else device.device_kind, jax_version, jaxlib_version,
+            )  # fmt: skip
+        return entry
+
+    def after_warm_up(self, programs: BucketPrograms, limits: dict[str, Any], compiled: CompiledModel | None):
+        """Compiling for a target: record what was compiled in the manifest. Serving: say how much of a
+        manifest's compile the cache gave, and why not all of it."""
+        buckets = [programs.reports[rung] for rung in sorted(programs.reports)]
+        limits = {"dtype": np.dtype(self.dtype).name, **limits}
+        if self.target is not None:
+            jax_version, jaxlib_version = compile_manifest.current_versions()
+            self.compiled = CompiledModel(
+                self.config.model, self._model_hash(), self.runner_kind, self.target.name,
+                self.target.device_kind, jax_version, jaxlib_version, limits, buckets,
+            )  # fmt: skip
+            compile_manifest.record(self.cache_dir, self.compiled)
+            return
+        if compiled is None:
+            return
+        missed = [b.tokens for b in buckets if not b.cache_hit]
+        if not missed:
+            logger.info("All %d buckets came from the compile cache (%s)", len(buckets), compiled.describe())
+            return
+        differ = {k: (v, limits.get(k)) for k, v in compiled.limits.items() if limits.get(k) != v}
+        logger.warning(
+            "%d of %d buckets (T = %s) were not in the compile cache %s and compiled here%s.",
+            len(missed), len(buckets), missed, self.cache_dir,
+            ": this engine's limits differ from the compiled ones (compiled, now): "
+            + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()) if differ else "",
+        )  # fmt: skip
 
     def _startup_stats(self, stats: EngineStats) -> EngineStats:
         """`stats` with the start-up times and the compiled buckets filled in."""

@@ -95,10 +95,12 @@ def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape, rung:
 
 
 class PoolingRunner:
-    def __init__(self, model: PoolingModel, shape: PoolingShape):
+    """With `compile_only`, the model is only shapes, and a bucket that does not compile is reported."""
+
+    def __init__(self, model: PoolingModel, shape: PoolingShape, compile_only: bool = False):
         self.shape = shape
         self.graphdef, self.params = nnx.split(model)
-        self.programs = BucketPrograms(jax.jit(self._step_fn), shape.token_rungs, "pooling")
+        self.programs = BucketPrograms(jax.jit(self._step_fn), shape.token_rungs, "pooling", keep_going=compile_only)
 
     def _step_fn(self, params, inputs: PoolingInputs) -> dict[str, jax.Array]:
         return nnx.merge(self.graphdef, params)(inputs)
@@ -118,6 +120,8 @@ class PoolingRunner:
 
 
 class PoolingEngine(EngineCore):
+    runner_kind = "pooling"
+
     def __init__(self, config: EngineConfig):
         began = time.perf_counter()
         super().__init__(config)
@@ -155,9 +159,12 @@ class PoolingEngine(EngineCore):
         shape = PoolingShape(
             max_num_seqs, max_num_batched_tokens, CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG
         )
-        self.runner = PoolingRunner(model, shape)
+        compiled = self.compiled_for_here()
+        self.runner = PoolingRunner(model, shape, compile_only=self.target is not None)
         compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
+        limits = {"max_model_len": self.max_model_len, **dataclasses.asdict(shape)}
+        self.after_warm_up(self.runner.programs, limits, compiled)
         self.vocab_size = self.hf_config.vocab_size
         self._waiting: deque[PoolingRequest] = deque()
         logger.info(

@@ -140,16 +140,36 @@ def _fill_row(smp: SamplingBatch, r: int, seq, row: RowInfo, bias) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, shape: RunnerShape, num_pages: int, page_size: int, kv_dtype):
+    """With `compile_only` (compiling for a chip that need not be attached), the model and the state are only
+    shapes, and a bucket that does not compile is reported instead of raised."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        shape: RunnerShape,
+        num_pages: int,
+        page_size: int,
+        kv_dtype,
+        compile_only: bool = False,
+    ):
         self.shape = shape
         self.graphdef, self.params = nnx.split(model)
         num_layers, num_kv_heads, head_dim = model.kv_geometry
         page_shape = kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
-        self.state = DeviceState(
-            kv_pages=[jnp.zeros(page_shape, kv_dtype) for _ in range(num_layers)],
-            history=TokenHistory.zeros(shape.max_num_seqs, shape.vocab_size),
+
+        def initial_state() -> DeviceState:
+            return DeviceState(
+                kv_pages=[jnp.zeros(page_shape, kv_dtype) for _ in range(num_layers)],
+                history=TokenHistory.zeros(shape.max_num_seqs, shape.vocab_size),
+            )
+
+        self.state = jax.eval_shape(initial_state) if compile_only else initial_state()
+        self.programs = BucketPrograms(
+            jax.jit(self._step_fn, donate_argnums=(1,)),
+            shape.token_rungs,
+            "generation",
+            keep_going=compile_only,
         )
-        self.programs = BucketPrograms(jax.jit(self._step_fn, donate_argnums=(1,)), shape.token_rungs, "generation")
 
     def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
         model = nnx.merge(self.graphdef, params)

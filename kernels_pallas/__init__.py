@@ -1,9 +1,9 @@
 """Attention and pooling kernels behind backend-independent signatures.
 
 Every kernel has a pure-`jnp` reference and a Pallas kernel with the same signature (DESIGN.md §5).
-`select_kernels(backend)` gives the set an engine runs: "auto" is Pallas on GPU and TPU and the references on
-CPU; "pallas" and "reference" force one; "interpret" runs the Pallas kernels in Pallas' interpreter (tests on
-CPU).
+`select_kernels(backend)` gives the set an engine runs: "auto" is Pallas on GPU and TPU (the platform of the
+default device, which is the target's in a compile for another chip) and the references on CPU; "pallas" and
+"reference" force one; "interpret" runs the Pallas kernels in Pallas' interpreter (tests on CPU).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 
+from ._lowering import lowering_platform
 from .ragged_paged_attention import ragged_paged_attention_pallas, ragged_paged_attention_reference
 from .segment_pool import POOLING_MODES, segment_pool_pallas, segment_pool_reference, truncate_and_normalize
 from .varlen_attention import varlen_attention_pallas, varlen_attention_reference
@@ -21,8 +22,15 @@ from .varlen_attention import varlen_attention_pallas, varlen_attention_referenc
 ATTENTION_BACKENDS = ("auto", "pallas", "reference", "interpret")
 
 
-def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
-    """Shape of one layer's paged KV cache: K and V interleaved per head, so one page copy brings both."""
+def kv_cache_shape(
+    num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, platform: str | None = None
+) -> tuple[int, int, int, int]:
+    """Shape of one layer's paged KV cache: K and V interleaved per head, so one page copy brings both. On TPU
+    the head dim is padded to a multiple of 128 lanes: a cache whose minor dimension is 64 is laid out by XLA in
+    an order Mosaic cannot read, and every step would copy the whole cache there and back (the attention
+    functions zero-pad q, k and v to the cache's head dim and drop the padding from the result)."""
+    if lowering_platform(platform) == "tpu":
+        head_dim = -(-head_dim // 128) * 128
     return (num_pages, page_size, 2 * num_kv_heads, head_dim)
 
 
@@ -69,7 +77,7 @@ def select_kernels(backend: str = "auto") -> Kernels:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {backend!r}.")
     if backend == "auto":
-        backend = "reference" if jax.default_backend() == "cpu" else "pallas"
+        backend = "reference" if lowering_platform() == "cpu" else "pallas"
     return {"reference": REFERENCE_KERNELS, "pallas": PALLAS_KERNELS, "interpret": INTERPRET_KERNELS}[backend]
 
 

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._lowering import compiler_params
+from . import ragged_paged_attention_tpu as tpu
+from ._lowering import compiler_params, lowering_platform
 from ._online_softmax import _accumulate, attend_packed_keys, finish, init_carry, soft_capped
 
 _MAX_GATHERED_ELEMENTS = 1 << 24  # bound on T * block_tokens * 2Hkv * D per loop iteration
@@ -43,6 +44,15 @@ def _kv_block_pages(num_tokens: int, page_size: int, pages_per_seq: int, row_ele
     return max(1, min(pages_per_seq, fit, _MAX_BLOCK_TOKENS // page_size))
 
 
+def padded_to_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_head_dim: int):
+    """q, k, v zero-padded to the cache's head dim (kv_cache_shape pads it on TPU); scores and the used lanes of
+    the output are unchanged by the zeros."""
+    pad = cache_head_dim - q.shape[-1]
+    if pad == 0:
+        return q, k, v
+    return tuple(jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in (q, k, v))
+
+
 def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
     """Scatter K/V rows into the flat slot index `page * page_size + offset`; out-of-range slots are dropped."""
     num_pages, page_size, two_hkv, head_dim = kv_pages.shape
@@ -50,6 +60,18 @@ def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.A
     flat = kv_pages.reshape(num_pages * page_size, two_hkv, head_dim)
     flat = flat.at[slots].set(interleaved.astype(kv_pages.dtype), mode="drop")
     return flat.reshape(kv_pages.shape)
+
+
+def cache_slots(
+    kv_lens: jax.Array, block_table: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int,
+    page_size: int, num_pages: int,
+) -> jax.Array:  # fmt: skip
+    """Flat cache slot (page * page_size + offset) of every token of the step; for padding, one past the last
+    slot, which write_kv_pages drops."""
+    seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    safe_position = jnp.maximum(position, 0)
+    page = block_table[seq, safe_position // page_size]
+    return jnp.where(real, page * page_size + safe_position % page_size, num_pages * page_size)
 
 
 def token_layout(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
@@ -76,6 +98,8 @@ def ragged_paged_attention_reference(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
+    model_head_dim = q.shape[-1]
+    q, k, v = padded_to_cache(q, k, v, kv_pages.shape[-1])
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads = two_hkv // 2
@@ -83,9 +107,7 @@ def ragged_paged_attention_reference(
     pages_per_seq = block_table.shape[1]
 
     seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
-    safe_position = jnp.maximum(position, 0)
-    page = block_table[seq, safe_position // page_size]
-    slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
+    slots = cache_slots(kv_lens, block_table, cu_q_lens, num_seqs, num_tokens, page_size, kv_pages.shape[0])
     kv_pages = write_kv_pages(kv_pages, k, v, slots)
 
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
@@ -133,7 +155,8 @@ def ragged_paged_attention_reference(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
-    return finish(carry).reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype), kv_pages
+    out = finish(carry).reshape(num_tokens, num_q_heads, head_dim)[..., :model_head_dim]
+    return out.astype(q.dtype), kv_pages
 
 
 # --- Pallas -------------------------------------------------------------------------------------------------------
@@ -159,10 +182,10 @@ _KV_BLOCK_TOKENS = 64  # cached tokens per online-softmax step: whole pages, gat
 
 
 def default_pages_per_block(page_size: int, platform: str | None = None) -> int:
-    """Cache pages per online-softmax step: _KV_BLOCK_TOKENS worth, except on TPU, whose Mosaic lowering has no
-    vector-indexed gather (one page per step there)."""
-    if (platform or jax.default_backend()) == "tpu":
-        return 1
+    """Cache pages per online-softmax step: _KV_BLOCK_TOKENS worth (a gather of whole pages) on GPU, a DMA'd
+    block of `tpu.KV_BLOCK_TOKENS` on TPU."""
+    if lowering_platform(platform) == "tpu":
+        return tpu.default_pages_per_block(page_size)
     return max(1, _KV_BLOCK_TOKENS // page_size)
 
 
@@ -308,14 +331,19 @@ def ragged_paged_attention_pallas(
     """`ragged_paged_attention_reference` as one Pallas kernel that also writes the cache (kv_pages is aliased
     to the returned pages: donate it under jit and the update is in place). The tiling defaults to the heuristics
     above: `block_q` query tokens per program, `num_splits` splits of the cached context, `pages_per_block`
-    cache pages per online-softmax step. `platform` picks the lowering (`_lowering.compiler_params`)."""
+    cache pages per online-softmax step. `platform` picks the lowering (`_lowering.lowering_platform`); on TPU
+    `ragged_paged_attention_tpu` moves the pages by DMA (one program per block and head in order, so no
+    split-K)."""
+    model_head_dim = q.shape[-1]
+    q, k, v = padded_to_cache(q, k, v, kv_pages.shape[-1])
     num_tokens, num_q_heads, head_dim = q.shape
-    _, page_size, two_hkv, _ = kv_pages.shape
+    num_pages, page_size, two_hkv, _ = kv_pages.shape
     num_kv_heads, max_seqs = two_hkv // 2, kv_lens.shape[0]
     group = num_q_heads // num_kv_heads
+    on_tpu = lowering_platform(platform) == "tpu"
     block_q = block_q or default_block_q(num_tokens, max_seqs, group)
     num_blocks = -(-(num_tokens + max_seqs * (block_q - 1)) // block_q)  # sum of ceil(q_len / block_q), at most
-    num_splits = num_splits or default_num_splits(num_blocks, num_kv_heads)
+    num_splits = 1 if on_tpu else num_splits or default_num_splits(num_blocks, num_kv_heads)
     num_rows = block_q * group
     pages_per_block = pages_per_block or default_pages_per_block(page_size, platform)
     block_table = jnp.pad(block_table, ((0, 0), (0, -block_table.shape[1] % pages_per_block)))  # whole blocks
@@ -337,6 +365,14 @@ def ragged_paged_attention_pallas(
     q_rows = aligned(q).reshape(num_blocks, block_q, num_kv_heads, group, head_dim).swapaxes(1, 2)
     q_rows = q_rows.reshape(num_blocks, num_kv_heads, num_rows, head_dim)
     kv_new = aligned(jnp.stack([k, v], axis=2).reshape(num_tokens, two_hkv, head_dim).astype(kv_pages.dtype))
+    if on_tpu:  # per head: [blocks, Hkv, block_q, 2, D], so that a block's rows of one head are a legal tile
+        kv_new = kv_new.reshape(num_blocks, block_q, num_kv_heads, 2, head_dim).swapaxes(1, 2)
+        out, kv_pages = tpu.ragged_attention_tpu(
+            block_seq, block_first, block_count, seq_cached, block_table, q_rows, kv_new, kv_pages,
+            group=group, pages_per_block=pages_per_block, sm_scale=sm_scale, sliding_window=sliding_window,
+            soft_cap=soft_cap, interpret=interpret,
+        )  # fmt: skip
+        return _unaligned(out, target, real, num_q_heads)[..., :model_head_dim], kv_pages
     kv_new = kv_new.reshape(num_blocks, block_q, two_hkv, head_dim)
 
     rows_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, num_rows, head_dim), lambda i, h, s: (i, h, 0, 0))
@@ -375,6 +411,13 @@ def ragged_paged_attention_pallas(
         compiler_params=compiler_params(platform),
     )(block_seq, block_first, block_count, seq_cached, seq_first_block, block_table, q_rows, kv_new, kv_pages)
     out = outs[0] if num_splits == 1 else _combine_splits(*outs).astype(q.dtype)
-    out = out.reshape(num_blocks, num_kv_heads, block_q, group, head_dim).swapaxes(1, 2)
+    return _unaligned(out, target, real, num_q_heads)[..., :model_head_dim], kv_pages
+
+
+def _unaligned(out: jax.Array, target: jax.Array, real: jax.Array, num_q_heads: int) -> jax.Array:
+    """The kernel's [blocks, Hkv, block_q * G, D] rows back in token order [T, Hq, D]; padding tokens zero."""
+    num_blocks, num_kv_heads, num_rows, head_dim = out.shape
+    block_q = num_rows * num_kv_heads // num_q_heads
+    out = out.reshape(num_blocks, num_kv_heads, block_q, num_q_heads // num_kv_heads, head_dim).swapaxes(1, 2)
     out = out.reshape(num_blocks * block_q, num_q_heads, head_dim)
-    return jnp.where(real[:, None, None], jnp.take(out, target, axis=0, mode="fill", fill_value=0), 0), kv_pages
+    return jnp.where(real[:, None, None], jnp.take(out, target, axis=0, mode="fill", fill_value=0), 0)

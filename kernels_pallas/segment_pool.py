@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._lowering import compiler_params
+from . import segment_pool_tpu as tpu
+from ._lowering import compiler_params, lowering_platform
 
 POOLING_MODES = ("cls", "last", "mean", "max", "mean_sqrt_len")
 _NORMALIZE_EPS = 1e-12
@@ -159,7 +160,7 @@ def segment_pool_pallas(
 ) -> jax.Array:
     """`segment_pool_reference` as one Pallas kernel: a grid of (segment, feature block), each walking its
     segment's aligned token tiles once. Truncation and normalization of the [S, H] result follow in the same
-    jitted program. `platform` picks the lowering (`_lowering.compiler_params`)."""
+    jitted program. `platform` picks the lowering (`_lowering.lowering_platform`); TPU runs `segment_pool_tpu`."""
     if mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
     num_tokens, hidden_size = hidden.shape
@@ -170,6 +171,11 @@ def segment_pool_pallas(
     padded_tokens = pl.cdiv(max(num_tokens, 1), _BLOCK_TOKENS) * _BLOCK_TOKENS
     if padded_tokens != num_tokens:
         hidden = jnp.pad(hidden, ((0, padded_tokens - num_tokens), (0, 0)))
+    if lowering_platform(platform) == "tpu":
+        pooled = tpu.segment_pool_tpu(
+            cu, num_seqs.astype(jnp.int32), jnp.maximum(offsets, 0), hidden, mode=mode, interpret=interpret
+        )
+        return truncate_and_normalize(pooled.reshape(num_segments, hidden_size), dimensions, normalize)
     width = _feature_block(hidden_size)
     whole = pl.no_block_spec
     pooled = pl.pallas_call(

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._lowering import compiler_params
+from . import varlen_attention_tpu as tpu
+from ._lowering import compiler_params, lowering_platform
 from ._online_softmax import attend_packed_keys, finish, init_carry
 
 _MAX_BLOCK_TOKENS = 128  # queries and keys per online-softmax step
@@ -92,13 +93,13 @@ _BLOCK_K = 32  # key tokens per online-softmax step
 _MASKED = -1e30  # finite, so a row that has seen no key yet never computes inf - inf
 
 
-def _key_ranges(seq, real, bounds, num_tokens: int, causal: bool) -> tuple[jax.Array, jax.Array]:
-    """Per query block, the token range its keys lie in: from its first segment's start to its last segment's
+def _key_ranges(seq, real, bounds, num_tokens: int, causal: bool, block: int = _BLOCK_Q) -> tuple[jax.Array, jax.Array]:
+    """Per query block (of `block` tokens), the token range its keys lie in: from its first segment's start to its last segment's
     end (to its last token, when causal). Blocks of padding get an empty range."""
     starts, ends = bounds
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    lo = jnp.where(real, starts, num_tokens).reshape(-1, _BLOCK_Q).min(axis=1)
-    hi = jnp.where(real, t + 1 if causal else ends, 0).reshape(-1, _BLOCK_Q).max(axis=1)
+    lo = jnp.where(real, starts, num_tokens).reshape(-1, block).min(axis=1)
+    hi = jnp.where(real, t + 1 if causal else ends, 0).reshape(-1, block).max(axis=1)
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
@@ -167,11 +168,13 @@ def varlen_attention_pallas(
 ) -> jax.Array:
     """`varlen_attention_reference` as one Pallas kernel: a grid of (query block, query head), each walking
     only the key blocks of its own segments (block-diagonal tiles outside them are never read). `platform` picks
-    the lowering (`_lowering.compiler_params`)."""
+    the lowering (`_lowering.lowering_platform`); TPU runs `varlen_attention_tpu`."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
         return jnp.zeros_like(q)
+    if lowering_platform(platform) == "tpu":
+        return _varlen_tpu(q, k, v, cu_seqlens, num_seqs, sm_scale, causal, sliding_window, soft_cap, interpret)
     padded = pl.cdiv(num_tokens, max(_BLOCK_Q, _BLOCK_K)) * max(_BLOCK_Q, _BLOCK_K)
     seq, _, real, bounds = segment_layout(cu_seqlens, num_seqs, padded)
     lo, hi = _key_ranges(seq, real, bounds, padded, causal)
@@ -200,3 +203,21 @@ def varlen_attention_pallas(
         compiler_params=compiler_params(platform),
     )(lo, hi, seq, real.astype(jnp.int32), flat(q), flat(k), flat(v))
     return out[:num_tokens].reshape(num_tokens, num_q_heads, head_dim)
+
+
+def _varlen_tpu(q, k, v, cu_seqlens, num_seqs, sm_scale, causal, sliding_window, soft_cap, interpret) -> jax.Array:
+    """The TPU kernel's layout: tokens padded to its block, heads in front, v zeroed at padding."""
+    num_tokens = q.shape[0]
+    padded = pl.cdiv(num_tokens, tpu.BLOCK) * tpu.BLOCK
+    seq, _, real, bounds = segment_layout(cu_seqlens, num_seqs, padded)
+    lo, hi = _key_ranges(seq, real, bounds, padded, causal, tpu.BLOCK)
+    v = jnp.where(real[:num_tokens, None, None], v, 0)
+
+    def head_major(x: jax.Array) -> jax.Array:
+        return jnp.pad(x, ((0, padded - num_tokens), (0, 0), (0, 0))).swapaxes(0, 1)
+
+    out = tpu.varlen_attention_tpu(
+        lo, hi, jnp.where(real, seq, -1), head_major(q), head_major(k), head_major(v),
+        sm_scale=sm_scale, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+    )  # fmt: skip
+    return out.swapaxes(0, 1)[:num_tokens]

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md, one command per figure, each with its HF transformers baseline run in
-# the same command; each writes its JSON to $OUT (default results/) and its table (and plots) into
-# docs/benchmarks.md. Run from the repository root on the GPU machine:
+# One device slot, one command: install what the GPU image lacks, a one-minute smoke of every kernel and of the
+# engine on the device (scripts/gpu_smoke.py), then as many figures of docs/benchmarks.md as fit in the time
+# left, each with its HF baseline in the same command. Each figure writes its JSON to $OUT (default results/)
+# and its table (and plots) into docs/benchmarks.md, which is copied to $OUT to be brought back.
 #
-#   scripts/gpu_runs.sh kernels generate embed serving startup     # or any subset, one per 10-minute call
+#   scripts/gpu_runs.sh                       # smoke, then kernels generate embed serving startup, within 8 min
+#   BUDGET_S=300 scripts/gpu_runs.sh smoke kernels
 #
-# The GPU image lacks a few of jaxserve's dependencies: scripts/fetch_gpu_wheels.sh downloads them (here, where
-# PyPI is reachable) into .whl/, which this script installs first when present. The updated docs/benchmarks.md
-# and docs/img/*.png are copied to $OUT to be brought back.
-set -euo pipefail
+# A figure starts only if its usual duration fits in what is left of BUDGET_S (default 480 s), and is stopped
+# at the budget's end, so the command never outlives its slot. The GPU image lacks a few of jaxserve's
+# dependencies: scripts/fetch_gpu_wheels.sh downloads them (here, where PyPI is reachable) into .whl/, which this
+# script installs first when present.
+set -uo pipefail
+BUDGET_S=${BUDGET_S:-480}
+START=$SECONDS
 OUT=$(realpath -m "${OUT:-results}")
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -19,15 +24,26 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir --target
 export PYTHONPATH=/tmp/jaxserve:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 cd scripts
 
-for figure in "$@"; do
+# seconds each usually takes on an H200 (guesses until measured: update them from the log of a run)
+declare -A NEEDS=([smoke]=60 [kernels]=90 [generate]=150 [embed]=90 [serving]=180 [startup]=150)
+figures=("$@")
+[ ${#figures[@]} -gt 0 ] || figures=(smoke kernels generate embed serving startup)
+for figure in "${figures[@]}"; do
+    left=$((BUDGET_S - (SECONDS - START)))
+    need=${NEEDS[$figure]:-}
+    if [ -z "$need" ]; then echo "unknown figure: $figure (${!NEEDS[*]})" >&2; exit 2; fi
+    if [ "$left" -lt "$need" ]; then echo "== $figure: skipped, ${left}s left of ${BUDGET_S}s (it needs ~${need}s)"; continue; fi
+    echo "== $figure (${left}s left)"
+    began=$SECONDS
     case "$figure" in
-        kernels)  python3 bench_kernels.py --json "$OUT/kernels.json" --docs ;;
-        generate) python3 bench_generate.py --hf --batches 1 64 128 --json "$OUT/generate.json" --docs ;;
-        embed)    python3 bench_embed.py --models bert-base xlmr-large --json "$OUT/embed.json" --docs ;;
-        serving)  python3 bench_serving.py --llama-1b --hf --json "$OUT/serving.json" --docs ;;
-        startup)  python3 bench_startup.py --llama-1b --json "$OUT/startup.json" --docs ;;
-        *) echo "unknown figure: $figure (kernels, generate, embed, serving, startup)" >&2; exit 2 ;;
+        smoke)    timeout "$left" python3 gpu_smoke.py --json "$OUT/smoke.json" ;;
+        kernels)  timeout "$left" python3 bench_kernels.py --json "$OUT/kernels.json" --docs ;;
+        generate) timeout "$left" python3 bench_generate.py --hf --batches 1 64 128 --json "$OUT/generate.json" --docs ;;
+        embed)    timeout "$left" python3 bench_embed.py --models bert-base xlmr-large --json "$OUT/embed.json" --docs ;;
+        serving)  timeout "$left" python3 bench_serving.py --llama-1b --hf --json "$OUT/serving.json" --docs ;;
+        startup)  timeout "$left" python3 bench_startup.py --llama-1b --json "$OUT/startup.json" --docs ;;
     esac
+    echo "== $figure: exit $?, $((SECONDS - began))s"
 done
 cp ../docs/benchmarks.md "$OUT/"
 if compgen -G "../docs/img/*-gpu-*.png" >/dev/null; then cp ../docs/img/*-gpu-*.png "$OUT/"; fi

@@ -30,14 +30,21 @@ rpa_module = importlib.import_module("jaxserve.kernels_pallas.ragged_paged_atten
 pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
 
 STATIC = ("sm_scale", "sliding_window", "soft_cap", "block_q", "num_splits", "pages_per_block")
-pallas_interpret = jax.jit(functools.partial(ragged_paged_attention_pallas, interpret=True), static_argnames=STATIC)
+pallas_interpret = jax.jit(
+    functools.partial(ragged_paged_attention_pallas, interpret=True, platform="gpu"), static_argnames=STATIC
+)
+# the TPU kernel (pages in HBM, DMA'd into VMEM), in the TPU interpreter, which models the DMAs and semaphores
+pallas_tpu_interpret = jax.jit(
+    functools.partial(ragged_paged_attention_pallas, interpret=True, platform="tpu"), static_argnames=STATIC
+)
 KERNELS = {
     "reference": ragged_paged_attention_reference,
     "dispatcher": ragged_paged_attention,
     "pallas": pallas_interpret,
+    "pallas-tpu": pallas_tpu_interpret,
 }
-# what the behaviour tests run: the dispatcher (the reference on CPU) and the Pallas kernel in interpret mode
-ATTENTION = {"dispatcher": ragged_paged_attention, "pallas": pallas_interpret}
+# what the behaviour tests run: the dispatcher (the reference on CPU) and the Pallas kernels in interpret mode
+ATTENTION = {"dispatcher": ragged_paged_attention, "pallas": pallas_interpret, "pallas-tpu": pallas_tpu_interpret}
 
 
 @pytest.fixture(params=list(ATTENTION))
@@ -540,7 +547,7 @@ def test_pallas_writes_the_donated_cache_in_place():
 def test_pallas_default_tiling():
     """Decode buckets (T == S) get one token per block, raised to 16 query rows; prefill buckets get their
     tokens per sequence slot, capped at 128 rows; small grids are split up to about 512 programs; cache steps
-    are 64 tokens of whole pages, one page on TPU."""
+    are 64 tokens of whole pages on GPU, 256 tokens of DMA'd pages on TPU."""
     assert default_block_q(64, 64, group=4) == 4
     assert default_block_q(64, 64, group=16) == 1
     assert default_block_q(2048, 256, group=4) == 8
@@ -550,4 +557,19 @@ def test_pallas_default_tiling():
     assert default_num_splits(num_blocks=1, num_kv_heads=8) == 16
     assert default_num_splits(num_blocks=16, num_kv_heads=8) == 4
     assert (default_pages_per_block(16, "gpu"), default_pages_per_block(32, "gpu")) == (4, 2)
-    assert (default_pages_per_block(128, "gpu"), default_pages_per_block(16, "tpu")) == (1, 1)
+    assert (default_pages_per_block(128, "gpu"), default_pages_per_block(16, "tpu")) == (1, 16)
+
+
+def test_tpu_cache_pads_the_head_dim_and_attention_ignores_the_padding(attention):
+    """On TPU the cache's head dim is padded to 128 lanes; attention zero-pads q/k/v to it, writes the padded
+    rows, and returns the model's head dim: the same result and the same used lanes as an unpadded cache."""
+    assert kv_cache_shape(4, 16, 2, 64, "tpu") == (4, 16, 4, 128)
+    assert kv_cache_shape(4, 16, 2, 64, "gpu") == (4, 16, 4, 64)
+    case = make_case(np.random.default_rng(59), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, head_dim=64)
+    want, want_pages = run(case, attention)
+    padded = dataclasses.replace(case, kv_pages=np.pad(case.kv_pages, ((0, 0), (0, 0), (0, 0), (0, 64))))
+    out, pages = run(padded, attention)
+    assert out.shape == case.q.shape
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(pages)[..., :64], np.asarray(want_pages))
+    assert not np.asarray(pages)[..., 64:].any()

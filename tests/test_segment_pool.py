@@ -102,9 +102,13 @@ pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compil
 
 IMPLEMENTATIONS = {
     "reference": segment_pool,
-    "pallas": jax.jit(
-        functools.partial(segment_pool_pallas, interpret=True), static_argnames=("mode",)
-    ),  # the Pallas kernel, run by the interpreter on CPU
+    # the Pallas kernels, run by the interpreter on CPU: the GPU one, and the TPU one in the TPU interpreter
+    **{
+        name: jax.jit(
+            functools.partial(segment_pool_pallas, interpret=True, platform=platform), static_argnames=("mode",)
+        )
+        for name, platform in (("pallas", "gpu"), ("pallas-tpu", "tpu"))
+    },
 }
 
 

@@ -24,13 +24,17 @@ varlen_module = importlib.import_module("jaxserve.kernels_pallas.varlen_attentio
 pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
 
 KERNELS = {"reference": varlen_attention_reference, "dispatcher": varlen_attention}
-# what the behaviour tests run: the dispatcher (the reference on CPU) and the Pallas kernel in interpret mode
+# what the behaviour tests run: the dispatcher (the reference on CPU) and the Pallas kernels in interpret mode, the
+# GPU one and the TPU one (in the TPU interpreter)
 ATTENTION = {
     "dispatcher": varlen_attention,
-    "pallas": jax.jit(
-        functools.partial(varlen_attention_pallas, interpret=True),
-        static_argnames=("sm_scale", "causal", "sliding_window", "soft_cap"),
-    ),
+    **{
+        name: jax.jit(
+            functools.partial(varlen_attention_pallas, interpret=True, platform=platform),
+            static_argnames=("sm_scale", "causal", "sliding_window", "soft_cap"),
+        )
+        for name, platform in (("pallas", "gpu"), ("pallas-tpu", "tpu"))
+    },
 }
 
 
