@@ -119,3 +119,52 @@ def finish(carry) -> jax.Array:
     """acc / sum, [T, Hkv, G, D] float32; rows that saw no key are exact zeros."""
     _, l, acc = carry
     return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+
+# --- inside a Pallas kernel -----------------------------------------------------------------------------------
+#
+# The kernels keep one query tile's state as (m [R, 1], l [R, 1], acc [R, D]) float32 values and fold key tiles in
+# with 2-D matmuls, which every lowering (Triton, Mosaic, the interpreters) takes.
+
+KERNEL_MASKED = -1e30  # finite, so a row that has seen no key yet never computes inf - inf
+
+
+def kernel_init(num_rows: int, head_dim: int):
+    """(m, l, acc) of a query tile before any key."""
+    return (
+        jnp.full((num_rows, 1), KERNEL_MASKED, jnp.float32),
+        jnp.zeros((num_rows, 1), jnp.float32),
+        jnp.zeros((num_rows, head_dim), jnp.float32),
+    )
+
+
+def kernel_visible(q_pos: jax.Array, k_pos: jax.Array, causal: bool, sliding_window: int | None) -> jax.Array:
+    """Which keys [1, K] each query [R, 1] sees by position: causal (at or before it) or all, within a window
+    W of distance < W when one is set (j in (i - W, i] causal, |i - j| < W bidirectional)."""
+    visible = k_pos <= q_pos if causal else jnp.ones((q_pos.shape[0], k_pos.shape[1]), jnp.bool_)
+    if sliding_window is not None:
+        distance = q_pos - k_pos if causal else jnp.abs(q_pos - k_pos)
+        visible &= distance < sliding_window
+    return visible
+
+
+def kernel_step(carry, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, soft_cap: float | None):
+    """Fold keys k, v [K, D] into the carry of queries q [R, D] (already scaled), where `visible` [R, K] allows.
+    The matmuls run in the operands' dtype (bf16 on tensor cores and the MXU), accumulated in float32; v must be
+    zero wherever no row may see it (stale or padded slots may hold NaN)."""
+    m, l, acc = carry
+    scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if soft_cap:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    scores = jnp.where(visible, scores, KERNEL_MASKED)
+    m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
+    p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)
+    rescale = jnp.exp(m - m_new)
+    weighted = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, l * rescale + p.sum(axis=1, keepdims=True), acc * rescale + weighted
+
+
+def kernel_finish(carry, real: jax.Array) -> jax.Array:
+    """acc / l for the `real` rows [R, 1] that saw a key; zeros elsewhere."""
+    _, l, acc = carry
+    return jnp.where(real & (l > 0), acc / jnp.where(l > 0, l, 1.0), 0.0)

@@ -32,7 +32,17 @@ from jax.experimental import pallas as pl
 
 from . import ragged_paged_attention_tpu as tpu
 from ._lowering import compiler_params, lowering_platform
-from ._online_softmax import _accumulate, attend_packed_keys, finish, init_carry, soft_capped
+from ._online_softmax import (
+    KERNEL_MASKED,
+    _accumulate,
+    attend_packed_keys,
+    finish,
+    init_carry,
+    kernel_finish,
+    kernel_init,
+    kernel_step,
+    soft_capped,
+)
 
 _MAX_GATHERED_ELEMENTS = 1 << 24  # bound on T * block_tokens * 2Hkv * D per loop iteration
 _MAX_BLOCK_TOKENS = 128  # short contexts should not gather much past their end
@@ -173,7 +183,6 @@ def ragged_paged_attention_reference(
 # Split-K: with few programs (small decode batches), the cached pages of each block are divided among
 # `num_splits` programs, each leaving its normalized output and log-sum-exp, which `_combine_splits` merges.
 
-_MASKED = -1e30  # finite, so a row that has seen no key yet never computes inf - inf
 _MIN_ROWS = 16  # query rows per program a tensor-core matmul wants at least
 _MAX_ROWS = 128  # and at most: the accumulator lives in registers
 _TARGET_PROGRAMS = 512  # about four programs per SM on an H100; split-K fills the grid up to this
@@ -240,22 +249,13 @@ def _ragged_kernel(
     def attend(k, v, start, limit, carry):
         """Fold the keys k, v [K, D] at positions [start, start + K) into the carry; positions at or past
         `limit` are not keys (stale slots, empty slots) and their values are zeroed."""
-        m, l, acc = carry
         k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
         key_real = k_pos < limit
         v = jnp.where(jnp.transpose(key_real), v, 0)  # stale slots may hold NaN
         visible = row_real & key_real & (k_pos <= q_pos)
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window
-        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if soft_cap:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
-        scores = jnp.where(visible, scores, _MASKED)
-        m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)
-        rescale = jnp.exp(m - m_new)
-        weighted = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * rescale + p.sum(axis=1, keepdims=True), acc * rescale + weighted
+        return kernel_step(carry, q, k, v, visible, soft_cap)
 
     block_tokens = pages_per_block * page_size
 
@@ -273,11 +273,7 @@ def _ragged_kernel(
     last_kv_block = jnp.where(count > 0, pl.cdiv(cached, block_tokens), first_kv_block)
     per_split = pl.cdiv(last_kv_block - first_kv_block, num_splits)
     split_start = first_kv_block + split * per_split
-    carry = (
-        jnp.full((num_rows, 1), _MASKED, jnp.float32),
-        jnp.zeros((num_rows, 1), jnp.float32),
-        jnp.zeros((num_rows, q.shape[1]), jnp.float32),
-    )
+    carry = kernel_init(num_rows, q.shape[1])
     carry = jax.lax.fori_loop(split_start, jnp.minimum(split_start + per_split, last_kv_block), cached_block, carry)
 
     def new_block(b, carry):
@@ -287,12 +283,12 @@ def _ragged_kernel(
 
     first_new = jnp.maximum(lowest - cached, 0) // block_q
     last_new = jnp.where((split == num_splits - 1) & (count > 0), (first + count - 1) // block_q + 1, first_new)
-    m, l, acc = jax.lax.fori_loop(first_new, last_new, new_block, carry)
+    carry = jax.lax.fori_loop(first_new, last_new, new_block, carry)
 
-    out = jnp.where(row_real & (l > 0), acc / jnp.where(l > 0, l, 1.0), 0.0)
-    out_ref[...] = out.astype(out_ref.dtype)
+    out_ref[...] = kernel_finish(carry, row_real).astype(out_ref.dtype)
     if lse_ref:
-        lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _MASKED)
+        m, l, _ = carry
+        lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), KERNEL_MASKED)
 
     def write(j, carry):
         position = cached + first + j

@@ -39,9 +39,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ._lowering import compiler_params, tpu_vmem_limit
+from ._online_softmax import kernel_finish, kernel_init, kernel_step
 
 KV_BLOCK_TOKENS = 256  # cached tokens per online-softmax step: the width of the score tile (v6e's MXU is 256)
-_MASKED = -1e30  # finite, so a row that has seen no key yet never computes inf - inf
 
 
 def default_pages_per_block(page_size: int) -> int:
@@ -103,7 +103,6 @@ def _kernel(
             copy.start()
 
     def step(kv_block, carry):
-        m, l, acc = carry
         slot = (kv_block - first_kv_block) % 2
 
         @pl.when(kv_block + 1 < last_kv_block)
@@ -122,23 +121,10 @@ def _kernel(
         visible = row_real & (k_pos <= q_pos)
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window
-        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if soft_cap:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
-        scores = jnp.where(visible, scores, _MASKED)
-        m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)
-        rescale = jnp.exp(m - m_new)
-        weighted = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * rescale + p.sum(axis=1, keepdims=True), acc * rescale + weighted
+        return kernel_step(carry, q, k, v, visible, soft_cap)
 
-    carry = (
-        jnp.full((num_rows, 1), _MASKED, jnp.float32),
-        jnp.zeros((num_rows, 1), jnp.float32),
-        jnp.zeros((num_rows, head_dim), jnp.float32),
-    )
-    _, l, acc = jax.lax.fori_loop(first_kv_block, last_kv_block, step, carry)
-    out_ref[...] = jnp.where(row_real & (l > 0), acc / jnp.where(l > 0, l, 1.0), 0.0).astype(out_ref.dtype)
+    carry = jax.lax.fori_loop(first_kv_block, last_kv_block, step, kernel_init(num_rows, head_dim))
+    out_ref[...] = kernel_finish(carry, row_real).astype(out_ref.dtype)
 
 
 def ragged_attention_tpu(

@@ -33,9 +33,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from . import segment_pool_tpu as tpu
-from ._lowering import compiler_params, lowering_platform
+from ._lowering import compiler_params, lowering_platform, tpu_vmem_limit
 
 POOLING_MODES = ("cls", "last", "mean", "max", "mean_sqrt_len")
 _NORMALIZE_EPS = 1e-12
@@ -100,39 +100,68 @@ def truncate_and_normalize(
 
 
 # --- Pallas -------------------------------------------------------------------------------------------------------
+#
+# One kernel, two launches. A program pools one segment over one feature block by walking the segment's aligned
+# tiles of _BLOCK_TOKENS rows (a whole bf16 sublane tile on TPU); cls and last read the tile holding their row and
+# keep the row by a mask, since Mosaic loads rows only at tile-aligned offsets.
+# - GPU (Triton): a grid of (segment, feature block) over the whole hidden states in global memory; the program
+#   slices its feature block out of each tile.
+# - TPU (Mosaic): a grid of (feature block, segment), feature block outer, over [Tp, width] blocks of the hidden
+#   states, so that each slab is copied into VMEM once for all segments; the scalars are in SMEM. `width` is
+#   chosen to fit _TPU_VMEM_BUDGET.
 
 _BLOCK_TOKENS = 16  # token rows per tile of the walk over a segment
 _MAX_BLOCK_FEATURES = 512
+_TPU_VMEM_BUDGET = 16 << 20  # bytes of hidden-state slab (double-buffered) a TPU feature block may take
 
 
 def _feature_block(hidden_size: int) -> int:
-    """The widest power of two dividing hidden_size, at most _MAX_BLOCK_FEATURES (Triton blocks are powers of 2)."""
+    """GPU: the widest power of two dividing hidden_size, at most _MAX_BLOCK_FEATURES (Triton blocks are powers
+    of 2)."""
     return min(hidden_size & -hidden_size, _MAX_BLOCK_FEATURES)
 
 
-def _pool_kernel(cu_ref, num_seqs_ref, offsets_ref, hidden_ref, out_ref, *, mode: str, num_tokens: int):
+def _tpu_feature_block(num_tokens: int, hidden_size: int, itemsize: int) -> int:
+    """TPU: the widest multiple of 128 dividing hidden_size whose double-buffered slab fits _TPU_VMEM_BUDGET (the
+    whole row when hidden_size is not a multiple of 128)."""
+    if hidden_size % 128:
+        return hidden_size
+    width = hidden_size
+    while width > 128 and (2 * num_tokens * width * itemsize > _TPU_VMEM_BUDGET or hidden_size % width):
+        width -= 128
+    return width
+
+
+def _pool_kernel(cu_ref, num_seqs_ref, offsets_ref, hidden_ref, out_ref, *, mode: str, segment_axis: int):
     """One (segment, feature block): walks the segment's token tiles once, accumulating in float32."""
-    s, h = pl.program_id(0), pl.program_id(1)
+    s, h = pl.program_id(segment_axis), pl.program_id(1 - segment_axis)
     width = out_ref.shape[-1]
-    lanes = pl.ds(pl.multiple_of(h * width, width), width)
+    whole_rows = hidden_ref.shape[1] == width  # the TPU block: already this feature block
+    lanes = slice(None) if whole_rows else pl.ds(pl.multiple_of(h * width, width), width)
     start, end = cu_ref[s], cu_ref[s + 1]
     real = (s < num_seqs_ref[0]) & (end > start)
 
+    def tile(block):
+        rows = pl.ds(pl.multiple_of(block * _BLOCK_TOKENS, _BLOCK_TOKENS), _BLOCK_TOKENS)
+        return hidden_ref[rows, lanes].astype(jnp.float32)
+
+    def rows(block):
+        return block * _BLOCK_TOKENS + jax.lax.broadcasted_iota(jnp.int32, (_BLOCK_TOKENS, 1), 0)
+
     if mode in ("cls", "last"):
-        row = jnp.clip(start if mode == "cls" else end - 1, 0, num_tokens - 1)
-        pooled = hidden_ref[pl.ds(row, 1), lanes].astype(jnp.float32)
+        row = jnp.clip(start if mode == "cls" else end - 1, 0, hidden_ref.shape[0] - 1)  # padded segments too
+        block = row // _BLOCK_TOKENS
+        pooled = jnp.sum(jnp.where(rows(block) == row, tile(block), 0.0), 0, keepdims=True)
         count = end - start
     else:
         first = start + jnp.minimum(offsets_ref[s], end - start)
         count = jnp.where(real, end - first, 0)
 
         def add_tile(block, acc):
-            rows = block * _BLOCK_TOKENS + jax.lax.broadcasted_iota(jnp.int32, (_BLOCK_TOKENS, 1), 0)
-            tile = hidden_ref[pl.ds(pl.multiple_of(block * _BLOCK_TOKENS, _BLOCK_TOKENS), _BLOCK_TOKENS), lanes]
-            keep = (rows >= first) & (rows < end)
+            keep = (rows(block) >= first) & (rows(block) < end)
             if mode == "max":
-                return jnp.maximum(acc, jnp.max(jnp.where(keep, tile.astype(jnp.float32), -jnp.inf), 0, keepdims=True))
-            return acc + jnp.sum(jnp.where(keep, tile.astype(jnp.float32), 0.0), 0, keepdims=True)
+                return jnp.maximum(acc, jnp.max(jnp.where(keep, tile(block), -jnp.inf), 0, keepdims=True))
+            return acc + jnp.sum(jnp.where(keep, tile(block), 0.0), 0, keepdims=True)
 
         initial = jnp.full((1, width), -jnp.inf if mode == "max" else 0.0, jnp.float32)
         first_block = first // _BLOCK_TOKENS
@@ -158,9 +187,9 @@ def segment_pool_pallas(
     interpret: bool = False,
     platform: str | None = None,
 ) -> jax.Array:
-    """`segment_pool_reference` as one Pallas kernel: a grid of (segment, feature block), each walking its
+    """`segment_pool_reference` as one Pallas kernel: a program per (segment, feature block), each walking its
     segment's aligned token tiles once. Truncation and normalization of the [S, H] result follow in the same
-    jitted program. `platform` picks the lowering (`_lowering.lowering_platform`); TPU runs `segment_pool_tpu`."""
+    jitted program. `platform` picks the lowering and the launch (`_lowering.lowering_platform`)."""
     if mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
     num_tokens, hidden_size = hidden.shape
@@ -171,22 +200,34 @@ def segment_pool_pallas(
     padded_tokens = pl.cdiv(max(num_tokens, 1), _BLOCK_TOKENS) * _BLOCK_TOKENS
     if padded_tokens != num_tokens:
         hidden = jnp.pad(hidden, ((0, padded_tokens - num_tokens), (0, 0)))
+    operands = (cu, num_seqs.astype(jnp.int32), jnp.maximum(offsets, 0), hidden)
+    # [S, 1, H] rather than [S, H], so that a block's last two dims are (1, width): whole in the middle one, as
+    # Mosaic requires of a block shorter than 8 rows
+    out_shape = jax.ShapeDtypeStruct((num_segments, 1, hidden_size), jnp.float32)
     if lowering_platform(platform) == "tpu":
-        pooled = tpu.segment_pool_tpu(
-            cu, num_seqs.astype(jnp.int32), jnp.maximum(offsets, 0), hidden, mode=mode, interpret=interpret
-        )
-        return truncate_and_normalize(pooled.reshape(num_segments, hidden_size), dimensions, normalize)
-    width = _feature_block(hidden_size)
-    whole = pl.no_block_spec
-    pooled = pl.pallas_call(
-        functools.partial(_pool_kernel, mode=mode, num_tokens=max(num_tokens, 1)),
-        grid=(num_segments, hidden_size // width),
-        in_specs=[whole, whole, whole, whole],
-        # [S, 1, H] rather than [S, H], so that a block's last two dims are (1, width): whole in the middle one,
-        # as Mosaic TPU requires of a block shorter than 8 rows
-        out_specs=pl.BlockSpec((pl.squeezed, 1, width), lambda s, h: (s, 0, h)),
-        out_shape=jax.ShapeDtypeStruct((num_segments, 1, hidden_size), jnp.float32),
-        interpret=interpret,
-        compiler_params=compiler_params(platform),
-    )(cu, num_seqs.astype(jnp.int32), jnp.maximum(offsets, 0), hidden)
+        width = _tpu_feature_block(padded_tokens, hidden_size, hidden.dtype.itemsize)
+        needed = 2 * padded_tokens * max(width, 128) * hidden.dtype.itemsize
+        pooled = pl.pallas_call(
+            functools.partial(_pool_kernel, mode=mode, segment_axis=1),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=3,
+                grid=(hidden_size // width, num_segments),
+                in_specs=[pl.BlockSpec((padded_tokens, width), lambda h, s, *_: (0, h))],
+                out_specs=pl.BlockSpec((None, 1, width), lambda h, s, *_: (s, 0, h)),
+            ),
+            out_shape=out_shape,
+            interpret=pltpu.InterpretParams() if interpret else False,
+            compiler_params=compiler_params("tpu", tpu_vmem_limit(needed)),
+        )(*operands)
+    else:
+        width = _feature_block(hidden_size)
+        pooled = pl.pallas_call(
+            functools.partial(_pool_kernel, mode=mode, segment_axis=0),
+            grid=(num_segments, hidden_size // width),
+            in_specs=[pl.no_block_spec] * 4,
+            out_specs=pl.BlockSpec((pl.squeezed, 1, width), lambda s, h: (s, 0, h)),
+            out_shape=out_shape,
+            interpret=interpret,
+            compiler_params=compiler_params(platform),
+        )(*operands)
     return truncate_and_normalize(pooled.reshape(num_segments, hidden_size), dimensions, normalize)

@@ -30,7 +30,15 @@ from jax.experimental import pallas as pl
 
 from . import varlen_attention_tpu as tpu
 from ._lowering import compiler_params, lowering_platform
-from ._online_softmax import attend_packed_keys, finish, init_carry
+from ._online_softmax import (
+    attend_packed_keys,
+    finish,
+    init_carry,
+    kernel_finish,
+    kernel_init,
+    kernel_step,
+    kernel_visible,
+)
 
 _MAX_BLOCK_TOKENS = 128  # queries and keys per online-softmax step
 
@@ -90,7 +98,6 @@ def varlen_attention_reference(
 
 _BLOCK_Q = 32  # query tokens per program
 _BLOCK_K = 32  # key tokens per online-softmax step
-_MASKED = -1e30  # finite, so a row that has seen no key yet never computes inf - inf
 
 
 def _key_ranges(seq, real, bounds, num_tokens: int, causal: bool, block: int = _BLOCK_Q) -> tuple[jax.Array, jax.Array]:
@@ -118,38 +125,18 @@ def _varlen_kernel(
     lo, hi = lo_ref[block], hi_ref[block]
 
     def step(key_block, carry):
-        m, l, acc = carry
         keys = pl.ds(pl.multiple_of(key_block * _BLOCK_K, _BLOCK_K), _BLOCK_K)
         key_real = real_ref[keys] != 0
         k = k_ref[keys, kv_cols].astype(jnp.float32)
         v = jnp.where(key_real[:, None], v_ref[keys, kv_cols].astype(jnp.float32), 0.0)  # padding may hold NaN
         k_pos = key_block * _BLOCK_K + jax.lax.broadcasted_iota(jnp.int32, (1, _BLOCK_K), 1)
         visible = (q_seq == seq_ref[keys][None, :]) & key_real[None, :]
-        if causal:
-            visible &= k_pos <= q_pos
-        if sliding_window is not None:
-            distance = q_pos - k_pos if causal else jnp.abs(q_pos - k_pos)
-            visible &= distance < sliding_window
-        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if soft_cap is not None:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
-        scores = jnp.where(visible, scores, _MASKED)
-        m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)
-        rescale = jnp.exp(m - m_new)
-        l = l * rescale + p.sum(axis=1, keepdims=True)
-        acc = acc * rescale + jnp.dot(p, v, preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        visible &= kernel_visible(q_pos, k_pos, causal, sliding_window)
+        return kernel_step(carry, q, k, v, visible, soft_cap)
 
-    carry = (
-        jnp.full((_BLOCK_Q, 1), _MASKED, jnp.float32),
-        jnp.zeros((_BLOCK_Q, 1), jnp.float32),
-        jnp.zeros((_BLOCK_Q, head_dim), jnp.float32),
-    )
     first, last = lo // _BLOCK_K, jnp.where(hi > lo, pl.cdiv(hi, _BLOCK_K), lo // _BLOCK_K)
-    _, l, acc = jax.lax.fori_loop(first, last, step, carry)
-    real = real_ref[rows][:, None] != 0
-    out_ref[rows, q_cols] = jnp.where(real & (l > 0), acc / jnp.where(l > 0, l, 1.0), 0.0).astype(out_ref.dtype)
+    carry = jax.lax.fori_loop(first, last, step, kernel_init(_BLOCK_Q, head_dim))
+    out_ref[rows, q_cols] = kernel_finish(carry, real_ref[rows][:, None] != 0).astype(out_ref.dtype)
 
 
 def varlen_attention_pallas(

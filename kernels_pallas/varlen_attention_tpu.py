@@ -27,9 +27,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ._lowering import compiler_params, tpu_vmem_limit
+from ._online_softmax import kernel_finish, kernel_init, kernel_step, kernel_visible
 
 BLOCK = 128  # query and key tokens per tile: a lane-aligned slice of the key-side segment row
-_MASKED = -1e30
 
 
 def _kernel(lo_ref, hi_ref, seq_col_ref, seq_row_ref, q_ref, k_ref, v_ref, out_ref, *, sm_scale, causal,
@@ -41,36 +41,16 @@ def _kernel(lo_ref, hi_ref, seq_col_ref, seq_row_ref, q_ref, k_ref, v_ref, out_r
     lo, hi = lo_ref[block], hi_ref[block]
 
     def step(key_block, carry):
-        m, l, acc = carry
         start = pl.multiple_of(key_block * BLOCK, BLOCK)
         k, v = k_ref[pl.ds(start, BLOCK), :], v_ref[pl.ds(start, BLOCK), :]
         k_seq = seq_row_ref[:, pl.ds(start, BLOCK)]
         k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, BLOCK), 1)
-        visible = (q_seq == k_seq) & (k_seq >= 0)
-        if causal:
-            visible &= k_pos <= q_pos
-        if sliding_window is not None:
-            distance = q_pos - k_pos if causal else jnp.abs(q_pos - k_pos)
-            visible &= distance < sliding_window
-        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if soft_cap is not None:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
-        scores = jnp.where(visible, scores, _MASKED)
-        m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)
-        rescale = jnp.exp(m - m_new)
-        weighted = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * rescale + p.sum(axis=1, keepdims=True), acc * rescale + weighted
+        visible = (q_seq == k_seq) & (k_seq >= 0) & kernel_visible(q_pos, k_pos, causal, sliding_window)
+        return kernel_step(carry, q, k, v, visible, soft_cap)
 
-    carry = (
-        jnp.full((BLOCK, 1), _MASKED, jnp.float32),
-        jnp.zeros((BLOCK, 1), jnp.float32),
-        jnp.zeros((BLOCK, q.shape[1]), jnp.float32),
-    )
     first, last = lo // BLOCK, jnp.where(hi > lo, pl.cdiv(hi, BLOCK), lo // BLOCK)
-    _, l, acc = jax.lax.fori_loop(first, last, step, carry)
-    real = (q_seq >= 0) & (l > 0)
-    out_ref[...] = jnp.where(real, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(out_ref.dtype)
+    carry = jax.lax.fori_loop(first, last, step, kernel_init(BLOCK, q.shape[1]))
+    out_ref[...] = kernel_finish(carry, q_seq >= 0).astype(out_ref.dtype)
 
 
 def varlen_attention_tpu(
