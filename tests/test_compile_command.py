@@ -12,6 +12,8 @@ from jaxserve import LLM, cli
 from jaxserve.compile_manifest import read_manifest
 from jaxserve.targets import TargetUnavailable, get_target
 
+pytestmark = pytest.mark.targets
+
 LIMITS = ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "4"]
 ENGINE = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=4, progress=False)
 

@@ -21,7 +21,7 @@ from jaxserve.kernels_pallas.segment_pool import segment_pool_pallas
 from jaxserve.kernels_pallas.varlen_attention import varlen_attention_pallas
 from jaxserve.targets import TargetUnavailable, get_target
 
-pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
+pytestmark = [pytest.mark.targets, pytest.mark.usefixtures("no_persistent_compile_cache")]
 
 GIB = 1 << 30
 NUM_SEQS, CONTEXT, PAGE = 256, 8192, 16
