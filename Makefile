@@ -18,10 +18,10 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/jaxserve serve --max-model-len 2048
 
-# pytest exits 5 when it collects no tests; that is not a failure. Three processes: the kernel tests, the
-# compiles for absent TPUs and GPUs, the rest. Late in a long session that has built many engines, XLA:CPU has
-# crashed compiling the programs of the Pallas interpreter, while the same tests pass in a fresh process; and
-# libtpu, loaded into a process to compile for a TPU, has been followed by such crashes too.
+# pytest exits 5 when it collects no tests; that is not a failure. Three processes: the kernel tests, the TPU and
+# GPU paths (compiles for absent chips, the TPU kernels in the TPU interpreter), the rest. Late in a process that
+# has compiled many programs of the Pallas interpreters, XLA:CPU has crashed (a segfault while compiling), while
+# the same tests pass in a fresh process.
 # The suite runs on the CPU: JAX_PLATFORMS=cpu keeps libtpu (installed to compile for TPUs that are not here)
 # from probing for a TPU at start-up.
 PYTEST = JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q

@@ -47,7 +47,12 @@ KERNELS = {
 ATTENTION = {"dispatcher": ragged_paged_attention, "pallas": pallas_interpret, "pallas-tpu": pallas_tpu_interpret}
 
 
-@pytest.fixture(params=list(ATTENTION))
+def _with_marks(names):
+    """The TPU kernel's cases carry the `targets` mark: `make test` runs them in a process of their own."""
+    return [pytest.param(n, marks=pytest.mark.targets) if n.endswith("-tpu") else n for n in names]
+
+
+@pytest.fixture(params=_with_marks(ATTENTION))
 def attention(request):
     return ATTENTION[request.param]
 
@@ -287,7 +292,7 @@ def test_mixed_batch_matches_numpy(attention, num_q_heads, num_kv_heads, head_di
     check(case, out, pages)
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS), ids=list(KERNELS))
+@pytest.mark.parametrize("kernel", _with_marks(KERNELS))
 def test_every_kernel_agrees_with_numpy(kernel):
     case = make_case(np.random.default_rng(7), mixed_seqs(16), num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
     out, pages = run(case, KERNELS[kernel])
@@ -439,7 +444,7 @@ def test_soft_cap_changes_result_and_matches_numpy(attention):
     check(case, both, pages, sliding_window=7, soft_cap=5.0)
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS), ids=list(KERNELS))
+@pytest.mark.parametrize("kernel", _with_marks(KERNELS))
 def test_jit_matches_eager_and_reuses_one_compile(kernel):
     """Under jax.jit (static kwargs bound by partial): same results, and a second ragged layout with the same
     array shapes runs on the same compiled program."""

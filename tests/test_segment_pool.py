@@ -209,6 +209,7 @@ def test_bf16_hidden_pools_in_float32(pool, mode):
     check(as_f32, out, mode, start_offsets=padded(OFFSETS, 2, 0))
 
 
+@pytest.mark.targets
 @pytest.mark.parametrize("mode", POOLING_MODES)
 def test_tpu_launch_matches_numpy(mode):
     """The TPU launch (feature-block slabs in VMEM, scalars in SMEM): start offsets, bf16 hidden states pooled in

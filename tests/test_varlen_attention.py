@@ -254,6 +254,7 @@ def test_padding_never_leaks(attention, poison):
         np.testing.assert_array_equal(np.asarray(run(junk, attention, causal=causal)), out)
 
 
+@pytest.mark.targets
 @CAUSAL
 def test_tpu_kernel_matches_numpy(causal):
     """The TPU kernel (head-major tiles of 128 tokens, K/V of a head resident): mixed segments with GQA, a window
