@@ -48,6 +48,7 @@ class EngineCore(abc.ABC):
         enable_compilation_cache(self.cache_dir)
         # compile only, for a chip that need not be attached (`jaxserve compile`); None: a serving engine
         self.target: Target | None = get_target(config.target) if config.target else None
+        self.compiled: CompiledModel | None = None  # what a compile for `target` put in the cache (its manifest entry)
         self.model_folder = resolve_model(config.model)
         self.hf_config = load_hf_config(self.model_folder, config.hf_overrides)
         self.tokenizer = Tokenizer(
