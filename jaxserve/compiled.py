@@ -77,8 +77,12 @@ _SIZE = re.compile(r'"size":"(\d+)"')
 def kernel_scratch_bytes(executable: jax.stages.Compiled) -> int | None:
     """The most scoped VMEM any Mosaic kernel of the program uses, as the TPU compiler reports it per custom
     call; None where the compiler reports none (Triton's shared memory is not in the program's text)."""
+    kernels = [line for line in executable.as_text().splitlines() if 'custom_call_target="tpu_custom_call"' in line]
     used = [
-        int(size) for configs in _USED_SCOPED_MEMORY.findall(executable.as_text()) for size in _SIZE.findall(configs)
+        int(size)
+        for line in kernels
+        for configs in _USED_SCOPED_MEMORY.findall(line)
+        for size in _SIZE.findall(configs)
     ]
     return max(used) if used else None
 
