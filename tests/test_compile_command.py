@@ -72,6 +72,8 @@ def test_compile_for_tpu_then_a_cpu_engine_says_the_cache_is_for_tpu(tiny_models
     assert (entry.target, entry.device_kind, entry.runner) == ("tpu-v5e", "TPU v5 lite", "pooling")
     assert entry.limits["dtype"] == "bfloat16" and [b.tokens for b in entry.buckets] == [16, 32, 64]
     assert all(b.error is None for b in entry.buckets)
+    # the Mosaic kernels' scoped VMEM, as the TPU compiler reports it: the pooling and attention kernels' tiles
+    assert all(0 < b.kernel_scratch_bytes < 64 << 20 for b in entry.buckets)
     with caplog.at_level(logging.WARNING, logger="jaxserve"):
         LLM(model, runner="pooling", compile_cache_dir=str(tmp_path), max_num_seqs=4, max_num_batched_tokens=8)
     assert "compiled for tpu-v5e (TPU v5 lite)" in caplog.text and "every bucket compiles here" in caplog.text
