@@ -89,7 +89,7 @@ def kernel_scratch_bytes(executable: jax.stages.Compiled) -> int | None:
 
 class _CacheHits:
     """Which rungs were loaded from the persistent cache. JAX reports a hit through `jax.monitoring`, in the
-    thread that compiles, so a compile run inside `compiling(rung)` is attributed to its rung."""
+    thread that compiles, so a compile run through `compile(rung, lowered)` is attributed to its rung."""
 
     def __init__(self) -> None:
         self.rungs: set[int] = set()

@@ -285,19 +285,23 @@ class LLMEngine(EngineCore):
         return int(num_pages)
 
 
+def _kv_budget(memory: int, in_use: int, utilization: float) -> int:
+    """Bytes for the KV cache: `utilization` of the device memory after what is in use (the weights), less an
+    activation reserve."""
+    return int((memory * utilization - in_use) * (1 - ACTIVATION_RESERVE_FRACTION))
+
+
 def _target_kv_budget(target: Target, utilization: float, model) -> int:
-    """`_device_kv_budget` for a chip that is not attached: its memory, less the weights and the reserve."""
+    """The budget on a chip that is not attached: its nominal memory, less the weights."""
     if target.platform == "cpu":
         return DEFAULT_CPU_KV_CACHE_BYTES
     weights = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(model)))
-    return int((target.memory_bytes * utilization - weights) * (1 - ACTIVATION_RESERVE_FRACTION))
+    return _kv_budget(target.memory_bytes, weights, utilization)
 
 
 def _device_kv_budget(utilization: float) -> int:
-    """Bytes for the KV cache: the device's free memory after the weights, less an activation reserve."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() or {}
+    """The budget on the attached device, from its allocator's limit and what is in use (the weights)."""
+    stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return DEFAULT_CPU_KV_CACHE_BYTES
-    free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
-    return int(free * (1 - ACTIVATION_RESERVE_FRACTION))
+    return _kv_budget(stats["bytes_limit"], stats.get("bytes_in_use", 0), utilization)

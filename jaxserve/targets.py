@@ -1,10 +1,11 @@
 """Compile targets: accelerators to build programs for, whether or not one is attached.
 
 JAX compiles for a device that is not present through a compile-only topology: libtpu (`jax[tpu]`) describes
-TPU slices, the CUDA plugin (`jax[cuda13]`) an NVIDIA GPU from a target description. A program lowered with
-arguments placed on such a device, under `jax.default_device(device)` (Mosaic asks the default device for the
-TPU generation), compiles as it would on the real chip and lands in the persistent compilation cache under the
-same key, so `jaxserve serve` on that chip loads it instead of compiling.
+TPU slices, the CUDA plugin (`jax[cuda13]`) an NVIDIA GPU from a target description. A program lowered from
+unsharded shapes under `jax.default_device(device)` (Mosaic asks the default device for the TPU generation) is
+the program a serving engine on that chip lowers, and compiles as it would there, into the persistent
+compilation cache, for `jaxserve serve` on that chip to load (whether the real chip's cache key matches the
+compile-only one is for the first run on hardware to show: the manifest and the engine's log say).
 
 `cpu` is this machine's own CPU, and a target that is the attached accelerator is that device.
 """

@@ -72,18 +72,6 @@ def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.A
     return flat.reshape(kv_pages.shape)
 
 
-def cache_slots(
-    kv_lens: jax.Array, block_table: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int,
-    page_size: int, num_pages: int,
-) -> jax.Array:  # fmt: skip
-    """Flat cache slot (page * page_size + offset) of every token of the step; for padding, one past the last
-    slot, which write_kv_pages drops."""
-    seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
-    safe_position = jnp.maximum(position, 0)
-    page = block_table[seq, safe_position // page_size]
-    return jnp.where(real, page * page_size + safe_position % page_size, num_pages * page_size)
-
-
 def token_layout(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
     """(sequence index, position, is-real) of every token slot in a ragged step."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -117,7 +105,9 @@ def ragged_paged_attention_reference(
     pages_per_seq = block_table.shape[1]
 
     seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
-    slots = cache_slots(kv_lens, block_table, cu_q_lens, num_seqs, num_tokens, page_size, kv_pages.shape[0])
+    safe_position = jnp.maximum(position, 0)
+    page = block_table[seq, safe_position // page_size]
+    slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
     kv_pages = write_kv_pages(kv_pages, k, v, slots)
 
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale

@@ -147,7 +147,7 @@ def ragged_attention_tpu(
     """Attention of the aligned query blocks over the cache, with their K/V written in; see the module
     docstring."""
     num_blocks, num_kv_heads, num_rows, head_dim = q_rows.shape
-    _, page_size, two_hkv, _ = kv_pages.shape
+    _, page_size, _, _ = kv_pages.shape
     pages_per_seq = block_table.shape[1]
     rows_spec = pl.BlockSpec((None, None, num_rows, head_dim), lambda i, h, *_: (i, h, 0, 0))
     # [B * Hkv, block_q, 2, D], unsqueezed blocks: Mosaic slices a block for a DMA only along its own dims

@@ -90,6 +90,28 @@ def test_a_target_without_its_compiler_is_reported(tiny_models, tmp_path, capsys
     assert "Cannot compile for h100" in capsys.readouterr().out
 
 
+def test_a_bucket_that_does_not_compile_is_reported_and_the_others_go_on():
+    """Compiling for another chip keeps going past a bucket the compiler rejects, with its error line; serving
+    raises."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.compiled import BucketPrograms
+
+    def example_args(rung: int):
+        if rung == 2:
+            raise ValueError("Mosaic failed to compile TPU kernel: E2003 unaligned\nmore detail")
+        return (jax.ShapeDtypeStruct((rung,), jnp.float32),)
+
+    programs = BucketPrograms(jax.jit(lambda x: x * 2), [1, 2, 4], "test", keep_going=True)
+    programs.compile(example_args, progress=False)
+    assert sorted(programs.ready_rungs) == [1, 4]
+    assert programs.reports[2].error == "Mosaic failed to compile TPU kernel: E2003 unaligned"
+    assert programs.reports[1].error is None and programs.reports[4].error is None
+    with pytest.raises(ValueError, match="E2003"):
+        BucketPrograms(jax.jit(lambda x: x * 2), [1, 2], "test").compile(example_args, progress=False)
+
+
 def test_unknown_target_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["compile", "--target", "tpu-v9"])
