@@ -1,6 +1,6 @@
-"""The fixed shapes XLA compiles (DESIGN.md §3). One token budget B and one sequence cap define them all:
-token counts T are padded to a rung (powers of two from 16 to 512, then multiples of 512, and B itself last;
-on CPU, where padding rows cost compute rather than nothing, the powers of two start at 1),
+"""The fixed shapes XLA compiles (docs/architecture.md §3). One token budget B and one sequence cap define them
+all: token counts T are padded to a rung (powers of two from 16 to 512, then multiples of 512, and B itself
+last; on CPU, where padding rows cost compute rather than nothing, the powers of two start at 1),
 and the sequence/logits-row dimension of a program follows its token rung: S = min(T, max_num_seqs).
 A step never has more sequences or logits rows than tokens, so one program per T rung covers every step."""
 

@@ -1,4 +1,4 @@
-"""One ahead-of-time compiled executable per token rung (DESIGN.md §3).
+"""One ahead-of-time compiled executable per token rung (docs/architecture.md §3).
 
 Lowering traces the step once per rung (sequentially: tracing is Python); compilation runs in a thread
 pool, through JAX's persistent cache, under a progress bar. Afterwards only these executables are called,

@@ -1,5 +1,5 @@
-"""Where a model comes from (DESIGN.md §7): a local HF-format folder, a GGUF file (converted once into an HF
-folder in the cache), a hub-style name found in the local HF cache, or one of the two embedded defaults
+"""Where a model comes from (docs/architecture.md §6): a local HF-format folder, a GGUF file (converted once into
+an HF folder in the cache), a hub-style name found in the local HF cache, or one of the two embedded defaults
 shipped as PyPI packages. Nothing is ever downloaded."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Attention and pooling kernels behind backend-independent signatures.
 
-Every kernel has a pure-`jnp` reference and a Pallas kernel with the same signature (DESIGN.md §5).
+Every kernel has a pure-`jnp` reference and a Pallas kernel with the same signature (docs/architecture.md §5).
 `select_kernels(backend)` gives the set an engine runs: "auto" is Pallas on GPU and TPU (the platform of the
 default device, which is the target's in a compile for another chip) and the references on CPU; "pallas" and
 "reference" force one; "interpret" runs the Pallas kernels in Pallas' interpreter (tests on CPU).

@@ -1,4 +1,4 @@
-"""The ragged batch a decoder forward pass consumes (DESIGN.md §3)."""
+"""The ragged batch a decoder forward pass consumes (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Every error in the OpenAI envelope `{"error": {"message", "type", "param", "code"}}`, with the statuses of
-the vLLM contract §2: body validation and bad values 400 (never 422), unknown model 404, admission control
+"""Every error in the OpenAI envelope `{"error": {"message", "type", "param", "code"}}`, with vLLM's statuses
+(docs/architecture.md §8): body validation and bad values 400 (never 422), unknown model 404, admission control
 503 with `Retry-After`, anything unexpected 500 (its details stay in the log)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Request and response bodies of the pooling routes (vLLM contract §4): /v1/embeddings, /pooling, /classify,
-/score and /rerank. Older spellings are accepted (DESIGN.md §8): `normalize` beside `use_activation`,
+"""Request and response bodies of the pooling routes (docs/architecture.md §8): /v1/embeddings, /pooling,
+/classify, /score and /rerank. Older spellings are accepted: `normalize` beside `use_activation`,
 `text_1`/`text_2` beside `queries`/`documents`, a per-request `task` on /pooling."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The models a server holds and how a request's `model` finds one (DESIGN.md §8: several models per server,
-routed by name). This is the app's engine registry, its only shared mutable state."""
+"""The models a server holds and how a request's `model` finds one (docs/architecture.md §2: several models per
+server, routed by name). This is the app's engine registry, its only shared mutable state."""
 
 from __future__ import annotations
 
