@@ -56,12 +56,19 @@ class AsyncEngine:
         return self.error is not None
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs (deltas with `RequestOutputKind.DELTA`) until it finishes."""
         engine = self._engine_for(LLMEngine, "generation")
-        engine.validate(prompt_token_ids, params)
-        add = functools.partial(engine.add_request, request_id, prompt_token_ids, params, prompt)
+        engine.validate(prompt_token_ids, params, priority)
+        add = functools.partial(engine.add_request, request_id, prompt_token_ids, params, prompt, priority, cache_salt)
         async for output in self._results(request_id, add):
             yield output
 
@@ -88,13 +95,13 @@ class AsyncEngine:
             num_open = len(self._streams)
         return dataclasses.replace(stats, num_requests_waiting=max(0, num_open - stats.num_requests_running))
 
-    def check(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
+    def check(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams, priority: int = 0) -> None:
         """Raise now (ValueError) what `generate` or `encode` would raise for this request, before any
         streaming starts or other inputs of the same HTTP request are sent."""
         if isinstance(params, PoolingParams):
             self._engine_for(PoolingEngine, "pooling").resolve(len(prompt_token_ids), params)
         else:
-            self._engine_for(LLMEngine, "generation").validate(prompt_token_ids, params)
+            self._engine_for(LLMEngine, "generation").validate(prompt_token_ids, params, priority)
 
     def prepare(self, prompt: str | list[int], **options) -> PoolingPrompt:
         """A pooling input from a text (or text pair, `text_pair=`) or token ids: `PoolingEngine.prepare`."""
@@ -102,6 +109,11 @@ class AsyncEngine:
 
     def plan_scores(self, pairs: list[tuple[str, str]], truncate_prompt_tokens: int | None = None) -> ScorePlan:
         return plan_scores(self._engine_for(PoolingEngine, "pooling"), pairs, truncate_prompt_tokens)
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the generation engine's prefix cache, between two steps (a pooling engine has none)."""
+        if isinstance(self.engine, LLMEngine):
+            self._commands.put(("reset_prefix_cache", None, None))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
@@ -179,6 +191,8 @@ class AsyncEngine:
                     self._send(request_id, exc)
             elif kind == "abort":
                 self.engine.abort_request(request_id)
+            elif kind == "reset_prefix_cache":
+                self.engine.reset_prefix_cache()
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:

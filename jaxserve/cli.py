@@ -3,128 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import time
+import typing
 
+from .config import EngineConfig, parse_bytes
 from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '1G', '512MiB' → bytes."""
-    match = _SIZE.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512M)")
-    number, unit = match.groups()
-    return int(float(number) * 1024 ** "_kmgt".index(unit.lower() or "_"))
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per `EngineConfig` field declared with `config.flag`: `--max-num-seqs`, and for switches both
+    `--enable-prefix-caching` and `--no-enable-prefix-caching`."""
     group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float16", "half", "float32", "float"],
-        help="weight and activation dtype; auto is bfloat16 on GPU/TPU and float32 on CPU",
-    )
-    group.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "dummy"],
-        help="'dummy' skips the checkpoint and uses random weights (for benchmarks)",
-    )
-    group.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    group.add_argument("--max-num-seqs", type=int, help="sequences per step (default 256 on GPU/TPU, 64 on CPU)")
-    group.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        help="token budget per step; fixes the compiled bucket sizes (default 2048 on GPU/TPU, 512 on CPU)",
-    )
-    group.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of free device memory given to weights and KV cache (default 0.9)",
-    )
-    group.add_argument(
-        "--kv-cache-memory", type=parse_bytes, help="KV cache size, e.g. 2GiB (the way to size it on CPU)"
-    )
-    group.add_argument(
-        "--num-kv-pages",
-        type=int,
-        help="exact KV page count, overriding --gpu-memory-utilization and --kv-cache-memory",
-    )
-    group.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
-    group.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default 20)")
-    group.add_argument(
-        "--generation-config",
-        default="auto",
-        help="'auto' reads the model's generation_config.json, 'vllm' ignores it, or a folder",
-    )
-    group.add_argument(
-        "--override-generation-config",
-        type=json.loads,
-        help="JSON merged over the generation config, e.g. '{\"temperature\": 0.5}'",
-    )
-    group.add_argument("--chat-template", help="a chat template file, or the template itself")
-    group.add_argument(
-        "--runner",
-        default="auto",
-        choices=["auto", "generate", "pooling"],
-        help="'pooling' serves embeddings, scores and classification; auto picks by the model's architecture",
-    )
-    group.add_argument(
-        "--pooler-config",
-        type=json.loads,
-        help='JSON pooler overrides, e.g. \'{"pooling_type": "MEAN", "use_activation": false, "dimensions": 256}\'',
-    )
-    group.add_argument(
-        "--hf-overrides",
-        type=json.loads,
-        help="JSON merged into the model's config.json, e.g. '{\"matryoshka_dimensions\": [256, 512]}'",
-    )
-    group.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "pallas", "reference", "interpret"],
-        help="attention and pooling kernels: auto is Pallas on GPU/TPU and the jnp references on CPU; interpret "
-        "runs the Pallas kernels in Pallas' interpreter (slow; for checking them on CPU)",
-    )
-    group.add_argument("--seed", type=int, default=0, help="seed for requests that bring none (default 0)")
-    group.add_argument(
-        "--compile-cache-dir",
-        help="JAX's persistent compilation cache (default $JAXSERVE_CACHE_DIR/xla, i.e. ~/.cache/jaxserve/xla)",
-    )
+    hints = typing.get_type_hints(EngineConfig)
+    for field in engine_flags():
+        options = dict(field.metadata)
+        kind = hints[field.name]
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif "type" not in options and "choices" not in options:
+            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            options["type"] = json.loads if typing.get_origin(base) is dict else base
+        group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
+
+
+def engine_flags() -> list[dataclasses.Field]:
+    return [field for field in dataclasses.fields(EngineConfig) if "help" in field.metadata]
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    keys = (
-        "dtype",
-        "load_format",
-        "max_model_len",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "gpu_memory_utilization",
-        "kv_cache_memory",
-        "num_kv_pages",
-        "page_size",
-        "max_logprobs",
-        "generation_config",
-        "override_generation_config",
-        "chat_template",
-        "runner",
-        "pooler_config",
-        "hf_overrides",
-        "attention_backend",
-        "seed",
-        "compile_cache_dir",
-    )
-    return {key: getattr(args, key) for key in keys}
+    return {field.name: getattr(args, field.name) for field in engine_flags()}
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -144,7 +56,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .async_engine import AsyncEngine
-    from .config import EngineConfig
     from .llm import create_engine
     from .server.launch import run_server
     from .server.served_models import ServedModel

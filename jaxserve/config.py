@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,18 @@ DTYPES = {
     "float": jnp.float32,
 }
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '1G', '512MiB' → bytes."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512M)")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** "_kmgt".index(unit.lower() or "_"))
+
+
 # generation_config.json keys that become sampling defaults (vLLM's get_diff_sampling_param)
 GENERATION_DEFAULT_KEYS = (
     "repetition_penalty",
@@ -39,28 +53,80 @@ GENERATION_DEFAULT_KEYS = (
 )
 
 
+def flag(default: Any, help: str, **argparse_options: Any) -> Any:
+    """A config field that is also a command-line flag (`--field-name`); `jaxserve.cli` builds the flags from
+    these, with `help` and any further argparse options (choices, type, metavar)."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+
+
 @dataclasses.dataclass
 class EngineConfig:
+    """What an engine is built from. The fields declared with `flag` are the engine's command-line flags, under
+    vLLM's names; the rest are set by the program (the model, a compile target, progress bars)."""
+
     model: str
-    runner: str = "auto"  # "generate", "pooling", or "auto": pooling for pooling architectures
-    dtype: str = "auto"
-    load_format: str = "auto"  # "auto" reads the checkpoint; "dummy" uses random weights (benchmarks)
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    page_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int | None = None  # bytes of KV cache; the way to size it on CPU
-    num_kv_pages: int | None = None  # exact page count, overriding both of the above
-    max_logprobs: int = 20
-    generation_config: str = "auto"  # "auto" (the model's), "vllm" (none) or a folder
-    override_generation_config: dict[str, Any] | None = None
-    chat_template: str | None = None
-    hf_overrides: dict[str, Any] | None = None  # merged into config.json, e.g. {"num_labels": 1}
-    pooler_config: dict[str, Any] | None = None  # task, pooling_type, use_activation, dimensions
-    seed: int = 0
-    attention_backend: str = "auto"  # kernels: auto (Pallas on GPU/TPU), pallas, reference, interpret
-    compile_cache_dir: str | None = None
+    runner: str = flag(
+        "auto",
+        "'pooling' serves embeddings, scores and classification; auto picks by the model's architecture",
+        choices=["auto", "generate", "pooling"],
+    )
+    dtype: str = flag(
+        "auto",
+        "weight and activation dtype; auto is bfloat16 on GPU/TPU and float32 on CPU",
+        choices=["auto", *DTYPES],
+    )
+    load_format: str = flag(
+        "auto", "'dummy' skips the checkpoint and uses random weights (for benchmarks)", choices=["auto", "dummy"]
+    )
+    max_model_len: int | None = flag(None, "context length (default: the model's)")
+    max_num_seqs: int | None = flag(None, "sequences per step (default 256 on GPU/TPU, 64 on CPU)")
+    max_num_batched_tokens: int | None = flag(
+        None, "token budget per step; fixes the compiled bucket sizes (default 2048 on GPU/TPU, 512 on CPU)"
+    )
+    page_size: int = flag(16, "tokens per KV page (default 16)")
+    gpu_memory_utilization: float = flag(
+        0.9, "fraction of free device memory given to weights and KV cache (default 0.9)"
+    )
+    kv_cache_memory: int | None = flag(
+        None, "KV cache size, e.g. 2GiB (the way to size it on CPU; default 1GiB there)", type=parse_bytes
+    )
+    num_kv_pages: int | None = flag(
+        None, "exact KV page count, overriding --gpu-memory-utilization and --kv-cache-memory"
+    )
+    enable_prefix_caching: bool = flag(
+        True, "reuse the KV pages of prompt prefixes computed before (automatic prefix caching; default on)"
+    )
+    scheduling_policy: str = flag(
+        "fcfs",
+        "fcfs: requests run in arrival order; priority: by the request's `priority` (lower first, then arrival), "
+        "preempting the lowest priority first (default fcfs)",
+        choices=["fcfs", "priority"],
+    )
+    max_logprobs: int = flag(20, "most logprobs a request may ask for (default 20)")
+    generation_config: str = flag(
+        "auto", "'auto' reads the model's generation_config.json, 'vllm' ignores it, or a folder"
+    )
+    override_generation_config: dict[str, Any] | None = flag(
+        None, "JSON merged over the generation config, e.g. '{\"temperature\": 0.5}'"
+    )
+    chat_template: str | None = flag(None, "a chat template file, or the template itself")
+    hf_overrides: dict[str, Any] | None = flag(
+        None, "JSON merged into the model's config.json, e.g. '{\"matryoshka_dimensions\": [256, 512]}'"
+    )
+    pooler_config: dict[str, Any] | None = flag(
+        None,
+        'JSON pooler overrides, e.g. \'{"pooling_type": "MEAN", "use_activation": false, "dimensions": 256}\'',
+    )
+    seed: int = flag(0, "seed for requests that bring none (default 0)")
+    attention_backend: str = flag(
+        "auto",
+        "attention and pooling kernels: auto is Pallas on GPU/TPU and the jnp references on CPU; interpret runs "
+        "the Pallas kernels in Pallas' interpreter (slow; for checking them on CPU)",
+        choices=["auto", "pallas", "reference", "interpret"],
+    )
+    compile_cache_dir: str | None = flag(
+        None, "JAX's persistent compilation cache (default $JAXSERVE_CACHE_DIR/xla, i.e. ~/.cache/jaxserve/xla)"
+    )
     target: str | None = None  # compile only, for this chip (`jaxserve.targets`, `jaxserve compile`); no serving
     strict_compile: bool = True  # compile every bucket before the engine returns; False: the rest in the background
     progress: bool = True
@@ -78,6 +144,8 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}.")
         if self.target is not None:
             get_target(self.target)
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}.")
 
     @property
     def platform(self) -> str:

@@ -23,7 +23,7 @@ from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
 from .engine_core import EngineCore, StartupTimes
 from .errors import PromptTooLongError
 from .kernels_pallas import kv_cache_shape
-from .kv_pages import PageAllocator
+from .kv_pages import PagePool
 from .models.registry import create_causal_lm
 from .output_processor import RequestState, RowResult
 from .outputs import RequestOutput
@@ -82,8 +82,11 @@ class LLMEngine(EngineCore):
         limits = {"max_model_len": self.max_model_len, "page_size": config.page_size, "num_kv_pages": num_pages}
         self.after_warm_up(self.runner.programs, {**limits, **dataclasses.asdict(shape)}, compiled)
 
-        self.allocator = PageAllocator(num_pages, config.page_size)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.allocator)
+        self.page_pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len, config.scheduling_policy),
+            self.page_pool,
+        )
         self._requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         logger.info(
@@ -104,11 +107,19 @@ class LLMEngine(EngineCore):
         return SamplingParams(**self.sampling_defaults)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
+        """Queue a request. `priority` orders it under the priority policy (lower first); `cache_salt` keeps its
+        pages from being shared with requests that bring another salt (or none)."""
         if request_id in self._requests:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        max_tokens = self.validate(prompt_token_ids, params)
+        max_tokens = self.validate(prompt_token_ids, params, priority)
         if not params.ignore_eos:
             params = params.clone(stop_token_ids=params.stop_token_ids + self.extra_eos_token_ids)
         seqs = [
@@ -122,17 +133,23 @@ class LLMEngine(EngineCore):
                 seed=(params.seed + i if params.seed is not None else self._rng.getrandbits(32)) % (1 << 32),
                 max_tokens=max_tokens,
                 wants_prompt_logprobs=params.prompt_logprobs is not None and i == 0,
+                priority=priority,
+                cache_salt=cache_salt,
             )
             for i in range(params.n)
         ]
+        for seq in seqs[1:]:
+            seq.leader = seqs[0]
         self._requests[request_id] = RequestState(
             request_id, prompt, seqs, self.tokenizer, self.eos_token_id, self.max_model_len
         )
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> int:
         """Check a request before any device work; returns its output cap. Raises ValueError as vLLM words it."""
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("The decoder prompt cannot be empty")
@@ -178,17 +195,19 @@ class LLMEngine(EngineCore):
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._requests)
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page (`POST /reset_prefix_cache`); running requests keep theirs."""
+        self.scheduler.reset_prefix_cache()
 
     def stats(self) -> EngineStats:
         running = {seq.request_id for seq in list(self.scheduler.running)}
         load = EngineStats(
             num_requests_running=len(running),
             num_requests_waiting=max(0, len(self._requests) - len(running)),
-            kv_cache_usage=self.allocator.usage,
+            kv_cache_usage=self.page_pool.usage,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.scheduler.prefix_cache_stats.queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_stats.hits,
             compiles_after_warmup=self.compile_watch.count,
         )
         return self._startup_stats(load)
@@ -214,6 +233,7 @@ class LLMEngine(EngineCore):
                 state.add_prompt_logprob(result)
                 continue
             seq.token_ids.append(result.token)
+            seq.num_pending_tokens -= 1
             if state.add_token(seq, result):
                 self.scheduler.finish(seq)
             touched[seq.request_id] = state

@@ -1,24 +1,36 @@
-"""Continuous batching under one token budget (vLLM V1 style, DESIGN.md §3).
+"""Continuous batching under one token budget (vLLM V1 style, docs/architecture.md §3).
 
 Each step takes decode tokens first, then chunks of unfinished prefills, then new requests, until the token
 budget, the sequence cap or the logits-row cap is reached. A running sequence that needs a page when none is
-free preempts the newest running sequence, which drops its pages and is recomputed later: no request fails
-for lack of pages. New requests are only admitted when their pages are free.
+free preempts another (the newest under `fcfs`, the lowest priority under `priority`), which drops its pages
+and is recomputed later: no request fails for lack of pages. New requests are only admitted when their pages
+are free, in arrival order or by (priority, arrival).
+
+With prefix caching a new sequence first takes the cached pages its prompt starts with and computes only the
+rest; every page it completes is offered to the cache. The other samples of an `n > 1` request wait until
+the first has computed the prompt's full pages, and then share them.
+
+Under async scheduling a step is planned before the previous one's sampled tokens reach the host: a sampled
+token is pending (`Sequence.num_pending_tokens`) until then, and the next step reads it on the device.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-from collections import deque
 
-from .kv_pages import PageAllocator
+from .kv_pages import PagePool, page_hashes
 from .sequence import Sequence, SequenceStatus
+
+POLICIES = ("fcfs", "priority")
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
+    max_model_len: int
+    policy: str = "fcfs"
 
 
 @dataclasses.dataclass
@@ -49,20 +61,31 @@ class StepPlan:
         return sum(c.num_rows for c in self.chunks)
 
 
+@dataclasses.dataclass
+class PrefixCacheStats:
+    """vLLM's prefix-cache counters: prompt tokens looked up, and how many of them were found."""
+
+    queries: int = 0
+    hits: int = 0
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator):
+    def __init__(self, config: SchedulerConfig, pages: PagePool):
+        if config.policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {config.policy!r}.")
         self.config = config
-        self.allocator = allocator
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.pages = pages
+        self.waiting: list[Sequence] = []  # in admission order: by _order
+        self.running: list[Sequence] = []  # in admission order
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.num_preemptions = 0
+        self.prefix_cache_stats = PrefixCacheStats()
+
+    def _order(self, seq: Sequence) -> tuple[int, int]:
+        return (seq.priority if self.config.policy == "priority" else 0, seq.seq_id)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        bisect.insort(self.waiting, seq, key=self._order)
 
     def schedule(self) -> StepPlan | None:
         budget = _Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
@@ -71,7 +94,7 @@ class Scheduler:
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decoding + prefilling:
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not SequenceStatus.RUNNING or self._at_limit(seq):
                 continue
             chunk = self._chunk(seq, budget)
             if chunk and self._reserve_pages_preempting(seq, chunk):
@@ -83,26 +106,75 @@ class Scheduler:
             self._admit(chunks, budget)
         return StepPlan(chunks) if chunks else None
 
+    def _at_limit(self, seq: Sequence) -> bool:
+        """Its last token (maybe still pending) is its last: nothing more to compute."""
+        return seq.num_tokens >= self.config.max_model_len or seq.num_output_tokens >= seq.max_tokens
+
     def _admit(self, chunks: list[ScheduledChunk], budget: _Budget) -> None:
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
+            if self._waits_for_leader(seq):
+                i += 1
+                continue
+            cached = self._cached_prefix(seq)
+            seq.num_computed_tokens = len(cached) * self.pages.page_size
             chunk = self._chunk(seq, budget)
-            if chunk is None or not self._reserve_pages(seq, chunk):
+            fresh = self.pages.pages_for(chunk.start + chunk.length) - len(cached) if chunk else 0
+            if chunk is None or fresh > self.pages.num_free - self.pages.num_unreferenced(cached):
+                seq.num_computed_tokens = 0
                 return
-            self.waiting.popleft()
+            del self.waiting[i]
+            self.pages.touch(cached)
+            seq.pages = cached + self.pages.allocate(fresh)
+            seq.num_registered_pages = len(cached)
+            if seq.reads_prefix_cache and self.pages.enable_caching:
+                self.prefix_cache_stats.queries += seq.num_tokens
+                self.prefix_cache_stats.hits += seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
             budget.take(chunk)
             chunks.append(chunk)
 
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """An n > 1 sample waits while the request's first sample computes the prompt's full pages."""
+        leader = seq.leader
+        if leader is None or not self.pages.enable_caching or leader.status is SequenceStatus.FINISHED:
+            return False
+        shared = seq.num_prompt_tokens // self.pages.page_size * self.pages.page_size
+        return leader.num_computed_tokens < shared
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached pages the sequence can start from: whole pages, never its last token (it must be computed
+        to sample the next one)."""
+        if not (self.pages.enable_caching and seq.reads_prefix_cache):
+            return []
+        num_pages = (seq.num_tokens - 1) // self.pages.page_size
+        self._hash_pages(seq)
+        return self.pages.lookup(seq.page_hashes[:num_pages])
+
+    def _hash_pages(self, seq: Sequence) -> None:
+        if len(seq.token_ids) // self.pages.page_size > len(seq.page_hashes):
+            seq.page_hashes = page_hashes(seq.token_ids, self.pages.page_size, seq.cache_salt, seq.page_hashes)
+
     def commit(self, plan: StepPlan) -> None:
-        """Record that the plan ran: its tokens are now in the cache."""
+        """Record that the plan was dispatched: its tokens are (or will be, in device order) in the cache, and
+        each sampling chunk has one more token pending. Full pages whose tokens are known join the cache."""
         for chunk in plan.chunks:
-            chunk.seq.num_computed_tokens = chunk.start + chunk.length
-            chunk.seq.num_prompt_logprobs_done = max(
-                chunk.seq.num_prompt_logprobs_done, chunk.prompt_logprob_positions.stop
-            )
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.length
+            seq.num_prompt_logprobs_done = max(seq.num_prompt_logprobs_done, chunk.prompt_logprob_positions.stop)
+            seq.num_pending_tokens += int(chunk.sample)
+            if self.pages.enable_caching:
+                self._register(seq)
+
+    def _register(self, seq: Sequence) -> None:
+        self._hash_pages(seq)
+        ready = min(len(seq.token_ids), seq.num_computed_tokens) // self.pages.page_size
+        for i in range(seq.num_registered_pages, min(ready, len(seq.page_hashes))):
+            self.pages.cache(seq.pages[i], seq.page_hashes[i])
+        seq.num_registered_pages = max(seq.num_registered_pages, ready)
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.FINISHED:
@@ -113,6 +185,11 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def reset_prefix_cache(self) -> None:
+        self.pages.reset_cache()
+        for seq in self.running:
+            seq.num_registered_pages = len(seq.pages)  # their pages were computed before the reset: not offered
 
     def _chunk(self, seq: Sequence, budget: _Budget) -> ScheduledChunk | None:
         start = seq.num_computed_tokens
@@ -129,36 +206,40 @@ class Scheduler:
             seq, start, length, start + length == seq.num_tokens, seq.prompt_logprob_positions(start, length)
         )
 
-    def _pages_missing(self, seq: Sequence, chunk: ScheduledChunk) -> int:
-        return self.allocator.pages_for(chunk.start + chunk.length) - len(seq.pages)
-
     def _reserve_pages(self, seq: Sequence, chunk: ScheduledChunk) -> bool:
-        missing = self._pages_missing(seq, chunk)
-        if missing > self.allocator.num_free:
+        missing = self.pages.pages_for(chunk.start + chunk.length) - len(seq.pages)
+        if missing > self.pages.num_free:
             return False
         if missing > 0:
-            seq.pages.extend(self.allocator.allocate(missing))
+            seq.pages.extend(self.pages.allocate(missing))
         return True
 
     def _reserve_pages_preempting(self, seq: Sequence, chunk: ScheduledChunk) -> bool:
         while not self._reserve_pages(seq, chunk):
-            victim = self.running[-1]
+            victim = self._victim()
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
+
+    def _victim(self) -> Sequence:
+        """The newest running sequence; under `priority`, the one that would be admitted last."""
+        if self.config.policy == "priority":
+            return max(self.running, key=self._order)
+        return self.running[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
-        self.waiting.appendleft(seq)
+        self.add(seq)  # by arrival (and priority): ahead of every request that came after it
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
-        self.allocator.free(seq.pages)
+        self.pages.free(seq.pages)
         seq.pages = []
+        seq.num_registered_pages = 0
         self._free_slots.append(seq.slot)
         seq.slot = -1
 

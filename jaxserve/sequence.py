@@ -16,7 +16,8 @@ class SequenceStatus(enum.Enum):
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
-    """`token_ids` is the prompt followed by the outputs; `num_computed_tokens` of them are in the cache.
+    """`token_ids` is the prompt followed by the outputs the host has; `num_pending_tokens` more were sampled by
+    dispatched steps and not yet read back. `num_computed_tokens` of all of them are in the cache.
 
     A preempted sequence drops its pages and starts again from token 0: its outputs so far are recomputed
     as part of its "prompt", which is why everything here is counted over `token_ids`.
@@ -31,19 +32,25 @@ class Sequence:
     seed: int
     max_tokens: int  # the output cap after clamping to the context
     wants_prompt_logprobs: bool = False
+    priority: int = 0  # lower runs first under the priority policy
+    cache_salt: str | None = None  # joins the first page's hash: only requests with the same salt share pages
+    leader: Sequence | None = None  # sample 0 of the request, whose prompt pages the other n - 1 samples share
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
     num_prompt_logprobs_done: int = 0  # positions whose next-token logprob has been collected
     pages: list[int] = dataclasses.field(default_factory=list)
     slot: int = -1  # row of the per-sequence penalty state on the device
+    page_hashes: list[int] = dataclasses.field(default_factory=list)  # of the full pages of token_ids
+    num_registered_pages: int = 0  # pages offered to the prefix cache since the sequence (re)started
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -51,7 +58,15 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether cached pages may stand in for computing the prompt. Prompt logprobs need every prompt position
+        computed; penalties read token histories that are built from the tokens a step computes."""
+        p = self.params
+        penalized = p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+        return not self.wants_prompt_logprobs and not penalized
 
     def prompt_logprob_positions(self, start: int, length: int) -> range:
         """Positions in [start, start + length) whose next prompt token still needs its logprob."""

@@ -288,6 +288,12 @@ def _add_utility_routes(app: FastAPI) -> None:
     async def load(raw: Request) -> dict[str, int]:
         return {"server_load": sum(model.in_flight for model in state_of(raw).registry.models)}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(raw: Request) -> Response:
+        for model in state_of(raw).registry.models:
+            model.engine.reset_prefix_cache()
+        return Response(status_code=200)
+
     @app.get("/metrics")
     async def metrics(raw: Request) -> Response:
         body, content_type = state_of(raw).metrics.render()

@@ -94,7 +94,7 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
     logprobs = num_top if request.logprobs else None
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     params = sampling_params(request, model, max_tokens, logprobs)
-    model.engine.check(prompt.token_ids, params)
+    model.engine.check(prompt.token_ids, params, request.priority)
     role = ctx.settings.response_role if request.add_generation_prompt else request.messages[-1].get("role", "user")
     echo = ""
     if request.echo and request.messages[-1].get("role") == role:
@@ -123,7 +123,7 @@ class _Chat:
         return chat_logprobs(token_ids, entries, self.num_top, self.model.tokenizer, as_ids)
 
     def _outputs(self):
-        return generate_all(self.model, [self.prompt], self.params, self.ctx.engine_id, self.ctx.metrics)
+        return generate_all(self.model, [self.prompt], self.params, self.request, self.ctx)
 
     async def whole(self) -> ChatCompletionResponse:
         n = self.request.n

@@ -37,7 +37,7 @@ async def create_completion(request: CompletionRequest, model: ServedModel, ctx:
     echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
     params = sampling_params(request, model, request.max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
     for prompt in prompts:
-        model.engine.check(prompt.token_ids, params)
+        model.engine.check(prompt.token_ids, params, request.priority)
     if request.stream:
         return StreamingResponse(
             sse_stream(_stream(request, model, prompts, params, ctx)), media_type="text/event-stream"
@@ -79,7 +79,7 @@ async def _whole(
     n = request.n
     choices = {i * n + j: _Choice() for i in range(len(prompts)) for j in range(n)}
     prompt_logprobs: dict[int, list] = {}
-    async for i, output in generate_all(model, prompts, params, ctx.engine_id, ctx.metrics):
+    async for i, output in generate_all(model, prompts, params, request, ctx):
         if output.prompt_logprobs is not None:
             prompt_logprobs[i] = output.prompt_logprobs
         for out in output.outputs:
@@ -131,7 +131,7 @@ async def _stream(
     num_generated = 0
     started: set[int] = set()
     offsets: dict[int, int] = {}
-    async for i, output in generate_all(model, prompts, params, ctx.engine_id, ctx.metrics):
+    async for i, output in generate_all(model, prompts, params, request, ctx):
         for out in output.outputs:
             index = i * n + out.index
             num_generated += len(out.token_ids)

@@ -1,4 +1,4 @@
-"""What completions and chat share: request fields → `SamplingParams` (contract §3.4 precedence: the request,
+"""What completions and chat share: request fields → `SamplingParams` (docs/architecture.md §7 precedence: the request,
 then the model's generation_config, then OpenAI's defaults), running several engine requests as one stream,
 metrics per engine request, and SSE framing."""
 
@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
+from .context import RequestContext
 from .errors import APIError, error_body, from_exception
-from .metrics import ServerMetrics
 from .protocol import GenerationRequest, UsageInfo
 from .served_models import ServedModel
 
@@ -58,6 +58,8 @@ def sampling_params(
             raise APIError(f"{what} is not supported by jaxserve.", param=field)
     if request.response_format and request.response_format.get("type", "text") != "text":
         raise APIError("Only response_format type 'text' is supported by jaxserve.", param="response_format")
+    if request.cache_salt is not None and not request.cache_salt:
+        raise APIError("Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
     if request.stream_options is not None and not request.stream:
         raise APIError("Stream options can only be defined when `stream=True`.", param="stream_options")
     defaults = model.sampling_defaults
@@ -115,7 +117,7 @@ def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: i
 
 
 async def generate_all(
-    model: ServedModel, prompts: list[Prompt], params: SamplingParams, request_id: str, metrics: ServerMetrics
+    model: ServedModel, prompts: list[Prompt], params: SamplingParams, request: GenerationRequest, ctx: RequestContext
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every prompt as its own engine request; yields (prompt index, delta output) as they arrive. Closing the
     iterator early (a client that went away) aborts whatever still runs."""
@@ -123,11 +125,19 @@ async def generate_all(
     done = object()
 
     async def pump(index: int, prompt: Prompt) -> None:
-        recorder = metrics.start_request(model.name, len(prompt.token_ids))
+        recorder = ctx.metrics.start_request(model.name, len(prompt.token_ids))
         finish_reason = "abort"
         try:
-            engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-            async for output in model.engine.generate(prompt.token_ids, params, engine_id, prompt.text):
+            engine_id = ctx.engine_id if len(prompts) == 1 else f"{ctx.engine_id}-{index}"
+            outputs = model.engine.generate(
+                prompt.token_ids,
+                params,
+                engine_id,
+                prompt.text,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
+            )
+            async for output in outputs:
                 recorder.tokens_generated(sum(len(c.token_ids) for c in output.outputs))
                 if output.finished:
                     finish_reason = output.outputs[-1].finish_reason or "stop"

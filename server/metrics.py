@@ -4,7 +4,7 @@ Every series carries the labels `model_name` (the served model's first name) and
 `ServerMetrics` owns a private `CollectorRegistry`, so several apps (or tests) in one process never clash.
 
 Request-level metrics (token counters, latency and length histograms) are recorded by the server through a
-`RequestMetrics` per request. Engine-level metrics (running/waiting requests, KV-cache usage, preemptions, compiles
+`RequestMetrics` per request. Engine-level metrics (running/waiting requests, KV-cache usage, preemptions, prefix-cache queries and hits, compiles
 after warm-up, start-up times and compiled buckets) are read from the engines' `EngineStats` when the registry is
 scraped. `jaxserve:startup_seconds` is set once the server answers.
 
@@ -75,6 +75,12 @@ class _EngineStatsCollector(Collector):
         preemptions = CounterMetricFamily(
             "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", labels=LABELS
         )
+        cache_queries = CounterMetricFamily(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels=LABELS
+        )
+        cache_hits = CounterMetricFamily(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels=LABELS
+        )
         compiles = CounterMetricFamily(
             "jaxserve:compiles_after_warmup",
             "JAX compiles inside engine steps after warm-up; should stay 0.",
@@ -90,12 +96,14 @@ class _EngineStatsCollector(Collector):
             waiting.add_metric(labels, stats.num_requests_waiting)
             kv_usage.add_metric(labels, stats.kv_cache_usage)
             preemptions.add_metric(labels, stats.num_preemptions)
+            cache_queries.add_metric(labels, stats.prefix_cache_queries)
+            cache_hits.add_metric(labels, stats.prefix_cache_hits)
             compiles.add_metric(labels, stats.compiles_after_warmup)
             startup["jaxserve:startup_load_seconds"].add_metric(labels, stats.load_seconds)
             startup["jaxserve:startup_compile_seconds"].add_metric(labels, stats.compile_seconds)
             startup["jaxserve:buckets_compiled"].add_metric(labels, stats.buckets_compiled)
             startup["jaxserve:buckets_total"].add_metric(labels, stats.buckets_total)
-        yield from (running, waiting, kv_usage, preemptions, compiles, *startup.values())
+        yield from (running, waiting, kv_usage, preemptions, cache_queries, cache_hits, compiles, *startup.values())
 
     def describe(self) -> list[Metric]:
         # the names this collector owns, without calling engine_stats() at registration time
@@ -104,6 +112,8 @@ class _EngineStatsCollector(Collector):
             GaugeMetricFamily("vllm:num_requests_waiting", ""),
             GaugeMetricFamily("vllm:kv_cache_usage_perc", ""),
             CounterMetricFamily("vllm:num_preemptions", ""),
+            CounterMetricFamily("vllm:prefix_cache_queries", ""),
+            CounterMetricFamily("vllm:prefix_cache_hits", ""),
             CounterMetricFamily("jaxserve:compiles_after_warmup", ""),
             *(GaugeMetricFamily(name, "") for name in STARTUP_GAUGES),
         ]

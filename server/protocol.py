@@ -1,5 +1,5 @@
 """Request and response bodies of the generation and utility routes, with vLLM's field names and defaults
-(../shared/reference/vllm_api_contract.md §3, §5). Unknown request fields are accepted and ignored, as vLLM
+(docs/architecture.md §8; docs/server.md). Unknown request fields are accepted and ignored, as vLLM
 does with fields it has dropped (`best_of`, `guided_*`)."""
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class GenerationRequest(RequestBody):
     structured_outputs: dict[str, Any] | None = None
     request_id: str | None = None
     priority: int = 0
+    cache_salt: str | None = None
     return_token_ids: bool | None = None
     return_tokens_as_token_ids: bool | None = None
 

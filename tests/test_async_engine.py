@@ -48,7 +48,7 @@ def test_concurrent_streams_equal_offline_outputs(engine):
 
 def test_abandoned_stream_is_aborted_and_frees_its_pages(engine):
     llm, async_engine = engine
-    allocator = llm.engine.allocator
+    allocator = llm.engine.page_pool
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 
     async def main():

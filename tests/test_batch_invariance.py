@@ -29,7 +29,7 @@ def test_greedy_tokens_do_not_depend_on_the_batch(tiny_models, make_llm):
 
     assert together == alone
     assert engine.scheduler.num_preemptions > preemptions_before, "the pool was meant to force preemption"
-    assert engine.allocator.num_free == engine.allocator.num_pages
+    assert engine.page_pool.num_free == engine.page_pool.num_pages
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
@@ -42,4 +42,4 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_models, make_llm):
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)]
 
     assert together == alone
-    assert llm.engine.allocator.num_free == llm.engine.allocator.num_pages
+    assert llm.engine.page_pool.num_free == llm.engine.page_pool.num_pages

@@ -43,7 +43,7 @@ def test_engine_on_the_compiled_cache_loads_every_bucket(cpu_cache, tiny_models,
         llm = LLM(str(tiny_models["tiny-llama"]), compile_cache_dir=str(cpu_cache), **ENGINE)
     reports = llm.engine.runner.programs.reports
     assert sorted(reports) == [1, 2, 4] and all(b.cache_hit for b in reports.values())
-    assert llm.engine.allocator.num_pages == 24
+    assert llm.engine.page_pool.num_pages == 24
     assert "All 3 buckets came from the compile cache" in caplog.text
     params = llm.get_default_sampling_params().clone(max_tokens=5, temperature=0.0, ignore_eos=True)
     assert len(llm.generate(["hello there"], params)[0].outputs[0].token_ids) == 5

@@ -271,6 +271,10 @@ ERROR_CASES = [
     ("/v1/completions", {"model": "llama", "prompt": "x", "stream_options": {"include_usage": True}}, 400,
      "BadRequestError", "stream_options", "stream=True"),
     ("/v1/completions", {"model": "bert", "prompt": "x"}, 400, "BadRequestError", "model", "does not support"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "priority": 3}, 400, "BadRequestError", None,
+     "Got priority 3 but Priority scheduling is not enabled."),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "cache_salt": ""}, 400, "BadRequestError", "cache_salt",
+     "non-empty"),
     ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "add_generation_prompt": True,
      "continue_final_message": True}, 400, "BadRequestError", None, "Cannot set both"),
     ("/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": [{"type": "bogus"}]}]},
@@ -353,6 +357,23 @@ def test_metrics_parse_and_count(url, client):
     assert after[("jaxserve:compiles_after_warmup_total", "llama")] == 0
 
 
+def test_prefix_cache_counts_hits_and_resets(url, client):
+    prompt = " ".join(["the quick brown fox"] * 12)
+    client.completions.create(model="qwen", prompt=prompt, max_tokens=1, temperature=0)
+    before = _metric_values(url)
+    client.completions.create(model="qwen", prompt=prompt, max_tokens=1, temperature=0)
+    after = _metric_values(url)
+    queries, hits = ("vllm:prefix_cache_queries_total", "qwen"), ("vllm:prefix_cache_hits_total", "qwen")
+    assert after[hits] - before[hits] >= 32 and after[queries] > before[queries]
+    salted = client.completions.create(
+        model="qwen", prompt=prompt, max_tokens=1, temperature=0, extra_body={"cache_salt": "tenant-a"}
+    )
+    assert _metric_values(url)[hits] == after[hits] and salted.choices[0].finish_reason == "length"
+    assert httpx.post(f"{url}/reset_prefix_cache").status_code == 200
+    client.completions.create(model="qwen", prompt=prompt, max_tokens=1, temperature=0)
+    assert _metric_values(url)[hits] == after[hits]
+
+
 def _metric_values(url: str, by_reason: bool = False) -> dict[tuple, float]:
     """Sample values by (name, model); with `by_reason`, only `request_success` by (name, model, reason)."""
     response = httpx.get(f"{url}/metrics")
@@ -403,9 +424,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(url, llms):
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
-        assert engine.allocator.num_free < engine.allocator.num_pages
+        assert engine.page_pool.num_free < engine.page_pool.num_pages
     deadline = time.monotonic() + 20
-    while engine.has_unfinished_requests() or engine.allocator.num_free < engine.allocator.num_pages:
+    while engine.has_unfinished_requests() or engine.page_pool.num_free < engine.page_pool.num_pages:
         assert time.monotonic() < deadline, "the aborted request kept its pages"
         time.sleep(0.02)
 
@@ -418,7 +439,7 @@ def test_a_client_that_disconnects_while_waiting_aborts_a_whole_response(url, ll
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json=body, timeout=0.1)
     deadline = time.monotonic() + 20
-    while engine.has_unfinished_requests() or engine.allocator.num_free < engine.allocator.num_pages:
+    while engine.has_unfinished_requests() or engine.page_pool.num_free < engine.page_pool.num_pages:
         assert time.monotonic() < deadline, "the abandoned request kept running"
         time.sleep(0.02)
     assert _metric_values(url, by_reason=True)[aborted] == before + 1

@@ -56,7 +56,7 @@ def test_requests_the_model_cannot_take(tiny_models, make_llm):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
         assert not engine.has_unfinished_requests()
-    assert engine.allocator.num_free == engine.allocator.num_pages
+    assert engine.page_pool.num_free == engine.page_pool.num_pages
 
 
 def test_max_tokens_is_clamped_to_the_context(tiny_models, make_llm):

@@ -1,0 +1,83 @@
+"""The engine's modes change speed, never tokens: prefix caching on or off gives the same outputs, greedy and
+seeded, on a workload of chats sharing a system prompt, long prompts, n > 1, an abort and preemptions. After
+every run the page pool is whole again and no page is referenced."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxserve import SamplingParams
+
+# about three sequences fit at once: the workload preempts
+SMALL_POOL = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, num_kv_pages=24)
+
+
+def workload(seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
+    rng = np.random.default_rng(seed)
+    system = rng.integers(3, 500, size=37).tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    requests = [(system + rng.integers(3, 500, size=int(n)).tolist(), greedy) for n in rng.integers(2, 20, size=6)]
+    requests += [(rng.integers(3, 500, size=90).tolist(), greedy) for _ in range(2)]
+    requests.append((system + [7, 8, 9], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True)))
+    requests.append((system[:20], SamplingParams(temperature=0.8, top_k=20, seed=11, max_tokens=16, ignore_eos=True)))
+    return requests
+
+
+def run_workload(engine, requests, abort_index: int, abort_after: int = 3) -> dict[str, list[list[int]]]:
+    """Every request's output tokens (per sample), all submitted at once; one is aborted after a few steps."""
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(str(i), prompt, params)
+    results, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                results[output.request_id] = [o.token_ids for o in output.outputs]
+        steps += 1
+        if steps == abort_after:
+            engine.abort_request(str(abort_index))
+    pool = engine.page_pool
+    assert pool.num_free == pool.num_pages and not any(pool.ref_counts)
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    return {rid: tokens for rid, tokens in results.items() if rid != str(abort_index)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefix_caching_does_not_change_outputs(tiny_models, make_llm, seed):
+    requests = workload(seed)
+    plain = make_llm(tiny_models["tiny-llama"], enable_prefix_caching=False, **SMALL_POOL).engine
+    cached = make_llm(tiny_models["tiny-llama"], **SMALL_POOL).engine
+    expected = run_workload(plain, requests, abort_index=3)
+    preemptions, hits = cached.scheduler.num_preemptions, cached.scheduler.prefix_cache_stats.hits
+    assert run_workload(cached, requests, abort_index=3) == expected
+    assert run_workload(cached, requests, abort_index=3) == expected  # again, now mostly from the cache
+    assert cached.scheduler.num_preemptions > preemptions, "the pool was meant to force preemption"
+    assert cached.scheduler.prefix_cache_stats.hits > hits
+    assert len(expected["8"]) == 3
+
+
+def test_a_prefix_hit_computes_only_the_uncached_tokens(tiny_models, make_llm):
+    engine = make_llm(tiny_models["tiny-llama"], **SMALL_POOL).engine
+    engine.reset_prefix_cache()
+    prompt = list(range(10, 60))  # 50 tokens: three full pages of 16
+    params = SamplingParams(temperature=0, max_tokens=1)
+    computed = []
+    schedule = engine.scheduler.schedule
+
+    def counting():
+        plan = schedule()
+        computed.append(plan.num_tokens if plan else 0)
+        return plan
+
+    engine.scheduler.schedule = counting
+    try:
+        run_workload(engine, [(prompt, params)], abort_index=-1)
+        first = sum(computed)
+        stats = engine.stats()
+        computed.clear()
+        run_workload(engine, [(prompt + [5, 6], params)], abort_index=-1)
+    finally:
+        del engine.scheduler.schedule
+    assert first == 50 and sum(computed) == 52 - 48
+    assert engine.stats().prefix_cache_hits - stats.prefix_cache_hits == 48
+    assert engine.stats().prefix_cache_queries - stats.prefix_cache_queries == 52
