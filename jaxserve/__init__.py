@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "AsyncEngine": ".async_engine",
+    "BeamSearchParams": ".beam_search",
     "CompletionOutput": ".outputs",
     "EngineConfig": ".config",
     "LLM": ".llm",
@@ -26,6 +27,7 @@ _EXPORTS = {
 
 __all__ = [
     "AsyncEngine",
+    "BeamSearchParams",
     "CompletionOutput",
     "EngineConfig",
     "LLM",
@@ -41,6 +43,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .async_engine import AsyncEngine
+    from .beam_search import BeamSearchParams
     from .config import EngineConfig
     from .engine import LLMEngine
     from .llm import LLM

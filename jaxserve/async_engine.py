@@ -13,11 +13,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from .beam_search import (
+    BeamSearch,
+    BeamSearchParams,
+    as_request_output,
+    clamped,
+    continuations,
+    search_output,
+    step_params,
+)
 from .engine import LLMEngine
 from .engine_core import EngineCore
 from .errors import EngineDeadError
@@ -72,6 +82,45 @@ class AsyncEngine:
         async for output in self._results(request_id, add):
             yield output
 
+    async def beam_search(
+        self,
+        prompt_token_ids: list[int],
+        params: BeamSearchParams,
+        request_id: str,
+        prompt: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        skip_special_tokens: bool = True,
+    ) -> RequestOutput:
+        """The request's beams as one finished output (a completion per beam, best first). Each round runs
+        every live beam as a one-token request; the beams' shared prefix comes from the prefix cache."""
+        engine = self._engine_for(LLMEngine, "generation")
+        search = BeamSearch(clamped(params, len(prompt_token_ids), engine.max_model_len), engine.eos_token_ids)
+        sampling = step_params(search)
+        for round_index in itertools.count():
+            if search.done:
+                break
+            beams = [
+                self._final(
+                    self.generate(
+                        prompt_token_ids + beam.tokens, sampling, f"{request_id}-beam{round_index}-{k}",
+                        priority=priority, cache_salt=cache_salt,
+                    )
+                )
+                for k, beam in enumerate(search.live)
+            ]  # fmt: skip
+            search.advance([continuations(output) for output in await asyncio.gather(*beams)])
+        output = search_output(prompt_token_ids, search, engine.tokenizer, skip_special_tokens)
+        return as_request_output(request_id, prompt, prompt_token_ids, output)
+
+    @staticmethod
+    async def _final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+        async for output in outputs:
+            if output.finished:
+                return output
+        raise AssertionError("unreachable: a generation request ends with a finished output")
+
     async def encode(
         self,
         prompt_token_ids: list[int],
@@ -95,10 +144,16 @@ class AsyncEngine:
             num_open = len(self._streams)
         return dataclasses.replace(stats, num_requests_waiting=max(0, num_open - stats.num_requests_running))
 
-    def check(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams, priority: int = 0) -> None:
-        """Raise now (ValueError) what `generate` or `encode` would raise for this request, before any
-        streaming starts or other inputs of the same HTTP request are sent."""
-        if isinstance(params, PoolingParams):
+    def check(
+        self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams | BeamSearchParams, priority: int = 0
+    ) -> None:
+        """Raise now (ValueError) what `generate`, `beam_search` or `encode` would raise for this request, before
+        any streaming starts or other inputs of the same HTTP request are sent."""
+        if isinstance(params, BeamSearchParams):
+            engine = self._engine_for(LLMEngine, "generation")
+            search = BeamSearch(params, engine.eos_token_ids)
+            engine.validate(prompt_token_ids, step_params(search).clone(max_tokens=params.max_tokens), priority)
+        elif isinstance(params, PoolingParams):
             self._engine_for(PoolingEngine, "pooling").resolve(len(prompt_token_ids), params)
         else:
             self._engine_for(LLMEngine, "generation").validate(prompt_token_ids, params, priority)

@@ -23,7 +23,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for field in engine_flags():
         options = dict(field.metadata)
         kind = hints[field.name]
-        if kind is bool:
+        if kind is bool or bool in typing.get_args(kind):
             options["action"] = argparse.BooleanOptionalAction
         elif "type" not in options and "choices" not in options:
             base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))

@@ -102,6 +102,11 @@ class EngineConfig:
         "preempting the lowest priority first (default fcfs)",
         choices=["fcfs", "priority"],
     )
+    async_scheduling: bool | None = flag(
+        None,
+        "plan and dispatch each step before the previous step's tokens reach the host, so that the device never "
+        "waits for the host (default: on for GPU and TPU, off on CPU)",
+    )
     max_logprobs: int = flag(20, "most logprobs a request may ask for (default 20)")
     generation_config: str = flag(
         "auto", "'auto' reads the model's generation_config.json, 'vllm' ignores it, or a folder"
@@ -157,6 +162,9 @@ class EngineConfig:
     @property
     def on_cpu(self) -> bool:
         return self.platform == "cpu"
+
+    def resolved_async_scheduling(self) -> bool:
+        return not self.on_cpu if self.async_scheduling is None else self.async_scheduling
 
     def resolved_dtype(self):
         if self.dtype == "auto":

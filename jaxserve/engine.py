@@ -1,7 +1,10 @@
 """The synchronous engine core: requests in, one ragged step at a time, outputs out.
 
-    add_request() ─ validate ─ Sequences ─► Scheduler.schedule() ─► fill_step() ─► ModelRunner.execute()
-    step() returns RequestOutputs ◄─ RequestState (detokenize, stops, logprobs) ◄─ Scheduler.commit()
+    add_request() ─ validate ─ Sequences ─► Scheduler.schedule() ─► ModelRunner.prepare() ─► dispatch()
+    step() returns RequestOutputs ◄─ RequestState (detokenize, stops, logprobs) ◄─ ModelRunner.fetch()
+
+Under async scheduling (`--async-scheduling`) a step is dispatched before the previous step's results are
+read: the host plans and prepares step N + 1 and processes step N's tokens while the device runs N + 1.
 
 `LLM` drives it directly; `AsyncEngine` drives it from a background thread.
 """
@@ -27,17 +30,26 @@ from .kv_pages import PagePool
 from .models.registry import create_causal_lm
 from .output_processor import RequestState, RowResult
 from .outputs import RequestOutput
-from .runner import ModelRunner, RunnerShape, fill_step
-from .sampler import NUM_BIAS_SLOTS
+from .runner import ModelRunner, RunnerShape, StepRows
+from .sampler import NUM_BIAS_SLOTS, SampleOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Sequence
+from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .sequence import Sequence, SequenceStatus
 from .stats import EngineStats
 from .targets import Target
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION_RESERVE_FRACTION = 0.1  # of free device memory, kept for the step's activations
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose results have not been read."""
+
+    plan: StepPlan
+    rows: StepRows
+    out: SampleOutput
 
 
 class LLMEngine(EngineCore):
@@ -89,6 +101,8 @@ class LLMEngine(EngineCore):
         )
         self._requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
+        self.async_scheduling = config.resolved_async_scheduling()
+        self._in_flight: _InFlight | None = None
         logger.info(
             "Engine ready: %s, %s, max_model_len %d, %d KV pages of %d tokens, load %.1f s, compile %.1f s",
             self.model_folder,
@@ -195,6 +209,11 @@ class LLMEngine(EngineCore):
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every token that ends a sequence unless `ignore_eos`: the tokenizer's EOS and generation_config's."""
+        return ([self.eos_token_id] if self.eos_token_id is not None else []) + self.extra_eos_token_ids
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached page (`POST /reset_prefix_cache`); running requests keep theirs."""
         self.scheduler.reset_prefix_cache()
@@ -215,21 +234,33 @@ class LLMEngine(EngineCore):
     # --- the step ---------------------------------------------------------------------------------------
 
     def _step(self) -> list[RequestOutput]:
+        """Schedule, prepare and dispatch a step; then read back and process a step's results: this one's
+        (synchronous), or under async scheduling the previous one's, while this one runs on the device."""
         plan = self.scheduler.schedule()
-        if plan is None:
-            return []
-        rung = self.runner.programs.rung_for(plan.num_tokens)
-        inputs, rows = fill_step(plan, self.runner.shape, self._step_biases(plan), rung)
-        out = self.runner.execute(inputs)
-        self.scheduler.commit(plan)
+        dispatched = None
+        if plan is not None:
+            inputs, rows = self.runner.prepare(plan, self._step_biases(plan))
+            dispatched = _InFlight(plan, rows, self.runner.dispatch(inputs))
+            self.scheduler.commit(plan)
+        if not self.async_scheduling:
+            return self._process(dispatched) if dispatched else []
+        previous, self._in_flight = self._in_flight, dispatched
+        return self._process(previous) if previous else []
+
+    def _process(self, step: _InFlight) -> list[RequestOutput]:
+        """A step's sampled tokens into its sequences and their requests' outputs. A sequence that finished
+        (or was aborted) since the step was dispatched discards its token."""
+        out = self.runner.fetch(step.out)
+        tokens, logprobs, ranks = out.tokens.tolist(), out.logprobs.tolist(), out.ranks.tolist()
+        chunks = step.plan.chunks
         touched: dict[str, RequestState] = {}
-        for r, row in enumerate(rows):
-            seq = plan.chunks[row.chunk_index].seq
+        for r, (chunk_index, is_sample) in enumerate(zip(step.rows.chunk_index.tolist(), step.rows.is_sample.tolist())):
+            seq = chunks[chunk_index].seq
+            if seq.status is SequenceStatus.FINISHED:
+                continue
             state = self._requests[seq.request_id]
-            result = RowResult(
-                int(out.tokens[r]), float(out.logprobs[r]), int(out.ranks[r]), out.top_ids[r], out.top_logprobs[r]
-            )
-            if not row.is_sample:
+            result = RowResult(tokens[r], logprobs[r], ranks[r], out.top_ids[r], out.top_logprobs[r])
+            if not is_sample:
                 state.add_prompt_logprob(result)
                 continue
             seq.token_ids.append(result.token)

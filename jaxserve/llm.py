@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, clamped, run_beam_searches, search_output
 from .config import EngineConfig
 from .engine import LLMEngine
 from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL, load_hf_config, resolve_model
@@ -81,11 +82,15 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt; outputs come back in prompt order."""
+        """Generate for each prompt; outputs come back in prompt order. `priority` (one per prompt) orders them
+        under `scheduling_policy="priority"`. A prompt dict may carry a `cache_salt`."""
         self._generator("generate")
-        items = [self._tokenize(p) for p in _as_prompt_list(prompts)]
-        return self._run(items, sampling_params, use_tqdm)
+        prompt_list = _as_prompt_list(prompts)
+        items = [self._tokenize(p) for p in prompt_list]
+        salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompt_list]
+        return self._run(items, sampling_params, use_tqdm, priority, salts)
 
     def chat(
         self,
@@ -128,7 +133,7 @@ class LLM:
             return self._tokenize(prompt["prompt"])
         return None, list(prompt)
 
-    def _run(self, items, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, items, sampling_params, use_tqdm: bool, priority=None, salts=None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = (
@@ -136,14 +141,19 @@ class LLM:
         )
         if len(params_list) != len(items):
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
-        for (_, ids), params in zip(items, params_list):
-            self.engine.validate(ids, params)
+        priority = [0] * len(items) if priority is None else list(priority)
+        if len(priority) != len(items):
+            raise ValueError("The lengths of prompts and priority must be the same.")
+        salts = salts or [None] * len(items)
+        for (_, ids), params, rank in zip(items, params_list, priority):
+            self.engine.validate(ids, params, rank)
 
         order = {}
-        for (text, ids), params in zip(items, params_list):
+        for (text, ids), params, rank, salt in zip(items, params_list, priority, salts):
             request_id = str(next(self._request_ids))
             order[request_id] = len(order)
-            self.engine.add_request(request_id, ids, params.clone(output_kind=RequestOutputKind.FINAL_ONLY), text)
+            final = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            self.engine.add_request(request_id, ids, final, text, rank, salt)
         results: list[RequestOutput | None] = [None] * len(items)
         with tqdm(total=len(items), desc="Generating", unit="prompt", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
@@ -151,6 +161,21 @@ class LLM:
                     results[order[output.request_id]] = output
                     bar.update()
         return results
+
+    def beam_search(
+        self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams, *, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (vLLM's `LLM.beam_search`): `params.beam_width` sequences per prompt,
+        best first, ranked as HF transformers' `generate(num_beams=...)` ranks them."""
+        engine = self._generator("beam_search")
+        items = [self._tokenize(p) for p in _as_prompt_list(prompts)]
+        searches = [
+            (ids, BeamSearch(clamped(params, len(ids), engine.max_model_len), engine.eos_token_ids)) for _, ids in items
+        ]
+        run_beam_searches(
+            searches, lambda requests, sampling: self._run([(None, r) for r in requests], sampling, use_tqdm)
+        )
+        return [search_output(ids, search, engine.tokenizer) for ids, search in searches]
 
     # --- pooling ----------------------------------------------------------------------------------------
 

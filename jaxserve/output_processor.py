@@ -109,9 +109,10 @@ class RequestState:
             out.logprobs.append(self._logprob_entry(result, params.logprobs))
             out.cumulative_logprob += result.logprob
 
-        if seq.num_tokens >= self.max_model_len or seq.num_output_tokens >= seq.max_tokens:
+        num_outputs = len(seq.token_ids) - seq.num_prompt_tokens  # those the host has: the next step's is pending
+        if len(seq.token_ids) >= self.max_model_len or num_outputs >= seq.max_tokens:
             out.finish_reason = "length"
-        elif seq.num_output_tokens >= params.min_tokens:
+        elif num_outputs >= params.min_tokens:
             if not params.ignore_eos and token == self.eos_token_id:
                 out.finish_reason = "stop"
             elif token in params.stop_token_ids:
@@ -120,7 +121,7 @@ class RequestState:
         if out.finish_reason != "stop" or params.include_stop_str_in_output:
             new_text = out.detokenizer.step(token)
             out.text += new_text
-            if params.stop and seq.num_output_tokens > params.min_tokens:
+            if params.stop and num_outputs > params.min_tokens:
                 match = check_stop_strings(out.text, len(new_text), params.stop, params.include_stop_str_in_output)
                 if match is not None:
                     stop, cut = match
@@ -143,7 +144,7 @@ class RequestState:
         completions = []
         for out in self.outputs:
             visible = out.visible_chars()
-            num_tokens = out.seq.num_output_tokens
+            num_tokens = len(out.seq.token_ids) - out.seq.num_prompt_tokens
             changed = num_tokens > out.sent_tokens or visible > out.sent_chars or (out.finished and not out.final_sent)
             if delta and not changed:
                 continue

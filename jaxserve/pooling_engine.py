@@ -1,4 +1,4 @@
-"""The pooling engine: embedding, classification, scoring and reward models (DESIGN.md §2, pooling).
+"""The pooling engine: embedding, classification, scoring and reward models (docs/architecture.md §2, pooling).
 
 Requests are whole sequences: each step packs waiting sequences back to back into one token-budget batch
 (no KV cache, no padding between them), padded only at the end to a bucket rung. The model, its poolers and

@@ -1,6 +1,9 @@
-"""The model runner: turns a `StepPlan` into fixed-shape host arrays, runs the compiled step for its bucket,
-and copies the sampled rows back (the step's one device-to-host transfer). The KV pages and the token
-histories are donated to each step and live on the device.
+"""The model runner: turns a `StepPlan` into fixed-shape host arrays, dispatches the compiled step for its
+bucket without waiting for it, and copies the sampled rows back when asked (the step's one device-to-host
+transfer, started as soon as the step is dispatched). The KV pages, the token histories and each sequence
+slot's last sampled token are donated to each step and live on the device: a decode token sampled by one step
+is read there by the next (`StepInputs.from_last`), so a step can be dispatched before the previous one's
+tokens reach the host.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .scheduler import StepPlan
 class DeviceState:
     kv_pages: list[jax.Array]  # one [num_pages, page_size, 2 * Hkv, D] array per layer
     history: TokenHistory
+    last_tokens: jax.Array  # [num_slots] int32, the token each sequence slot sampled last
 
 
 @jax.tree_util.register_dataclass
@@ -32,6 +36,7 @@ class DeviceState:
 class StepInputs:
     batch: RaggedBatch
     token_slots: jax.Array  # [T] sequence slot of each token (num_slots for padding)
+    from_last: jax.Array  # [T] bool, the token is its slot's last sampled one (not yet on the host)
     is_output: jax.Array  # [T] bool, the token was generated (vs. prompt)
     reset_slots: jax.Array  # [S] slots of sequences starting at position 0 (num_slots otherwise)
     logits_indices: jax.Array  # [R] which token rows produce logits
@@ -68,6 +73,7 @@ def empty_inputs(shape: RunnerShape, num_tokens: int) -> StepInputs:
             num_seqs=np.zeros(1, np.int32),
         ),
         token_slots=np.full(t, slots_oob, np.int32),
+        from_last=np.zeros(t, np.bool_),
         is_output=np.zeros(t, np.bool_),
         reset_slots=np.full(s, slots_oob, np.int32),
         logits_indices=np.zeros(s, np.int32),
@@ -76,67 +82,118 @@ def empty_inputs(shape: RunnerShape, num_tokens: int) -> StepInputs:
 
 
 @dataclasses.dataclass
-class RowInfo:
-    """What the engine needs to read back a logits row: whose it is and whether it sampled."""
+class StepRows:
+    """Whose each logits row of a step is: the plan's chunk, the position whose next token it scores, and
+    whether it sampled (otherwise it scored a prompt token for prompt logprobs)."""
 
-    chunk_index: int
-    position: int  # the token position whose next-token distribution the row holds
-    is_sample: bool
+    chunk_index: np.ndarray  # [R] int
+    position: np.ndarray  # [R] int
+    is_sample: np.ndarray  # [R] bool
 
 
-def fill_step(
-    plan: StepPlan, shape: RunnerShape, bias: dict[int, list[tuple[int, float]]], rung: int
-) -> tuple[StepInputs, list[RowInfo]]:
-    """Host arrays for a plan, padded to the bucket `rung`. `bias` maps seq_id → (token, value) pairs for this
-    step."""
-    inputs = empty_inputs(shape, rung)
+# the per-row sampling fields that come from SamplingParams, in SamplingParams.row order
+_ROW_FIELDS = (
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "wants_logprobs",
+)  # fmt: skip
+
+
+def fill_step(plan: StepPlan, bias: dict[int, list[tuple[int, float]]], inputs: StepInputs) -> StepRows:
+    """Write a plan into a bucket's staging buffers (all padding on entry). `bias` maps seq_id → (token, value)
+    pairs for this step. Tokens the host does not have yet (sampled by a step still in flight) are read on the
+    device from their slot's last sampled token."""
     b, smp = inputs.batch, inputs.sampling
-    rows: list[RowInfo] = []
-    offset = 0
-    for i, chunk in enumerate(plan.chunks):
+    chunks = plan.chunks
+    n = len(chunks)
+    token_ids: list[int] = []
+    starts, lengths, slots, num_prompt = [], [], [], []
+    row_chunk, row_position, row_sample = [], [], []
+    for i, chunk in enumerate(chunks):
         seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.length
-        tokens = slice(offset, offset + chunk.length)
-        b.token_ids[tokens] = seq.token_ids[start:end]
-        b.positions[tokens] = np.arange(start, end)
-        inputs.token_slots[tokens] = seq.slot
-        inputs.is_output[tokens] = b.positions[tokens] >= seq.num_prompt_tokens
-        b.kv_lens[i] = end
+        token_ids += seq.token_ids[start:end]
+        token_ids += [0] * (end - len(seq.token_ids)) if end > len(seq.token_ids) else []
+        starts.append(start)
+        lengths.append(chunk.length)
+        slots.append(seq.slot)
+        num_prompt.append(seq.num_prompt_tokens)
         b.block_table[i, : len(seq.pages)] = seq.pages
-        b.cu_q_lens[i + 1] = offset + chunk.length
-        if start == 0:
-            inputs.reset_slots[i] = seq.slot
-        positions = list(chunk.prompt_logprob_positions) + ([end - 1] if chunk.sample else [])
-        for position in positions:
-            r = len(rows)
-            rows.append(RowInfo(i, position, is_sample=position == end - 1 and chunk.sample))
-            inputs.logits_indices[r] = offset + position - start
-            _fill_row(smp, r, seq, rows[-1], bias.get(seq.seq_id, ()))
-        offset += chunk.length
-    b.cu_q_lens[len(plan.chunks) + 1 :] = offset
-    b.num_seqs[0] = len(plan.chunks)
-    return inputs, rows
+        if chunk.prompt_logprob_positions:
+            row_position += chunk.prompt_logprob_positions
+            row_chunk += [i] * len(chunk.prompt_logprob_positions)
+            row_sample += [False] * len(chunk.prompt_logprob_positions)
+        if chunk.sample:
+            row_position.append(end - 1)
+            row_chunk.append(i)
+            row_sample.append(True)
+    lengths_np = np.asarray(lengths, np.int32)
+    starts_np = np.asarray(starts, np.int32)
+    ends = starts_np + lengths_np
+    cu = np.cumsum(lengths_np, dtype=np.int32)
+    num_tokens = int(cu[-1])
+    first = np.repeat(cu - lengths_np, lengths_np)
+    positions = np.repeat(starts_np, lengths_np) + np.arange(num_tokens, dtype=np.int32) - first
+    token_slots = np.repeat(np.asarray(slots, np.int32), lengths_np)
+    b.token_ids[:num_tokens] = token_ids
+    b.positions[:num_tokens] = positions
+    inputs.token_slots[:num_tokens] = token_slots
+    inputs.is_output[:num_tokens] = positions >= np.repeat(np.asarray(num_prompt, np.int32), lengths_np)
+    known = np.repeat(np.asarray([len(c.seq.token_ids) for c in chunks], np.int32), lengths_np)
+    inputs.from_last[:num_tokens] = positions >= known
+    b.kv_lens[:n] = ends
+    b.cu_q_lens[1 : n + 1] = cu
+    b.cu_q_lens[n + 1 :] = num_tokens
+    b.num_seqs[0] = n
+    fresh = starts_np == 0
+    inputs.reset_slots[:n][fresh] = np.asarray(slots, np.int32)[fresh]
+
+    rows = StepRows(np.asarray(row_chunk, np.int64), np.asarray(row_position, np.int64), np.asarray(row_sample))
+    num_rows = len(row_chunk)
+    if not num_rows:
+        return rows
+    row_chunk_np = rows.chunk_index
+    inputs.logits_indices[:num_rows] = (cu - lengths_np)[row_chunk_np] + rows.position - starts_np[row_chunk_np]
+    smp.slots[:num_rows] = np.asarray(slots, np.int32)[row_chunk_np]
+    sample_rows = np.flatnonzero(rows.is_sample)
+    seqs = [chunks[i].seq for i in row_chunk_np[sample_rows]]
+    if seqs:
+        values = np.asarray([seq.params.row for seq in seqs], np.float64)
+        for column, name in enumerate(_ROW_FIELDS):
+            getattr(smp, name)[sample_rows] = values[:, column]
+        smp.seeds[sample_rows] = [seq.seed for seq in seqs]
+        smp.output_index[sample_rows] = [seq.num_output_tokens for seq in seqs]
+        for r, seq in zip(sample_rows, seqs):
+            for j, (token, value) in enumerate(bias.get(seq.seq_id, ())):
+                smp.bias_ids[r, j] = token
+                smp.bias_values[r, j] = value
+    scored = np.flatnonzero(~rows.is_sample)
+    if len(scored):
+        smp.wants_logprobs[scored] = True
+        smp.targets[scored] = [
+            chunks[c].seq.token_ids[p + 1] for c, p in zip(row_chunk_np[scored], rows.position[scored])
+        ]
+    return rows
 
 
-def _fill_row(smp: SamplingBatch, r: int, seq, row: RowInfo, bias) -> None:
-    p = seq.params
-    smp.slots[r] = seq.slot
-    if not row.is_sample:
-        smp.targets[r] = seq.token_ids[row.position + 1]
-        smp.wants_logprobs[r] = True
-        return
-    smp.temperature[r] = 0.0 if p.greedy else p.temperature
-    smp.top_k[r] = p.top_k
-    smp.top_p[r] = p.top_p
-    smp.min_p[r] = p.min_p
-    smp.repetition_penalty[r] = p.repetition_penalty
-    smp.presence_penalty[r] = p.presence_penalty
-    smp.frequency_penalty[r] = p.frequency_penalty
-    smp.seeds[r] = seq.seed
-    smp.output_index[r] = seq.num_output_tokens
-    smp.wants_logprobs[r] = p.logprobs is not None
-    for j, (token, value) in enumerate(bias):
-        smp.bias_ids[r, j] = token
-        smp.bias_values[r, j] = value
+class StagingBuffers:
+    """Host input buffers, two per bucket, allocated once: a step fills the pair's other half while the step
+    before may still read its own (the device may read host memory in place)."""
+
+    def __init__(self, shape: RunnerShape):
+        self.shape = shape
+        self._padding: dict[int, list[np.ndarray]] = {}
+        self._buffers: dict[int, list[StepInputs]] = {}
+        self._turn = 0
+
+    def take(self, rung: int) -> StepInputs:
+        """The next buffer of the bucket, reset to padding."""
+        if rung not in self._buffers:
+            self._padding[rung] = jax.tree.leaves(empty_inputs(self.shape, rung))
+            self._buffers[rung] = [empty_inputs(self.shape, rung) for _ in range(2)]
+        self._turn ^= 1
+        inputs = self._buffers[rung][self._turn]
+        for buffer, padding in zip(jax.tree.leaves(inputs), self._padding[rung]):
+            np.copyto(buffer, padding)
+        return inputs
 
 
 class ModelRunner:
@@ -161,6 +218,7 @@ class ModelRunner:
             return DeviceState(
                 kv_pages=[jnp.zeros(page_shape, kv_dtype) for _ in range(num_layers)],
                 history=TokenHistory.zeros(shape.max_num_seqs, shape.vocab_size),
+                last_tokens=jnp.zeros(shape.max_num_seqs, jnp.int32),
             )
 
         self.state = jax.eval_shape(initial_state) if compile_only else initial_state()
@@ -170,14 +228,21 @@ class ModelRunner:
             "generation",
             keep_going=compile_only,
         )
+        self.staging = StagingBuffers(shape)
 
     def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
         model = nnx.merge(self.graphdef, params)
-        hidden, kv_pages = model(inputs.batch, state.kv_pages)
-        history = state.history.update(inputs.batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots)
+        num_slots = self.shape.max_num_seqs
+        last = state.last_tokens[jnp.minimum(inputs.token_slots, num_slots - 1)]
+        batch = dataclasses.replace(inputs.batch, token_ids=jnp.where(inputs.from_last, last, inputs.batch.token_ids))
+        hidden, kv_pages = model(batch, state.kv_pages)
+        history = state.history.update(batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots)
         logits = model.logits(hidden[inputs.logits_indices])
-        out = sample(logits, inputs.sampling, history, self.shape.num_top_logprobs)
-        return DeviceState(kv_pages, history), out
+        smp = inputs.sampling
+        out = sample(logits, smp, history, self.shape.num_top_logprobs)
+        sampled_slots = jnp.where(smp.targets < 0, smp.slots, num_slots)  # prompt-logprob rows sample nothing
+        last_tokens = state.last_tokens.at[sampled_slots].set(out.tokens, mode="drop")
+        return DeviceState(kv_pages, history, last_tokens), out
 
     def warm_up(self, strict: bool = True, progress: bool = True) -> float:
         """Compile the buckets ahead of time (with strict=False, the rest in the background: compiled.py);
@@ -187,6 +252,19 @@ class ModelRunner:
             lambda t: abstract((self.params, self.state, empty_inputs(self.shape, t))), first, progress
         )
 
-    def execute(self, inputs: StepInputs) -> SampleOutput:
+    def prepare(self, plan: StepPlan, bias: dict[int, list[tuple[int, float]]]) -> tuple[StepInputs, StepRows]:
+        """The plan in the staging buffers of its bucket."""
+        inputs = self.staging.take(self.programs.rung_for(plan.num_tokens))
+        return inputs, fill_step(plan, bias, inputs)
+
+    def dispatch(self, inputs: StepInputs) -> SampleOutput:
+        """Start the step and the copy of its sampled rows to the host; returns without waiting for either."""
         self.state, out = self.programs(inputs.batch.token_ids.shape[0], self.params, self.state, inputs)
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()
+        return out
+
+    @staticmethod
+    def fetch(out: SampleOutput) -> SampleOutput:
+        """The sampled rows on the host (waits for the step)."""
         return jax.device_get(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 
 GREEDY_EPS = 1e-5  # temperatures below this sample greedily
@@ -64,6 +65,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @functools.cached_property
+    def row(self) -> tuple[float, ...]:
+        """This request's fields of a sampling row (`runner.fill_step`): temperature (0: greedy), top_k, top_p,
+        min_p, the three penalties, and whether it wants logprobs."""
+        return (
+            0.0 if self.greedy else self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+            self.presence_penalty, self.frequency_penalty, float(self.logprobs is not None),
+        )  # fmt: skip
 
     @property
     def stop_holdback(self) -> int:

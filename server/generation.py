@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from jaxserve.beam_search import BeamSearchParams
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -32,7 +33,6 @@ OPENAI_DEFAULTS = {
     "frequency_penalty": 0.0,
 }
 UNSUPPORTED = {
-    "use_beam_search": "Beam search",
     "allowed_token_ids": "allowed_token_ids",
     "bad_words": "bad_words",
     "structured_outputs": "Structured outputs",
@@ -51,8 +51,9 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
-) -> SamplingParams:
-    """The engine's parameters for a request; raises APIError/ValueError (400) on what vLLM rejects."""
+) -> SamplingParams | BeamSearchParams:
+    """The engine's parameters for a request (beam search's with `use_beam_search`); raises APIError/ValueError
+    (400) on what vLLM rejects."""
     for field, what in UNSUPPORTED.items():
         if getattr(request, field):
             raise APIError(f"{what} is not supported by jaxserve.", param=field)
@@ -62,6 +63,8 @@ def sampling_params(
         raise APIError("Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
     if request.stream_options is not None and not request.stream:
         raise APIError("Stream options can only be defined when `stream=True`.", param="stream_options")
+    if request.use_beam_search:
+        return _beam_search_params(request, model, max_tokens, logprobs, prompt_logprobs)
     defaults = model.sampling_defaults
     values = {
         key: getattr(request, key) if getattr(request, key) is not None else defaults.get(key, default)
@@ -93,6 +96,22 @@ def sampling_params(
     )
 
 
+def _beam_search_params(
+    request: GenerationRequest, model: ServedModel, max_tokens: int | None, logprobs: int | None, prompt_logprobs
+) -> BeamSearchParams:
+    """`n` beams; without max_tokens, as many as the context leaves (the engine cuts it to that)."""
+    if logprobs is not None or prompt_logprobs is not None or request.prompt_logprobs is not None:
+        raise APIError("logprobs are not supported with beam search by jaxserve.", param="logprobs")
+    return BeamSearchParams(
+        beam_width=request.n,
+        max_tokens=max_tokens or model.max_model_len,
+        ignore_eos=request.ignore_eos,
+        length_penalty=request.length_penalty,
+        early_stopping=request.early_stopping,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+    )
+
+
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     if not bias:
         return None
@@ -117,7 +136,11 @@ def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: i
 
 
 async def generate_all(
-    model: ServedModel, prompts: list[Prompt], params: SamplingParams, request: GenerationRequest, ctx: RequestContext
+    model: ServedModel,
+    prompts: list[Prompt],
+    params: SamplingParams | BeamSearchParams,
+    request: GenerationRequest,
+    ctx: RequestContext,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every prompt as its own engine request; yields (prompt index, delta output) as they arrive. Closing the
     iterator early (a client that went away) aborts whatever still runs."""
@@ -129,14 +152,11 @@ async def generate_all(
         finish_reason = "abort"
         try:
             engine_id = ctx.engine_id if len(prompts) == 1 else f"{ctx.engine_id}-{index}"
-            outputs = model.engine.generate(
-                prompt.token_ids,
-                params,
-                engine_id,
-                prompt.text,
-                priority=request.priority,
-                cache_salt=request.cache_salt,
-            )
+            options = {"priority": request.priority, "cache_salt": request.cache_salt}
+            if isinstance(params, BeamSearchParams):
+                outputs = _one(model.engine.beam_search(prompt.token_ids, params, engine_id, prompt.text, **options))
+            else:
+                outputs = model.engine.generate(prompt.token_ids, params, engine_id, prompt.text, **options)
             async for output in outputs:
                 recorder.tokens_generated(sum(len(c.token_ids) for c in output.outputs))
                 if output.finished:
@@ -164,6 +184,10 @@ async def generate_all(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _one(output: Awaitable[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield await output
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

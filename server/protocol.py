@@ -58,6 +58,8 @@ class GenerationRequest(RequestBody):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     request_id: str | None = None

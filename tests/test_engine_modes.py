@@ -1,5 +1,5 @@
-"""The engine's modes change speed, never tokens: prefix caching on or off gives the same outputs, greedy and
-seeded, on a workload of chats sharing a system prompt, long prompts, n > 1, an abort and preemptions. After
+"""The engine's modes change speed, never tokens: prefix caching and async scheduling, each on or off, give the
+same outputs, greedy and seeded, on a workload of chats sharing a system prompt, long prompts, n > 1, an abort and preemptions. After
 every run the page pool is whole again and no page is referenced."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from jaxserve import SamplingParams
 
 # about three sequences fit at once: the workload preempts
-SMALL_POOL = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, num_kv_pages=24)
+SMALL_POOL = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, num_kv_pages=16)
 
 
 def workload(seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
@@ -43,21 +43,24 @@ def run_workload(engine, requests, abort_index: int, abort_after: int = 3) -> di
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_prefix_caching_does_not_change_outputs(tiny_models, make_llm, seed):
+def test_prefix_caching_and_async_scheduling_do_not_change_outputs(tiny_models, make_llm, seed):
     requests = workload(seed)
-    plain = make_llm(tiny_models["tiny-llama"], enable_prefix_caching=False, **SMALL_POOL).engine
-    cached = make_llm(tiny_models["tiny-llama"], **SMALL_POOL).engine
-    expected = run_workload(plain, requests, abort_index=3)
-    preemptions, hits = cached.scheduler.num_preemptions, cached.scheduler.prefix_cache_stats.hits
-    assert run_workload(cached, requests, abort_index=3) == expected
-    assert run_workload(cached, requests, abort_index=3) == expected  # again, now mostly from the cache
-    assert cached.scheduler.num_preemptions > preemptions, "the pool was meant to force preemption"
-    assert cached.scheduler.prefix_cache_stats.hits > hits
+    plain = make_llm(tiny_models["tiny-llama"], enable_prefix_caching=False, async_scheduling=False, **SMALL_POOL)
+    expected = run_workload(plain.engine, requests, abort_index=3)
     assert len(expected["8"]) == 3
+    for caching, overlap in ((True, False), (False, True), (True, True)):
+        engine = make_llm(
+            tiny_models["tiny-llama"], enable_prefix_caching=caching, async_scheduling=overlap, **SMALL_POOL
+        ).engine
+        preemptions, hits = engine.scheduler.num_preemptions, engine.scheduler.prefix_cache_stats.hits
+        assert run_workload(engine, requests, abort_index=3) == expected, (caching, overlap)
+        assert run_workload(engine, requests, abort_index=3) == expected, (caching, overlap)  # now from the cache
+        assert engine.scheduler.num_preemptions > preemptions, "the pool was meant to force preemption"
+        assert (engine.scheduler.prefix_cache_stats.hits > hits) == caching
 
 
 def test_a_prefix_hit_computes_only_the_uncached_tokens(tiny_models, make_llm):
-    engine = make_llm(tiny_models["tiny-llama"], **SMALL_POOL).engine
+    engine = make_llm(tiny_models["tiny-llama"], enable_prefix_caching=True, async_scheduling=True, **SMALL_POOL).engine
     engine.reset_prefix_cache()
     prompt = list(range(10, 60))  # 50 tokens: three full pages of 16
     params = SamplingParams(temperature=0, max_tokens=1)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jaxserve import AsyncEngine, SamplingParams
+from jaxserve import AsyncEngine, BeamSearchParams, SamplingParams
 from jaxserve.server.launch import background_server
 from jaxserve.server.served_models import ServedModel
 from jaxserve.server.settings import ServerSettings
@@ -34,7 +35,7 @@ def llms(tiny_models, llm_cache):
 
 
 @pytest.fixture(scope="module")
-def offline(llms) -> dict[str, str]:
+def offline(llms) -> dict[str, Any]:
     """Texts generated offline, before any AsyncEngine runs: an engine must not be stepped from two threads."""
 
     def greedy(key: str, prompt: str, max_tokens: int, defaults: bool = True) -> str:
@@ -47,6 +48,9 @@ def offline(llms) -> dict[str, str]:
         "llama/0/no-penalty": greedy("llama", PROMPTS[0], 12, defaults=False),
         "llama/4": greedy("llama", PROMPTS[4], 8),
         "qwen/4": greedy("qwen", PROMPTS[4], 8),
+        "llama/4/beams": [
+            seq.text for seq in llms["llama"].beam_search(PROMPTS[4], BeamSearchParams(3, 6))[0].sequences
+        ],
     }
 
 
@@ -89,7 +93,7 @@ def test_completion_stream_equals_whole_and_usage_adds_up(client, llms, offline)
         model="llama", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
     )
     choice = whole.choices[0]
-    # generation_config.json's repetition_penalty (1.1) applies to requests that don't set one (contract §3.4)
+    # generation_config.json's repetition_penalty (1.1) applies to requests that don't set one (docs/architecture.md §7)
     assert llms["llama"].get_default_sampling_params().repetition_penalty == 1.1
     assert choice.text == offline["llama/0"]
     plain = client.completions.create(
@@ -212,6 +216,22 @@ def test_n_seed_and_stop(client):
     assert cut.choices[0].text == text[: text.index(stop)]
 
 
+def test_beam_search_over_http_equals_offline(client, offline):
+    kwargs = dict(model="llama", prompt=PROMPTS[4], max_tokens=6, n=3, extra_body={"use_beam_search": True})
+    whole = client.completions.create(**kwargs)
+    assert [c.text for c in whole.choices] == offline["llama/4/beams"]
+    assert whole.usage.completion_tokens > 0
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == offline["llama/4/beams"]
+    chat = client.chat.completions.create(
+        model="llama", messages=CHAT, max_tokens=4, n=2, extra_body={"use_beam_search": True, "length_penalty": 0.0}
+    )
+    assert len(chat.choices) == 2 and all(c.message.content is not None for c in chat.choices)
+
+
 def test_several_prompts_in_one_completion(client):
     result = client.completions.create(model="llama", prompt=PROMPTS[:3], max_tokens=4, temperature=0)
     assert [c.index for c in result.choices] == [0, 1, 2]
@@ -273,6 +293,8 @@ ERROR_CASES = [
     ("/v1/completions", {"model": "bert", "prompt": "x"}, 400, "BadRequestError", "model", "does not support"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "priority": 3}, 400, "BadRequestError", None,
      "Got priority 3 but Priority scheduling is not enabled."),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "use_beam_search": True, "logprobs": 1}, 400,
+     "BadRequestError", "logprobs", "beam search"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "cache_salt": ""}, 400, "BadRequestError", "cache_salt",
      "non-empty"),
     ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "add_generation_prompt": True,
