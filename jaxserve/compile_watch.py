@@ -3,7 +3,8 @@ warm-up is seen (tests fail on it; the server exports it as a metric).
 
 JAX reports both through `jax.monitoring`, synchronously in the thread that compiles. A watch counts only
 events raised inside `watching()` on that same thread, so other engines warming up elsewhere in the process
-are not counted. The listener holds the watch weakly; `close()` removes it."""
+are not counted. The listener, registered on the first `watching()`, holds the watch weakly; `close()` (at the
+engine's shutdown) removes it."""
 
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ class CompileWatch:
                 watch.count += 1
 
         self._listener = listener
-        jax.monitoring.register_event_duration_secs_listener(listener)
+        self._registered = False
 
     @contextlib.contextmanager
     def watching(self):
+        if not self._registered:
+            jax.monitoring.register_event_duration_secs_listener(self._listener)
+            self._registered = True
         self._watched_thread = threading.get_ident()
         try:
             yield
@@ -39,4 +43,7 @@ class CompileWatch:
             self._watched_thread = None
 
     def close(self) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listener)
+        """Stop listening (a later `watching()` listens again)."""
+        if self._registered:
+            jax.monitoring.unregister_event_duration_listener(self._listener)
+            self._registered = False

@@ -102,7 +102,13 @@ class _CacheHits:
             if event == _CACHE_HIT and rung is not None:
                 tally.rungs.add(rung)
 
+        self._listener = listener
         jax.monitoring.register_event_listener(listener)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            jax.monitoring.unregister_event_listener(self._listener)
+            self._listener = None
 
     def compile(self, rung: int, lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, float, bool]:
         """(executable, seconds, whether it was a cache hit)."""
@@ -180,6 +186,7 @@ class BucketPrograms:
         compiles in one of its threads)."""
         self._stopping.set()
         self.wait()
+        self._cache_hits.close()
 
     def _compile_in_background(self, rungs: list[int], example_args: Callable[[int], tuple]) -> None:
         began = time.perf_counter()

@@ -101,8 +101,9 @@ class EngineCore(abc.ABC):
         """A snapshot of the load; safe to call from another thread while the engine steps."""
 
     def shutdown(self) -> None:
-        """Stop compiling buckets in the background (after the one in progress)."""
+        """Stop compiling buckets in the background (after the one in progress) and stop listening to JAX."""
         self.runner.programs.stop()
+        self.compile_watch.close()
 
     # --- the compile manifest ----------------------------------------------------------------------------
 

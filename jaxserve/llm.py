@@ -196,7 +196,7 @@ class LLM:
         inputs = [
             engine.prepare(
                 self._pooling_input(p),
-                truncate_prompt_tokens=truncate_prompt_tokens,
+                truncate_prompt_tokens=_first(truncate_prompt_tokens, params.truncate_prompt_tokens),
                 truncation_side=truncation_side,
             )
             for p in _as_prompt_list(prompts)
@@ -215,16 +215,16 @@ class LLM:
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt. `prompt_name` picks a sentence-transformers prompt (e.g. "query")."""
         engine = self._pooler("embed")
+        params = (pooling_params or PoolingParams()).clone(task="embed")
         inputs = [
             engine.prepare(
                 self._pooling_input(p),
-                truncate_prompt_tokens=truncate_prompt_tokens,
+                truncate_prompt_tokens=_first(truncate_prompt_tokens, params.truncate_prompt_tokens),
                 truncation_side=truncation_side,
                 prompt_name=prompt_name,
             )
             for p in _as_prompt_list(prompts)
         ]
-        params = (pooling_params or PoolingParams()).clone(task="embed")
         return [
             EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.outputs.data.tolist()))
             for o in self._pool(inputs, params, use_tqdm)
@@ -279,6 +279,9 @@ class LLM:
         """Relevance of each (query, document) pair, paired 1:1, 1:N or N:N. A cross-encoder scores each pair
         jointly; an embedding model gives the cosine of the two embeddings; a token-embedding model MaxSim."""
         engine = self._pooler("score")
+        truncate_prompt_tokens = _first(
+            truncate_prompt_tokens, pooling_params and pooling_params.truncate_prompt_tokens
+        )
         plan = plan_scores(engine, pair_up(queries, documents), truncate_prompt_tokens)
         outputs = self._pool(plan.prompts, (pooling_params or PoolingParams()).clone(task=plan.task), use_tqdm)
         scores = plan.scores([o.outputs.data for o in outputs])
@@ -312,6 +315,11 @@ class LLM:
                     results[order[output.request_id]] = output
                     bar.update()
         return results
+
+
+def _first(*values):
+    """The first value that is not None (a keyword argument before the same field of the params)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:

@@ -85,7 +85,12 @@ class RequestState:
         self.max_model_len = max_model_len
         self.seqs = seqs
         self.outputs = [
-            SequenceOutput(s, tokenizer.detokenizer(self.prompt_token_ids, self.params.skip_special_tokens))
+            SequenceOutput(
+                s,
+                tokenizer.detokenizer(
+                    self.prompt_token_ids, self.params.skip_special_tokens, self.params.spaces_between_special_tokens
+                ),
+            )
             for s in seqs
         ]
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (

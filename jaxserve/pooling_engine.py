@@ -29,6 +29,7 @@ from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_te
 from .pooling_params import TASKS, PoolingParams, PoolingPrompt
 from .st_config import read_st_config
 from .stats import EngineStats
+from .truncation import max_length, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +174,6 @@ class PoolingEngine(EngineCore):
             load_seconds, compile_seconds,
         )  # fmt: skip
 
-    @property
-    def supported_tasks(self) -> tuple[str, ...]:
-        return self.spec.tasks
-
     def id2label(self, index: int) -> str | None:
         labels = getattr(self.hf_config, "id2label", None) or {}
         return labels.get(index, labels.get(str(index)))
@@ -227,21 +224,15 @@ class PoolingEngine(EngineCore):
     ) -> PoolingPrompt:
         """Tokenize a text (or text pair) or take token ids, with a sentence-transformers prompt prepended and
         truncation to `truncate_prompt_tokens` (-1: the model's maximum) applied."""
-        max_length = None
-        if truncate_prompt_tokens is not None:
-            max_length = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
-            if max_length > self.max_model_len:
-                raise ValueError(
-                    f"truncate_prompt_tokens value ({max_length}) is greater than max_model_len "
-                    f"({self.max_model_len}). Please request a smaller truncation size."
-                )
         if not isinstance(prompt, str):
-            ids = list(prompt)
-            if max_length is not None and len(ids) > max_length:
-                ids = ids[len(ids) - max_length :] if truncation_side == "left" else ids[:max_length]
-            return PoolingPrompt(ids)
+            return PoolingPrompt(
+                truncate(
+                    list(prompt), truncate_prompt_tokens, self.max_model_len, truncation_side or self.tokenizer.side
+                )
+            )
+        keep = max_length(truncate_prompt_tokens, self.max_model_len)
         prefix, start_offset = self._st_prompt(prompt_name)
-        ids, type_ids = self.tokenizer.encode_pooling(prefix + prompt, text_pair, max_length, truncation_side)
+        ids, type_ids = self.tokenizer.encode_pooling(prefix + prompt, text_pair, keep, truncation_side)
         return PoolingPrompt(ids, type_ids, start_offset)
 
     def _st_prompt(self, name: str | None) -> tuple[str, int]:

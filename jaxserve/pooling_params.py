@@ -36,10 +36,6 @@ class PoolingParams:
         if self.use_activation is None:
             self.use_activation = self.normalize
 
-    @property
-    def activate(self) -> bool:
-        return self.use_activation is not False
-
     def clone(self, **changes) -> PoolingParams:
         return dataclasses.replace(self, **changes)
 

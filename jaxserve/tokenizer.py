@@ -48,6 +48,11 @@ class Tokenizer:
         return self.hf.eos_token_id
 
     @property
+    def side(self) -> str:
+        """The side the tokenizer truncates on ("right" unless its config says otherwise)."""
+        return self.hf.truncation_side
+
+    @property
     def vocab_size(self) -> int:
         return len(self.hf)
 
@@ -109,18 +114,33 @@ class Tokenizer:
         """How one token reads on its own (the `decoded_token` of a logprob entry)."""
         return self.hf.decode([token_id], skip_special_tokens=skip_special_tokens)
 
-    def detokenizer(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self._backend, prompt_token_ids[-PRIMING_TOKENS:], skip_special_tokens)
+    def detokenizer(
+        self, prompt_token_ids: list[int], skip_special_tokens: bool, spaces_between_special_tokens: bool = True
+    ) -> IncrementalDetokenizer:
+        """With `skip_special_tokens` off and `spaces_between_special_tokens` on, added tokens (chat markers and
+        the like) are set apart from the text around them by a space, as HF's slow decoding (and vLLM's) does."""
+        spaced = frozenset(self.hf.added_tokens_decoder) if spaces_between_special_tokens else frozenset()
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in prompt_token_ids[-PRIMING_TOKENS:]:
+            stream.step(self._backend, token_id)
+        return IncrementalDetokenizer(self._backend, stream, frozenset() if skip_special_tokens else spaced)
 
 
 class IncrementalDetokenizer:
     """Turns output tokens into text one token at a time, never splitting a UTF-8 character."""
 
-    def __init__(self, backend, prompt_suffix: list[int], skip_special_tokens: bool):
+    def __init__(self, backend, stream: DecodeStream, spaced_tokens: frozenset[int]):
         self._backend = backend
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        for token_id in prompt_suffix:
-            self._stream.step(backend, token_id)
+        self._stream = stream
+        self._spaced = spaced_tokens
+        self._after_spaced = False
+        self._started = False
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._backend, token_id) or ""
+        text = self._stream.step(self._backend, token_id) or ""
+        spaced = token_id in self._spaced
+        if text and self._started and (spaced or self._after_spaced):
+            text = " " + text
+        self._after_spaced = spaced if text or spaced else self._after_spaced
+        self._started = self._started or bool(text)
+        return text

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from jaxserve import truncation
 from jaxserve.beam_search import BeamSearchParams
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
@@ -123,16 +124,10 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: int) -> list[int]:
     """`truncate_prompt_tokens`: keep the last k tokens (-1: as many as the model takes)."""
-    if truncate is None:
-        return token_ids
-    if truncate > max_model_len:
-        raise APIError(
-            f"truncate_prompt_tokens value ({truncate}) is greater than max_model_len ({max_model_len}). "
-            "Please, select a smaller truncation size.",
-            param="truncate_prompt_tokens",
-        )
-    keep = max_model_len if truncate == -1 else truncate
-    return token_ids[-keep:] if keep else []
+    try:
+        return truncation.truncate(token_ids, truncate, max_model_len, side="left")
+    except ValueError as exc:
+        raise APIError(str(exc), param="truncate_prompt_tokens") from None
 
 
 async def generate_all(

@@ -183,6 +183,8 @@ def test_truncation(tiny_models, make_pooling_llm):
         llm.embed("x", truncate_prompt_tokens=limit + 1, use_tqdm=False)
     token_input = llm.encode({"prompt_token_ids": ids}, truncate_prompt_tokens=5, use_tqdm=False)[0]
     assert token_input.prompt_token_ids == ids[:5]
+    by_params = llm.embed(long_text, pooling_params=PoolingParams(truncate_prompt_tokens=8), use_tqdm=False)[0]
+    assert by_params.prompt_token_ids == right.prompt_token_ids
 
 
 def test_bad_requests(tiny_models, make_pooling_llm):

@@ -54,3 +54,16 @@ def test_no_template_is_a_clear_error(folder):
 def test_generation_prompt_and_continue_final_message_exclude_each_other(folder):
     with pytest.raises(ValueError, match="Cannot set both `continue_final_message` and `add_generation_prompt`"):
         Tokenizer(folder).render_chat(MESSAGES, add_generation_prompt=True, continue_final_message=True)
+
+
+def test_spaces_between_special_tokens_set_added_tokens_apart(tiny_models):
+    tokenizer = Tokenizer(tiny_models["tiny-qwen2"])
+    ids = tokenizer.encode("<|im_start|>user hi<|im_end|>", add_special_tokens=False)
+
+    def stream(skip: bool, spaces: bool) -> str:
+        detokenizer = tokenizer.detokenizer([1, 2, 3], skip, spaces)
+        return "".join(detokenizer.step(i) for i in ids)
+
+    assert stream(False, False) == "<|im_start|>user hi<|im_end|>"
+    assert stream(False, True) == "<|im_start|> user hi <|im_end|>"
+    assert stream(True, True) == stream(True, False) == "user hi"
