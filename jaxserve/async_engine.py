@@ -3,7 +3,9 @@ output), and `abort`.
 
 One thread per engine runs the step loop. Requests and aborts reach it through a queue that it drains
 between steps, so the event loop never waits for a step; outputs go back to each request's asyncio queue
-with `call_soon_threadsafe`. A caller that stops waiting (a client that disconnected) aborts its request,
+with `call_soon_threadsafe`. For generation the thread runs only the engine core; each request's text, stop
+strings and logprob entries are made in the event loop (`OutputProcessor`'s `RequestState`), which tells the
+core to finish a sample a stop string ended. A caller that stops waiting (a client that disconnected) aborts its request,
 and the engine frees its KV pages before the next step. If a step raises, the engine is dead: every open
 request gets the error and `errored` turns true (the server's /health then answers 503).
 """
@@ -18,6 +20,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from .beam_search import (
     BeamSearch,
@@ -31,6 +34,7 @@ from .beam_search import (
 from .engine import LLMEngine
 from .engine_core import EngineCore
 from .errors import EngineDeadError
+from .output_processor import EngineCoreOutput, RequestState
 from .outputs import PoolingRequestOutput, RequestOutput
 from .pooling_engine import PoolingEngine
 from .pooling_params import PoolingParams, PoolingPrompt
@@ -44,7 +48,8 @@ logger = logging.getLogger(__name__)
 class AsyncEngine:
     def __init__(self, engine: EngineCore):
         self.engine = engine
-        self._commands: queue.SimpleQueue[tuple[str, str | None, Callable[[], None] | None]] = queue.SimpleQueue()
+        # (kind, request id, argument): the add callable of "add", the sample index of "finish"
+        self._commands: queue.SimpleQueue[tuple[str, str | None, Any]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self.error: BaseException | None = None
@@ -75,12 +80,32 @@ class AsyncEngine:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs (deltas with `RequestOutputKind.DELTA`) until it finishes."""
+        """Yield the request's outputs (deltas with `RequestOutputKind.DELTA`) until it finishes. The engine
+        thread only steps the engine core; text, stop strings and logprob entries are made here, in the event
+        loop's thread."""
         engine = self._engine_for(LLMEngine, "generation")
         engine.validate(prompt_token_ids, params, priority)
-        add = functools.partial(engine.add_request, request_id, prompt_token_ids, params, prompt, priority, cache_salt)
-        async for output in self._results(request_id, add):
-            yield output
+        state = RequestState(request_id, prompt, list(prompt_token_ids), params, engine.tokenizer)
+        add = functools.partial(engine.add_core_request, request_id, prompt_token_ids, params, priority, cache_salt)
+        ended_by_core: set[int] = set()
+
+        def core_done(outputs: list[EngineCoreOutput]) -> bool:
+            ended_by_core.update(o.index for o in outputs if o.finished)
+            return len(ended_by_core) == params.n
+
+        results = self._results(request_id, add, core_done)
+        try:
+            async for outputs in results:
+                for core in outputs:
+                    if state.add(core):
+                        self._commands.put(("finish", request_id, core.index))
+                output = state.take_output()
+                if output is not None:
+                    yield output
+                if state.finished:
+                    return
+        finally:
+            await results.aclose()
 
     async def beam_search(
         self,
@@ -133,7 +158,7 @@ class AsyncEngine:
         engine = self._engine_for(PoolingEngine, "pooling")
         engine.resolve(len(prompt_token_ids), params)
         add = functools.partial(engine.add_request, request_id, prompt_token_ids, params, token_type_ids, start_offset)
-        async for output in self._results(request_id, add):
+        async for output in self._results(request_id, add, lambda output: True):
             return output
         raise AssertionError("unreachable: a pooling request yields exactly one output")
 
@@ -186,7 +211,9 @@ class AsyncEngine:
             raise ValueError(f"This model does not support {what}.")
         return self.engine
 
-    async def _results(self, request_id: str, add: Callable[[], None]) -> AsyncIterator:
+    async def _results(self, request_id: str, add: Callable[[], None], done: Callable[[Any], bool]) -> AsyncIterator:
+        """What the engine thread sends for the request, until `done(item)`; a caller that stops reading before
+        then aborts the request."""
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
@@ -201,7 +228,7 @@ class AsyncEngine:
                     raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError("The engine loop has died.") from item
-                finished = item.finished
+                finished = done(item)
                 yield item
         finally:
             with self._lock:
@@ -214,8 +241,7 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain(block=not self._has_work())
                 if self._has_work():
-                    for output in self.engine.step():
-                        self._send(output.request_id, output)
+                    self._step()
         except BaseException as exc:  # noqa: BLE001 - any failure kills the engine, and every caller must hear of it
             logger.exception("The engine loop died")
             self.error = exc
@@ -223,6 +249,18 @@ class AsyncEngine:
                 streams = list(self._streams.values())
             for loop, stream in streams:
                 loop.call_soon_threadsafe(stream.put_nowait, exc)
+
+    def _step(self) -> None:
+        """One engine step; a generation engine's core outputs go to their requests, grouped per request."""
+        if not isinstance(self.engine, LLMEngine):
+            for output in self.engine.step():
+                self._send(output.request_id, output)
+            return
+        grouped: dict[str, list[EngineCoreOutput]] = {}
+        for core in self.engine.core_step():
+            grouped.setdefault(core.request_id, []).append(core)
+        for request_id, outputs in grouped.items():
+            self._send(request_id, outputs)
 
     def _has_work(self) -> bool:
         """Steps are taken only while some caller waits for results: with no stream open, whatever the engine
@@ -238,14 +276,16 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
-            kind, request_id, add = command
+            kind, request_id, argument = command
             if kind == "add":
                 try:
-                    add()
+                    argument()
                 except ValueError as exc:
                     self._send(request_id, exc)
             elif kind == "abort":
                 self.engine.abort_request(request_id)
+            elif kind == "finish":
+                self.engine.finish_sequence(request_id, argument)
             elif kind == "reset_prefix_cache":
                 self.engine.reset_prefix_cache()
             try:
@@ -253,7 +293,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _send(self, request_id: str, item: RequestOutput | PoolingRequestOutput | BaseException) -> None:
+    def _send(self, request_id: str, item: list[EngineCoreOutput] | PoolingRequestOutput | BaseException) -> None:
         with self._lock:
             target = self._streams.get(request_id)
         if target is not None:

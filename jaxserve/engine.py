@@ -1,7 +1,8 @@
 """The synchronous engine core: requests in, one ragged step at a time, outputs out.
 
     add_request() ─ validate ─ Sequences ─► Scheduler.schedule() ─► ModelRunner.prepare() ─► dispatch()
-    step() returns RequestOutputs ◄─ RequestState (detokenize, stops, logprobs) ◄─ ModelRunner.fetch()
+    core_step() returns EngineCoreOutputs (tokens, length/EOS/stop-token finishes) ◄─ ModelRunner.fetch()
+    step() returns RequestOutputs ◄─ OutputProcessor (detokenize, stop strings, logprob entries) ◄─ core_step()
 
 Under async scheduling (`--async-scheduling`) a step is dispatched before the previous step's results are
 read: the host plans and prepares step N + 1 and processes step N's tokens while the device runs N + 1.
@@ -28,7 +29,7 @@ from .errors import PromptTooLongError
 from .kernels_pallas import kv_cache_shape
 from .kv_pages import PagePool
 from .models.registry import create_causal_lm
-from .output_processor import RequestState, RowResult
+from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
 from .outputs import RequestOutput
 from .runner import ModelRunner, RunnerShape, StepRows
 from .sampler import NUM_BIAS_SLOTS, SampleOutput
@@ -99,7 +100,8 @@ class LLMEngine(EngineCore):
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len, config.scheduling_policy),
             self.page_pool,
         )
-        self._requests: dict[str, RequestState] = {}
+        self._requests: dict[str, list[Sequence]] = {}  # the core's: each request's samples still running
+        self.output_processor = OutputProcessor(self.tokenizer)  # for callers of step(); AsyncEngine has its own
         self._seq_ids = itertools.count()
         self.async_scheduling = config.resolved_async_scheduling()
         self._in_flight: _InFlight | None = None
@@ -129,8 +131,21 @@ class LLMEngine(EngineCore):
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> None:
-        """Queue a request. `priority` orders it under the priority policy (lower first); `cache_salt` keeps its
-        pages from being shared with requests that bring another salt (or none)."""
+        """Queue a request whose outputs `step()` returns. `priority` orders it under the priority policy (lower
+        first); `cache_salt` keeps its pages from being shared with requests that bring another salt (or none)."""
+        self.add_core_request(request_id, prompt_token_ids, params, priority, cache_salt)
+        self.output_processor.add_request(request_id, prompt, list(prompt_token_ids), params)
+
+    def add_core_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Queue a request in the engine core only: `core_step()` returns its token-level outputs, which the
+        caller's own `OutputProcessor` turns into text (AsyncEngine, in the event loop)."""
         if request_id in self._requests:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         max_tokens = self.validate(prompt_token_ids, params, priority)
@@ -154,9 +169,7 @@ class LLMEngine(EngineCore):
         ]
         for seq in seqs[1:]:
             seq.leader = seqs[0]
-        self._requests[request_id] = RequestState(
-            request_id, prompt, seqs, self.tokenizer, self.eos_token_id, self.max_model_len
-        )
+        self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -198,13 +211,17 @@ class LLMEngine(EngineCore):
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def abort_request(self, request_id: str) -> bool:
-        state = self._requests.pop(request_id, None)
-        if state is None:
-            return False
-        state.abort()
-        for seq in state.seqs:
+        self.output_processor.abort_request(request_id)
+        seqs = self._requests.pop(request_id, None)
+        for seq in seqs or ():
             self.scheduler.finish(seq)
-        return True
+        return seqs is not None
+
+    def finish_sequence(self, request_id: str, index: int) -> None:
+        """End one sample that the front end finished (a stop string); its pages are freed before the next step."""
+        for seq in self._requests.get(request_id, ()):
+            if seq.index == index:
+                self._finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -234,6 +251,18 @@ class LLMEngine(EngineCore):
     # --- the step ---------------------------------------------------------------------------------------
 
     def _step(self) -> list[RequestOutput]:
+        """A core step, with its outputs turned into RequestOutputs for the requests added by `add_request`."""
+        outputs, to_finish = self.output_processor.process(self._core_step())
+        for request_id, index in to_finish:
+            self.finish_sequence(request_id, index)
+        return outputs
+
+    def core_step(self) -> list[EngineCoreOutput]:
+        """One step of the engine core alone (compiles inside it are counted)."""
+        with self.compile_watch.watching():
+            return self._core_step()
+
+    def _core_step(self) -> list[EngineCoreOutput]:
         """Schedule, prepare and dispatch a step; then read back and process a step's results: this one's
         (synchronous), or under async scheduling the previous one's, while this one runs on the device."""
         plan = self.scheduler.schedule()
@@ -247,35 +276,58 @@ class LLMEngine(EngineCore):
         previous, self._in_flight = self._in_flight, dispatched
         return self._process(previous) if previous else []
 
-    def _process(self, step: _InFlight) -> list[RequestOutput]:
-        """A step's sampled tokens into its sequences and their requests' outputs. A sequence that finished
-        (or was aborted) since the step was dispatched discards its token."""
+    def _process(self, step: _InFlight) -> list[EngineCoreOutput]:
+        """A step's sampled tokens into its sequences, with the stops that depend on token ids only (length,
+        EOS, stop tokens). A sequence that finished (or was aborted) since the step was dispatched discards its
+        token."""
         out = self.runner.fetch(step.out)
         tokens, logprobs, ranks = out.tokens.tolist(), out.logprobs.tolist(), out.ranks.tolist()
         chunks = step.plan.chunks
-        touched: dict[str, RequestState] = {}
+        outputs: dict[int, EngineCoreOutput] = {}
         for r, (chunk_index, is_sample) in enumerate(zip(step.rows.chunk_index.tolist(), step.rows.is_sample.tolist())):
             seq = chunks[chunk_index].seq
             if seq.status is SequenceStatus.FINISHED:
                 continue
-            state = self._requests[seq.request_id]
-            result = RowResult(tokens[r], logprobs[r], ranks[r], out.top_ids[r], out.top_logprobs[r])
+            output = outputs.get(seq.seq_id)
+            if output is None:
+                output = outputs[seq.seq_id] = EngineCoreOutput(seq.request_id, seq.index)
+            wants_row = not is_sample or seq.params.logprobs is not None
+            row = (
+                RowResult(tokens[r], logprobs[r], ranks[r], out.top_ids[r], out.top_logprobs[r]) if wants_row else None
+            )
             if not is_sample:
-                state.add_prompt_logprob(result)
+                output.new_prompt_logprobs.append(row)
                 continue
-            seq.token_ids.append(result.token)
+            token = tokens[r]
+            seq.token_ids.append(token)
             seq.num_pending_tokens -= 1
-            if state.add_token(seq, result):
-                self.scheduler.finish(seq)
-            touched[seq.request_id] = state
-        outputs = []
-        for request_id, state in touched.items():
-            output = state.take_output()
-            if output is not None:
-                outputs.append(output)
-            if state.finished:
-                del self._requests[request_id]
-        return outputs
+            output.new_token_ids.append(token)
+            if row is not None:
+                output.new_logprobs.append(row)
+            stop = self._stop(seq, token)
+            if stop is not None:
+                output.finish_reason, output.stop_reason = stop
+                self._finish(seq)
+        return list(outputs.values())
+
+    def _stop(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        """(finish reason, stop token) if `token` ends the sequence: the length cap first, then, once min_tokens
+        are out, EOS and the stop tokens (generation_config's further EOS ids among them)."""
+        num_outputs = len(seq.token_ids) - seq.num_prompt_tokens  # the host's: the next step's token is pending
+        if len(seq.token_ids) >= self.max_model_len or num_outputs >= seq.max_tokens:
+            return "length", None
+        if num_outputs >= seq.params.min_tokens:
+            if not seq.params.ignore_eos and token == self.eos_token_id:
+                return "stop", None
+            if token in seq.params.stop_token_ids:
+                return "stop", token
+        return None
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        seqs = self._requests.get(seq.request_id)
+        if seqs is not None and all(s.status is SequenceStatus.FINISHED for s in seqs):
+            del self._requests[seq.request_id]
 
     def _step_biases(self, plan) -> dict[int, list[tuple[int, float]]]:
         """Each sampling row's sparse logit biases: the request's `logit_bias`, and while a sequence has fewer

@@ -1,9 +1,15 @@
-"""Per-request output state: incremental text, stop conditions, logprobs, and the outputs the caller sees.
+"""The front end's side of a request's outputs (vLLM's OutputProcessor): incremental text, stop strings,
+logprob entries and the `RequestOutput`s the caller sees, built from the engine core's token-level outputs.
 
-Stop rules follow vLLM V1: the length cap is checked first, then (once `min_tokens` are out) EOS and
-`stop_token_ids`; the detokenized text is then searched for stop strings, which end the sequence with the
-text cut before the match (or after it, with `include_stop_str_in_output`). While a sequence runs, the last
-`max(len(stop)) - 1` characters are held back from streamed text, since a stop string may still start there.
+The engine core decides what depends only on token ids: the length cap first, then (once `min_tokens` are out)
+EOS and `stop_token_ids`. Here the detokenized text is searched for stop strings, which end the sample with
+the text cut before the match (or after it, with `include_stop_str_in_output`); the core is then told to
+finish that sample, and tokens it produced meanwhile are dropped, so they are never visible. While a sample
+runs, the last `max(len(stop)) - 1` characters are held back from streamed text, since a stop string may still
+start there.
+
+`AsyncEngine` runs this in the event loop's thread, off the engine's step loop; `LLMEngine.step()` runs it
+after each core step for offline callers.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import numpy as np
 
 from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from .sampling_params import RequestOutputKind, SamplingParams
-from .sequence import Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -27,6 +32,24 @@ class RowResult:
     rank: int
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+
+
+@dataclasses.dataclass
+class EngineCoreOutput:
+    """What one step did for one sample of a request: its new tokens (with their logprob rows, when the request
+    asked for logprobs), prompt-logprob rows, and how the core finished it, if it did."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int] = dataclasses.field(default_factory=list)
+    new_logprobs: list[RowResult] = dataclasses.field(default_factory=list)
+    new_prompt_logprobs: list[RowResult] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "length", "stop" (EOS or a stop token) or "abort"
+    stop_reason: int | None = None  # the stop token id, if one ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 def check_stop_strings(text: str, new_chars: int, stops: list[str], include: bool) -> tuple[str, int] | None:
@@ -45,12 +68,16 @@ def check_stop_strings(text: str, new_chars: int, stops: list[str], include: boo
     return None
 
 
-class SequenceOutput:
-    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer):
-        self.seq = seq
+class SampleState:
+    """One of a request's n samples as the caller sees it."""
+
+    def __init__(self, index: int, detokenizer: IncrementalDetokenizer, params: SamplingParams):
+        self.index = index
         self.detokenizer = detokenizer
+        self.params = params
+        self.token_ids: list[int] = []
         self.text = ""
-        self.logprobs: list[TokenLogprobs] | None = [] if seq.params.logprobs is not None else None
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -63,7 +90,7 @@ class SequenceOutput:
         return self.finish_reason is not None
 
     def visible_chars(self) -> int:
-        return len(self.text) if self.finished else max(0, len(self.text) - self.seq.params.stop_holdback)
+        return len(self.text) if self.finished else max(0, len(self.text) - self.params.stop_holdback)
 
 
 class RequestState:
@@ -71,74 +98,73 @@ class RequestState:
         self,
         request_id: str,
         prompt: str | None,
-        seqs: list[Sequence],
+        prompt_token_ids: list[int],
+        params: SamplingParams,
         tokenizer: Tokenizer,
-        eos_token_id: int | None,
-        max_model_len: int,
     ):
         self.request_id = request_id
         self.prompt = prompt
-        self.params: SamplingParams = seqs[0].params
-        self.prompt_token_ids = seqs[0].token_ids[: seqs[0].num_prompt_tokens]
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
-        self.max_model_len = max_model_len
-        self.seqs = seqs
-        self.outputs = [
-            SequenceOutput(
-                s,
+        self.samples = [
+            SampleState(
+                i,
                 tokenizer.detokenizer(
-                    self.prompt_token_ids, self.params.skip_special_tokens, self.params.spaces_between_special_tokens
+                    prompt_token_ids, params.skip_special_tokens, params.spaces_between_special_tokens
                 ),
+                params,
             )
-            for s in seqs
+            for i in range(params.n)
         ]
-        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
-            [None] if self.params.prompt_logprobs is not None else None
-        )
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
+        return all(s.finished for s in self.samples)
 
-    def add_prompt_logprob(self, result: RowResult) -> None:
-        self.prompt_logprobs.append(self._logprob_entry(result, self.params.prompt_logprobs))
+    def add(self, core: EngineCoreOutput) -> bool:
+        """Take a core output of this request; returns True when a stop string ended a sample that the core
+        still runs (the caller must have the core finish it)."""
+        for row in core.new_prompt_logprobs:
+            self.prompt_logprobs.append(self._logprob_entry(row, self.params.prompt_logprobs))
+        sample = self.samples[core.index]
+        last = len(core.new_token_ids) - 1
+        for i, token in enumerate(core.new_token_ids):
+            if sample.finished:
+                return False  # tokens past a stop string, made before the core heard of it
+            row = core.new_logprobs[i] if core.new_logprobs else None
+            self._add_token(sample, token, row, core if i == last and core.finished else None)
+        if core.finished and not sample.finished:
+            sample.finish_reason = core.finish_reason  # aborted before any token
+        return sample.finished and not core.finished
 
-    def add_token(self, seq: Sequence, result: RowResult) -> bool:
-        """Record a sampled token (already appended to `seq`); returns True when the sequence finished."""
-        out = self.outputs[seq.index]
-        params = seq.params
-        token = result.token
-        if out.logprobs is not None:
-            out.logprobs.append(self._logprob_entry(result, params.logprobs))
-            out.cumulative_logprob += result.logprob
-
-        num_outputs = len(seq.token_ids) - seq.num_prompt_tokens  # those the host has: the next step's is pending
-        if len(seq.token_ids) >= self.max_model_len or num_outputs >= seq.max_tokens:
-            out.finish_reason = "length"
-        elif num_outputs >= params.min_tokens:
-            if not params.ignore_eos and token == self.eos_token_id:
-                out.finish_reason = "stop"
-            elif token in params.stop_token_ids:
-                out.finish_reason, out.stop_reason = "stop", token
-
-        if out.finish_reason != "stop" or params.include_stop_str_in_output:
-            new_text = out.detokenizer.step(token)
-            out.text += new_text
-            if params.stop and num_outputs > params.min_tokens:
-                match = check_stop_strings(out.text, len(new_text), params.stop, params.include_stop_str_in_output)
-                if match is not None:
-                    stop, cut = match
-                    if cut != -1:
-                        out.text = out.text[:cut]
-                    out.finish_reason, out.stop_reason = "stop", stop
-        return out.finished
+    def _add_token(self, sample: SampleState, token: int, row: RowResult | None, ended: EngineCoreOutput | None):
+        """One token; `ended` is the core output that finished the sample with it, if any."""
+        params = self.params
+        sample.token_ids.append(token)
+        if sample.logprobs is not None and row is not None:
+            sample.logprobs.append(self._logprob_entry(row, params.logprobs))
+            sample.cumulative_logprob += row.logprob
+        if ended is not None:
+            sample.finish_reason, sample.stop_reason = ended.finish_reason, ended.stop_reason
+        if sample.finish_reason == "stop" and not params.include_stop_str_in_output:
+            return  # the EOS or stop token's text is not shown
+        new_text = sample.detokenizer.step(token)
+        sample.text += new_text
+        if params.stop and len(sample.token_ids) > params.min_tokens:
+            match = check_stop_strings(sample.text, len(new_text), params.stop, params.include_stop_str_in_output)
+            if match is not None:
+                stop, cut = match
+                if cut != -1:
+                    sample.text = sample.text[:cut]
+                sample.finish_reason, sample.stop_reason = "stop", stop
 
     def abort(self) -> None:
-        for out in self.outputs:
-            if not out.finished:
-                out.finish_reason = "abort"
+        for sample in self.samples:
+            if not sample.finished:
+                sample.finish_reason = "abort"
 
     def take_output(self) -> RequestOutput | None:
         """The output to hand out now under the request's output kind, or None if there is nothing new."""
@@ -147,26 +173,30 @@ class RequestState:
             return None
         delta = kind is RequestOutputKind.DELTA
         completions = []
-        for out in self.outputs:
-            visible = out.visible_chars()
-            num_tokens = len(out.seq.token_ids) - out.seq.num_prompt_tokens
-            changed = num_tokens > out.sent_tokens or visible > out.sent_chars or (out.finished and not out.final_sent)
+        for sample in self.samples:
+            visible = sample.visible_chars()
+            num_tokens = len(sample.token_ids)
+            changed = (
+                num_tokens > sample.sent_tokens
+                or visible > sample.sent_chars
+                or (sample.finished and not sample.final_sent)
+            )
             if delta and not changed:
                 continue
-            text_from, tokens_from = (out.sent_chars, out.sent_tokens) if delta else (0, 0)
+            text_from, tokens_from = (sample.sent_chars, sample.sent_tokens) if delta else (0, 0)
             completions.append(
                 CompletionOutput(
-                    index=out.seq.index,
-                    text=out.text[text_from:visible],
-                    token_ids=out.seq.output_token_ids[tokens_from:],
-                    cumulative_logprob=out.cumulative_logprob if out.logprobs is not None else None,
-                    logprobs=out.logprobs[tokens_from:] if out.logprobs is not None else None,
-                    finish_reason=out.finish_reason,
-                    stop_reason=out.stop_reason,
+                    index=sample.index,
+                    text=sample.text[text_from:visible],
+                    token_ids=sample.token_ids[tokens_from:],
+                    cumulative_logprob=sample.cumulative_logprob if sample.logprobs is not None else None,
+                    logprobs=sample.logprobs[tokens_from:] if sample.logprobs is not None else None,
+                    finish_reason=sample.finish_reason,
+                    stop_reason=sample.stop_reason,
                 )
             )
-            out.sent_chars, out.sent_tokens = max(out.sent_chars, visible), num_tokens
-            out.final_sent = out.finished
+            sample.sent_chars, sample.sent_tokens = max(sample.sent_chars, visible), num_tokens
+            sample.final_sent = sample.finished
         if not completions:
             return None
         prompt_logprobs = self.prompt_logprobs
@@ -190,3 +220,38 @@ class RequestState:
             if token not in entry:
                 entry[token] = Logprob(float(logprob), rank, self.tokenizer.token_text(token, skip))
         return entry
+
+
+class OutputProcessor:
+    """The request states of one front end; `process` turns a core step's outputs into RequestOutputs."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.requests: dict[str, RequestState] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+        self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+
+    def abort_request(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+        """(the outputs to hand out, the (request id, sample index) pairs that stop strings ended and the core
+        must finish)."""
+        touched: dict[str, RequestState] = {}
+        to_finish = []
+        for core in core_outputs:
+            state = self.requests.get(core.request_id)
+            if state is None:
+                continue
+            if state.add(core):
+                to_finish.append((core.request_id, core.index))
+            touched[core.request_id] = state
+        outputs = []
+        for request_id, state in touched.items():
+            output = state.take_output()
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                del self.requests[request_id]
+        return outputs, to_finish

@@ -83,7 +83,7 @@ def test_a_dead_engine_loop_fails_requests_and_reports_it(engine, monkeypatch):
     def broken_step():
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(llm.engine, "step", broken_step)
+    monkeypatch.setattr(llm.engine, "core_step", broken_step)
 
     async def main():
         with pytest.raises(EngineDeadError):

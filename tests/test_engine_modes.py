@@ -84,3 +84,37 @@ def test_a_prefix_hit_computes_only_the_uncached_tokens(tiny_models, make_llm):
     assert first == 50 and sum(computed) == 52 - 48
     assert engine.stats().prefix_cache_hits - stats.prefix_cache_hits == 48
     assert engine.stats().prefix_cache_queries - stats.prefix_cache_queries == 52
+
+
+def test_a_stop_string_ends_a_sample_the_same_way_in_every_mode(tiny_models, make_llm):
+    """The front end finds stop strings and has the core finish the sample; under async scheduling the core has
+    already run one more step for it, whose token must not show."""
+    prompt = list(range(40, 70))
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    results = {}
+    for caching, overlap in ((False, False), (True, True), (False, True)):
+        engine = make_llm(
+            tiny_models["tiny-llama"], enable_prefix_caching=caching, async_scheduling=overlap, **SMALL_POOL
+        ).engine
+        if not results:
+            full = run_text(engine, prompt, greedy)
+            stop = full[len(full) // 3 : len(full) // 3 + 3]
+        params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, stop=[stop])
+        results[(caching, overlap)] = (
+            run_text(engine, prompt, greedy.clone(stop=[stop])),
+            run_text(engine, prompt, params),
+        )
+        assert engine.page_pool.num_free == engine.page_pool.num_pages and not engine.has_unfinished_requests()
+    first = results[(False, False)]
+    assert first[0] == full[: full.index(stop)]
+    assert all(result == first for result in results.values())
+
+
+def run_text(engine, prompt: list[int], params: SamplingParams):
+    engine.add_request("text", prompt, params)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                final = output
+    texts = [(o.text, o.token_ids, o.finish_reason) for o in final.outputs]
+    return texts[0][0] if params.n == 1 else texts

@@ -526,7 +526,7 @@ def test_a_dead_engine_turns_health_to_503(tiny_models, llm_cache, monkeypatch):
     def broken_step():
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(llm.engine, "step", broken_step)
+    monkeypatch.setattr(llm.engine, "core_step", broken_step)
     try:
         with background_server([model]) as base:
             assert httpx.get(f"{base}/health").status_code == 200
