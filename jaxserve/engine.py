@@ -24,15 +24,15 @@ from flax import nnx
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
 from .compile_manifest import CompiledModel
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
-from .engine_core import EngineCore, StartupTimes
+from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
 from .kernels_pallas import kv_cache_shape
 from .kv_pages import PagePool
 from .models.registry import create_causal_lm
 from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
 from .outputs import RequestOutput
-from .runner import ModelRunner, RunnerShape, StepRows
-from .sampler import NUM_BIAS_SLOTS, SampleOutput
+from .runner import ModelRunner, RunnerShape
+from .sampler import NUM_BIAS_SLOTS
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 from .sequence import Sequence, SequenceStatus
@@ -42,15 +42,6 @@ from .targets import Target
 logger = logging.getLogger(__name__)
 
 ACTIVATION_RESERVE_FRACTION = 0.1  # of free device memory, kept for the step's activations
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A dispatched step whose results have not been read."""
-
-    plan: StepPlan
-    rows: StepRows
-    out: SampleOutput
 
 
 class LLMEngine(EngineCore):
@@ -103,8 +94,6 @@ class LLMEngine(EngineCore):
         self._requests: dict[str, list[Sequence]] = {}  # the core's: each request's samples still running
         self.output_processor = OutputProcessor(self.tokenizer)  # for callers of step(); AsyncEngine has its own
         self._seq_ids = itertools.count()
-        self.async_scheduling = config.resolved_async_scheduling()
-        self._in_flight: _InFlight | None = None
         logger.info(
             "Engine ready: %s, %s, max_model_len %d, %d KV pages of %d tokens, load %.1f s, compile %.1f s",
             self.model_folder,
@@ -257,26 +246,16 @@ class LLMEngine(EngineCore):
             self.finish_sequence(request_id, index)
         return outputs
 
-    def core_step(self) -> list[EngineCoreOutput]:
-        """One step of the engine core alone (compiles inside it are counted)."""
-        with self.compile_watch.watching():
-            return self._core_step()
+    def _schedule(self) -> StepPlan | None:
+        return self.scheduler.schedule()
 
-    def _core_step(self) -> list[EngineCoreOutput]:
-        """Schedule, prepare and dispatch a step; then read back and process a step's results: this one's
-        (synchronous), or under async scheduling the previous one's, while this one runs on the device."""
-        plan = self.scheduler.schedule()
-        dispatched = None
-        if plan is not None:
-            inputs, rows = self.runner.prepare(plan, self._step_biases(plan))
-            dispatched = _InFlight(plan, rows, self.runner.dispatch(inputs))
-            self.scheduler.commit(plan)
-        if not self.async_scheduling:
-            return self._process(dispatched) if dispatched else []
-        previous, self._in_flight = self._in_flight, dispatched
-        return self._process(previous) if previous else []
+    def _dispatch(self, plan: StepPlan) -> InFlight:
+        inputs, rows = self.runner.prepare(plan, self._step_biases(plan))
+        step = InFlight(plan, self.runner.dispatch(inputs), rows)
+        self.scheduler.commit(plan)
+        return step
 
-    def _process(self, step: _InFlight) -> list[EngineCoreOutput]:
+    def _process(self, step: InFlight) -> list[EngineCoreOutput]:
         """A step's sampled tokens into its sequences, with the stops that depend on token ids only (length,
         EOS, stop tokens). A sequence that finished (or was aborted) since the step was dispatched discards its
         token."""

@@ -1,6 +1,12 @@
-"""What every engine shares: the model folder, its config and tokenizer, the dtype, the compilation cache and
-its manifest, the compile watch around each step, and model loading (a checkpoint, random weights for
-benchmarks, or only the shapes when the engine is built to compile for another chip)."""
+"""The engine core: what generation and pooling share. The step loop (schedule → dispatch → process the
+outputs), with async scheduling; the model folder, its config and tokenizer, the dtype, the compilation cache
+and its manifest, the compile watch around each step, and model loading (a checkpoint, random weights for
+benchmarks, or only the shapes when the engine is built to compile for another chip).
+
+An engine says how it batches and what its outputs are through three hooks: `_schedule` (the next step's
+plan, or None), `_dispatch` (prepare the plan's inputs and start the step on the device) and `_process` (read
+a dispatched step's outputs back and turn them into the engine's outputs). Under async scheduling the loop
+dispatches step N + 1 before it processes step N, so the device never waits for the host's bookkeeping."""
 
 from __future__ import annotations
 
@@ -39,6 +45,16 @@ class StartupTimes:
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step whose outputs have not been read: its plan, the device outputs, and what the engine
+    needs to read them (the generation engine's logits rows)."""
+
+    plan: Any
+    out: Any
+    rows: Any = None
+
+
 class EngineCore(abc.ABC):
     runner_kind: str  # "generate" or "pooling": what the compile manifest calls the engine's programs
 
@@ -58,6 +74,8 @@ class EngineCore(abc.ABC):
         self.kernels = select_kernels(config.attention_backend)
         self.compile_watch = CompileWatch()
         self._rng = random.Random(config.seed)
+        self.async_scheduling = config.resolved_async_scheduling()
+        self._in_flight: InFlight | None = None
 
     def load_model(
         self,
@@ -87,8 +105,35 @@ class EngineCore(abc.ABC):
         with self.compile_watch.watching():
             return self._step()
 
+    def _step(self) -> list:
+        return self._core_step()
+
+    def core_step(self) -> list:
+        """One step of the engine core alone, its outputs unprocessed by a front end (compiles counted)."""
+        with self.compile_watch.watching():
+            return self._core_step()
+
+    def _core_step(self) -> list:
+        """Schedule and dispatch a step; then process a step's outputs: this one's, or under async scheduling the
+        previous one's, while this one runs on the device."""
+        plan = self._schedule()
+        dispatched = self._dispatch(plan) if plan is not None else None
+        if not self.async_scheduling:
+            return self._process(dispatched) if dispatched is not None else []
+        previous, self._in_flight = self._in_flight, dispatched
+        return self._process(previous) if previous is not None else []
+
     @abc.abstractmethod
-    def _step(self) -> list: ...
+    def _schedule(self) -> Any | None:
+        """The next step's plan, or None when there is nothing to run."""
+
+    @abc.abstractmethod
+    def _dispatch(self, plan: Any) -> InFlight:
+        """Prepare the plan's inputs and start the step on the device, without waiting for it."""
+
+    @abc.abstractmethod
+    def _process(self, step: InFlight) -> list:
+        """Read a dispatched step's outputs back (waiting for it) and return the engine's outputs."""
 
     @abc.abstractmethod
     def abort_request(self, request_id: str) -> bool: ...

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from .bucket_runner import BucketRunner
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, seq_rung, token_rungs
-from .compiled import BucketPrograms, abstract, first_rungs
 from .config import EngineConfig
-from .engine_core import EngineCore, StartupTimes
+from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
 from .models.batch import PackedBatch
 from .models.registry import pooling_model_class
@@ -95,29 +95,23 @@ def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape, rung:
     return inputs
 
 
-class PoolingRunner:
-    """With `compile_only`, the model is only shapes, and a bucket that does not compile is reported."""
+class PoolingRunner(BucketRunner):
+    """The pooling runner: no device state; a step's outputs are the pooled results of each task."""
 
     def __init__(self, model: PoolingModel, shape: PoolingShape, compile_only: bool = False):
         self.shape = shape
-        self.graphdef, self.params = nnx.split(model)
-        self.programs = BucketPrograms(jax.jit(self._step_fn), shape.token_rungs, "pooling", keep_going=compile_only)
+        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "pooling", (), compile_only)
 
     def _step_fn(self, params, inputs: PoolingInputs) -> dict[str, jax.Array]:
         return nnx.merge(self.graphdef, params)(inputs)
 
-    def warm_up(self, strict: bool = True, progress: bool = True) -> float:
-        """Compile the buckets ahead of time (with strict=False, the rest in the background: compiled.py);
-        returns the seconds until the engine can step."""
-        first = None if strict else first_rungs(self.shape.token_rungs, self.shape.max_num_seqs)
-        return self.programs.compile(
-            lambda t: abstract((self.params, empty_pooling_inputs(self.shape, t))), first, progress
-        )
+    def example_args(self, rung: int) -> tuple:
+        return (empty_pooling_inputs(self.shape, rung),)
 
-    def execute(self, inputs: PoolingInputs, tasks: set[str]) -> dict[str, np.ndarray]:
-        """Run the bucket's program; copy back only the outputs of `tasks`."""
-        outputs = self.programs(inputs.batch.token_ids.shape[0], self.params, inputs)
-        return jax.device_get({task: outputs[task] for task in tasks})
+    def dispatch(self, inputs: PoolingInputs, tasks: set[str]) -> dict[str, jax.Array]:
+        """Start the step and the copy of the outputs of `tasks` to the host; returns without waiting."""
+        outputs = self.launch(inputs.batch.token_ids.shape[0], inputs)
+        return self.start_copy({task: outputs[task] for task in tasks})
 
 
 class PoolingEngine(EngineCore):
@@ -277,7 +271,7 @@ class PoolingEngine(EngineCore):
         return False
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._waiting)
+        return bool(self._waiting) or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         load = EngineStats(
@@ -289,7 +283,8 @@ class PoolingEngine(EngineCore):
         )
         return self._startup_stats(load)
 
-    def _step(self) -> list[PoolingRequestOutput]:
+    def _schedule(self) -> list[PoolingRequest] | None:
+        """Waiting requests, whole and in order, while the sequence cap and token budget hold them."""
         shape = self.runner.shape
         batch: list[PoolingRequest] = []
         tokens = 0
@@ -300,12 +295,19 @@ class PoolingEngine(EngineCore):
         ):
             batch.append(self._waiting.popleft())
             tokens += len(batch[-1].token_ids)
-        if not batch:
-            return []
-        inputs = fill_pooling_step(batch, shape, self.runner.programs.rung_for(tokens))
-        outputs = self.runner.execute(inputs, {r.task for r in batch})
+        return batch or None
+
+    def _dispatch(self, batch: list[PoolingRequest]) -> InFlight:
+        tokens = sum(len(r.token_ids) for r in batch)
+        inputs = fill_pooling_step(batch, self.runner.shape, self.runner.programs.rung_for(tokens))
+        return InFlight(batch, self.runner.dispatch(inputs, {r.task for r in batch}))
+
+    def _process(self, step: InFlight) -> list[PoolingRequestOutput]:
+        """Each request's slice of its task's output: [dim] (or `dimensions`), or [num_tokens, dim] for token
+        tasks."""
+        outputs = self.runner.fetch(step.out)
         results, offset = [], 0
-        for i, request in enumerate(batch):
+        for i, request in enumerate(step.plan):
             n = len(request.token_ids)
             if request.task.startswith("token_"):
                 first = self.spec.token_embed_offset if request.task == "token_embed" else 0

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .bucket_runner import BucketRunner
 from .buckets import seq_rung, token_rungs
-from .compiled import BucketPrograms, abstract, first_rungs
 from .kernels_pallas import kv_cache_shape
 from .models.batch import RaggedBatch
 from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
@@ -196,9 +196,8 @@ class StagingBuffers:
         return inputs
 
 
-class ModelRunner:
-    """With `compile_only` (compiling for a chip that need not be attached), the model and the state are only
-    shapes, and a bucket that does not compile is reported instead of raised."""
+class ModelRunner(BucketRunner):
+    """The generation runner: the KV pages, token histories and last sampled tokens are its device state."""
 
     def __init__(
         self,
@@ -210,7 +209,7 @@ class ModelRunner:
         compile_only: bool = False,
     ):
         self.shape = shape
-        self.graphdef, self.params = nnx.split(model)
+        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "generation", (1,), compile_only)
         num_layers, num_kv_heads, head_dim = model.kv_geometry
         page_shape = kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
 
@@ -222,12 +221,6 @@ class ModelRunner:
             )
 
         self.state = jax.eval_shape(initial_state) if compile_only else initial_state()
-        self.programs = BucketPrograms(
-            jax.jit(self._step_fn, donate_argnums=(1,)),
-            shape.token_rungs,
-            "generation",
-            keep_going=compile_only,
-        )
         self.staging = StagingBuffers(shape)
 
     def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
@@ -244,13 +237,8 @@ class ModelRunner:
         last_tokens = state.last_tokens.at[sampled_slots].set(out.tokens, mode="drop")
         return DeviceState(kv_pages, history, last_tokens), out
 
-    def warm_up(self, strict: bool = True, progress: bool = True) -> float:
-        """Compile the buckets ahead of time (with strict=False, the rest in the background: compiled.py);
-        returns the seconds until the engine can step."""
-        first = None if strict else first_rungs(self.shape.token_rungs, self.shape.max_num_seqs)
-        return self.programs.compile(
-            lambda t: abstract((self.params, self.state, empty_inputs(self.shape, t))), first, progress
-        )
+    def example_args(self, rung: int) -> tuple:
+        return self.state, empty_inputs(self.shape, rung)
 
     def prepare(self, plan: StepPlan, bias: dict[int, list[tuple[int, float]]]) -> tuple[StepInputs, StepRows]:
         """The plan in the staging buffers of its bucket."""
@@ -259,12 +247,5 @@ class ModelRunner:
 
     def dispatch(self, inputs: StepInputs) -> SampleOutput:
         """Start the step and the copy of its sampled rows to the host; returns without waiting for either."""
-        self.state, out = self.programs(inputs.batch.token_ids.shape[0], self.params, self.state, inputs)
-        for leaf in jax.tree.leaves(out):
-            leaf.copy_to_host_async()
-        return out
-
-    @staticmethod
-    def fetch(out: SampleOutput) -> SampleOutput:
-        """The sampled rows on the host (waits for the step)."""
-        return jax.device_get(out)
+        self.state, out = self.launch(inputs.batch.token_ids.shape[0], self.state, inputs)
+        return self.start_copy(out)

@@ -118,3 +118,12 @@ def run_text(engine, prompt: list[int], params: SamplingParams):
                 final = output
     texts = [(o.text, o.token_ids, o.finish_reason) for o in final.outputs]
     return texts[0][0] if params.n == 1 else texts
+
+
+def test_async_scheduling_pools_the_same(tiny_models, make_pooling_llm):
+    texts = [f"sentence number {i} " * (1 + i % 5) for i in range(40)]
+    sync = make_pooling_llm(tiny_models["tiny-bert-mean"], async_scheduling=False)
+    overlap = make_pooling_llm(tiny_models["tiny-bert-mean"], async_scheduling=True)
+    expected = [o.outputs.embedding for o in sync.embed(texts, use_tqdm=False)]
+    assert [o.outputs.embedding for o in overlap.embed(texts, use_tqdm=False)] == expected
+    assert not overlap.engine.has_unfinished_requests()

@@ -1,0 +1,65 @@
+"""What every model runner shares (docs/architecture.md §3): the model split into its graph and parameters, one
+ahead-of-time compiled program per token rung, warm-up, and dispatch that does not wait for the device.
+
+A runner subclass says what one step computes (`_step_fn`) and what its inputs look like at a rung
+(`example_args`); `warm_up` compiles every rung (or, without `strict`, the first ones and the rest in the
+background: compiled.py), `launch` calls the rung's program, `start_copy` starts moving what the host will read
+to it, and `fetch` reads it there. With `compile_only` (compiling for a chip that need not be attached) the model is
+only shapes, and a rung that does not compile is reported instead of raised.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+from flax import nnx
+
+from .compiled import BucketPrograms, abstract, first_rungs
+
+
+class BucketRunner(abc.ABC):
+    def __init__(
+        self,
+        model: nnx.Module,
+        token_rungs: list[int],
+        max_num_seqs: int,
+        what: str,
+        donate_argnums: tuple[int, ...] = (),
+        compile_only: bool = False,
+    ):
+        self.graphdef, self.params = nnx.split(model)
+        self.max_num_seqs = max_num_seqs
+        self.programs = BucketPrograms(
+            jax.jit(self._step_fn, donate_argnums=donate_argnums), token_rungs, what, keep_going=compile_only
+        )
+
+    @abc.abstractmethod
+    def _step_fn(self, params, *args) -> Any:
+        """One step, traced once per rung: `params` and the runner's arguments to its outputs."""
+
+    @abc.abstractmethod
+    def example_args(self, rung: int) -> tuple:
+        """The arguments after `params` of a step at `rung` (arrays or shapes)."""
+
+    def warm_up(self, strict: bool = True, progress: bool = True) -> float:
+        """Compile the rungs ahead of time; returns the seconds until the engine can step."""
+        first = None if strict else first_rungs(self.programs.rungs, self.max_num_seqs)
+        return self.programs.compile(lambda rung: abstract((self.params, *self.example_args(rung))), first, progress)
+
+    def launch(self, rung: int, *args) -> Any:
+        """Call the rung's program; returns without waiting for it."""
+        return self.programs(rung, self.params, *args)
+
+    @staticmethod
+    def start_copy(out: Any) -> Any:
+        """Start copying `out` (what the host will read of a step) to the host; returns it."""
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()
+        return out
+
+    @staticmethod
+    def fetch(out: Any) -> Any:
+        """Outputs on the host (waits for the step)."""
+        return jax.device_get(out)
