@@ -26,7 +26,6 @@ from .beam_search import (
     BeamSearch,
     BeamSearchParams,
     as_request_output,
-    clamped,
     continuations,
     search_output,
     step_params,
@@ -38,6 +37,7 @@ from .output_processor import EngineCoreOutput, RequestState
 from .outputs import PoolingRequestOutput, RequestOutput
 from .pooling_engine import PoolingEngine
 from .pooling_params import PoolingParams, PoolingPrompt
+from .request import EngineRequest
 from .sampling_params import SamplingParams
 from .scoring import ScorePlan, plan_scores
 from .stats import EngineStats
@@ -70,35 +70,50 @@ class AsyncEngine:
     def errored(self) -> bool:
         return self.error is not None
 
-    async def generate(
+    def process(
         self,
         prompt_token_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams | BeamSearchParams,
         request_id: str,
         prompt: str | None = None,
-        *,
-        priority: int = 0,
-        cache_salt: str | None = None,
+        **options: Any,
+    ) -> EngineRequest:
+        """The request validated once, as the engine's `process_request` does it (ValueError in vLLM's words),
+        before any streaming starts or other inputs of the same HTTP request are sent. `options`: `priority`
+        and `cache_salt` for generation, `token_type_ids` and `start_offset` for pooling."""
+        if isinstance(params, PoolingParams):
+            return self._engine_for(PoolingEngine, "pooling").process_request(
+                request_id, prompt_token_ids, params, **options
+            )
+        engine = self._engine_for(LLMEngine, "generation")
+        return engine.process_request(request_id, prompt_token_ids, params, prompt=prompt, **options)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None = None, **options
     ) -> AsyncIterator[RequestOutput]:
+        """`generate_request` of the request processed here."""
+        request = self.process(prompt_token_ids, params, request_id, prompt, **options)
+        async for output in self.generate_request(request):
+            yield output
+
+    async def generate_request(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs (deltas with `RequestOutputKind.DELTA`) until it finishes. The engine
         thread only steps the engine core; text, stop strings and logprob entries are made here, in the event
         loop's thread."""
         engine = self._engine_for(LLMEngine, "generation")
-        engine.validate(prompt_token_ids, params, priority)
-        state = RequestState(request_id, prompt, list(prompt_token_ids), params, engine.tokenizer)
-        add = functools.partial(engine.add_core_request, request_id, prompt_token_ids, params, priority, cache_salt)
+        state = RequestState.of(request, engine.tokenizer)
         ended_by_core: set[int] = set()
 
         def core_done(outputs: list[EngineCoreOutput]) -> bool:
             ended_by_core.update(o.index for o in outputs if o.finished)
-            return len(ended_by_core) == params.n
+            return len(ended_by_core) == request.params.n
 
-        results = self._results(request_id, add, core_done)
+        results = self._results(request.request_id, functools.partial(engine.add_engine_request, request), core_done)
         try:
             async for outputs in results:
                 for core in outputs:
                     if state.add(core):
-                        self._commands.put(("finish", request_id, core.index))
+                        self._commands.put(("finish", request.request_id, core.index))
                 output = state.take_output()
                 if output is not None:
                     yield output
@@ -107,37 +122,25 @@ class AsyncEngine:
         finally:
             await results.aclose()
 
-    async def beam_search(
-        self,
-        prompt_token_ids: list[int],
-        params: BeamSearchParams,
-        request_id: str,
-        prompt: str | None = None,
-        *,
-        priority: int = 0,
-        cache_salt: str | None = None,
-        skip_special_tokens: bool = True,
-    ) -> RequestOutput:
-        """The request's beams as one finished output (a completion per beam, best first). Each round runs
-        every live beam as a one-token request; the beams' shared prefix comes from the prefix cache."""
+    async def beam_search(self, request: EngineRequest, skip_special_tokens: bool = True) -> RequestOutput:
+        """A processed beam-search request's beams as one finished output (a completion per beam, best first).
+        Each round runs every live beam as a one-token request; their shared prefix comes from the prefix
+        cache."""
         engine = self._engine_for(LLMEngine, "generation")
-        search = BeamSearch(clamped(params, len(prompt_token_ids), engine.max_model_len), engine.eos_token_ids)
+        prompt_ids = request.prompt_token_ids
+        search = BeamSearch(request.params, engine.eos_token_ids)
         sampling = step_params(search)
+        options = {"priority": request.priority, "cache_salt": request.cache_salt}
         for round_index in itertools.count():
             if search.done:
                 break
             beams = [
-                self._final(
-                    self.generate(
-                        prompt_token_ids + beam.tokens, sampling, f"{request_id}-beam{round_index}-{k}",
-                        priority=priority, cache_salt=cache_salt,
-                    )
-                )
+                self._final(self.generate(prompt_ids + beam.tokens, sampling, f"{request.request_id}-beam{round_index}-{k}", **options))
                 for k, beam in enumerate(search.live)
             ]  # fmt: skip
             search.advance([continuations(output) for output in await asyncio.gather(*beams)])
-        output = search_output(prompt_token_ids, search, engine.tokenizer, skip_special_tokens)
-        return as_request_output(request_id, prompt, prompt_token_ids, output)
+        output = search_output(prompt_ids, search, engine.tokenizer, skip_special_tokens)
+        return as_request_output(request.request_id, request.prompt, prompt_ids, output)
 
     @staticmethod
     async def _final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -154,11 +157,15 @@ class AsyncEngine:
         token_type_ids: list[int] | None = None,
         start_offset: int = 0,
     ) -> PoolingRequestOutput:
-        """The request's pooled output."""
+        """`encode_request` of the request processed here."""
+        options = {"token_type_ids": token_type_ids, "start_offset": start_offset}
+        return await self.encode_request(self.process(prompt_token_ids, params, request_id, **options))
+
+    async def encode_request(self, request: EngineRequest) -> PoolingRequestOutput:
+        """The processed request's pooled output."""
         engine = self._engine_for(PoolingEngine, "pooling")
-        engine.resolve(len(prompt_token_ids), params)
-        add = functools.partial(engine.add_request, request_id, prompt_token_ids, params, token_type_ids, start_offset)
-        async for output in self._results(request_id, add, lambda output: True):
+        add = functools.partial(engine.add_engine_request, request)
+        async for output in self._results(request.request_id, add, lambda output: True):
             return output
         raise AssertionError("unreachable: a pooling request yields exactly one output")
 
@@ -168,20 +175,6 @@ class AsyncEngine:
         with self._lock:
             num_open = len(self._streams)
         return dataclasses.replace(stats, num_requests_waiting=max(0, num_open - stats.num_requests_running))
-
-    def check(
-        self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams | BeamSearchParams, priority: int = 0
-    ) -> None:
-        """Raise now (ValueError) what `generate`, `beam_search` or `encode` would raise for this request, before
-        any streaming starts or other inputs of the same HTTP request are sent."""
-        if isinstance(params, BeamSearchParams):
-            engine = self._engine_for(LLMEngine, "generation")
-            search = BeamSearch(params, engine.eos_token_ids)
-            engine.validate(prompt_token_ids, step_params(search).clone(max_tokens=params.max_tokens), priority)
-        elif isinstance(params, PoolingParams):
-            self._engine_for(PoolingEngine, "pooling").resolve(len(prompt_token_ids), params)
-        else:
-            self._engine_for(LLMEngine, "generation").validate(prompt_token_ids, params, priority)
 
     def prepare(self, prompt: str | list[int], **options) -> PoolingPrompt:
         """A pooling input from a text (or text pair, `text_pair=`) or token ids: `PoolingEngine.prepare`."""

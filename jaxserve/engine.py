@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from .beam_search import BeamSearch, BeamSearchParams, clamped, step_params
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
 from .compile_manifest import CompiledModel
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
@@ -31,6 +32,7 @@ from .kv_pages import PagePool
 from .models.registry import create_causal_lm
 from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
 from .outputs import RequestOutput
+from .request import EngineRequest
 from .runner import ModelRunner, RunnerShape
 from .sampler import NUM_BIAS_SLOTS
 from .sampling_params import SamplingParams
@@ -120,39 +122,56 @@ class LLMEngine(EngineCore):
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> None:
-        """Queue a request whose outputs `step()` returns. `priority` orders it under the priority policy (lower
-        first); `cache_salt` keeps its pages from being shared with requests that bring another salt (or none)."""
-        self.add_core_request(request_id, prompt_token_ids, params, priority, cache_salt)
-        self.output_processor.add_request(request_id, prompt, list(prompt_token_ids), params)
+        """Queue a request whose outputs `step()` returns (validated here; ValueError in vLLM's words)."""
+        request = self.process_request(
+            request_id, prompt_token_ids, params, prompt=prompt, priority=priority, cache_salt=cache_salt
+        )
+        self.add_engine_request(request)
+        self.output_processor.add_request(request)
 
-    def add_core_request(
+    def process_request(
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | BeamSearchParams,
+        *,
+        prompt: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
-    ) -> None:
-        """Queue a request in the engine core only: `core_step()` returns its token-level outputs, which the
-        caller's own `OutputProcessor` turns into text (AsyncEngine, in the event loop)."""
-        if request_id in self._requests:
-            raise ValueError(f"Request id {request_id!r} is already in use.")
-        max_tokens = self.validate(prompt_token_ids, params, priority)
+    ) -> EngineRequest:
+        """The request validated (ValueError as vLLM words it) and resolved: its output cap, the model's further
+        EOS ids among its stop tokens, or for beam search its max_tokens cut to the context. `priority` orders it
+        under the priority policy (lower first); `cache_salt` keeps its pages from being shared with requests
+        that bring another salt (or none)."""
+        if isinstance(params, BeamSearchParams):
+            search = BeamSearch(params, self.eos_token_ids)
+            self._validate(prompt_token_ids, step_params(search).clone(max_tokens=params.max_tokens), priority)
+            clamp = clamped(params, len(prompt_token_ids), self.max_model_len)
+            return EngineRequest(request_id, list(prompt_token_ids), clamp, prompt, priority, cache_salt)
+        max_tokens = self._validate(prompt_token_ids, params, priority)
         if not params.ignore_eos:
             params = params.clone(stop_token_ids=params.stop_token_ids + self.extra_eos_token_ids)
+        return EngineRequest(request_id, list(prompt_token_ids), params, prompt, priority, cache_salt, max_tokens)
+
+    def add_engine_request(self, request: EngineRequest) -> None:
+        """Queue a processed request in the engine core only: `core_step()` returns its token-level outputs,
+        which the caller's own `OutputProcessor` turns into text (AsyncEngine, in the event loop)."""
+        request_id, params = request.request_id, request.params
+        if request_id in self._requests:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
         seqs = [
             Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=request_id,
                 index=i,
-                token_ids=list(prompt_token_ids),
-                num_prompt_tokens=len(prompt_token_ids),
+                token_ids=list(request.prompt_token_ids),
+                num_prompt_tokens=len(request.prompt_token_ids),
                 params=params,
                 seed=(params.seed + i if params.seed is not None else self._rng.getrandbits(32)) % (1 << 32),
-                max_tokens=max_tokens,
+                max_tokens=request.max_tokens,
                 wants_prompt_logprobs=params.prompt_logprobs is not None and i == 0,
-                priority=priority,
-                cache_salt=cache_salt,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
             )
             for i in range(params.n)
         ]
@@ -162,7 +181,7 @@ class LLMEngine(EngineCore):
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> int:
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> int:
         """Check a request before any device work; returns its output cap. Raises ValueError as vLLM words it."""
         if priority != 0 and self.config.scheduling_policy != "priority":
             raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")

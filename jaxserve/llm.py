@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, clamped, run_beam_searches, search_output
+from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_beam_searches, search_output
 from .config import EngineConfig
 from .engine import LLMEngine
 from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL, load_hf_config, resolve_model
@@ -145,15 +145,17 @@ class LLM:
         if len(priority) != len(items):
             raise ValueError("The lengths of prompts and priority must be the same.")
         salts = salts or [None] * len(items)
-        for (_, ids), params, rank in zip(items, params_list, priority):
-            self.engine.validate(ids, params, rank)
-
-        order = {}
-        for (text, ids), params, rank, salt in zip(items, params_list, priority, salts):
-            request_id = str(next(self._request_ids))
-            order[request_id] = len(order)
-            final = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
-            self.engine.add_request(request_id, ids, final, text, rank, salt)
+        requests = [
+            self.engine.process_request(
+                str(next(self._request_ids)), ids, params.clone(output_kind=RequestOutputKind.FINAL_ONLY),
+                prompt=text, priority=rank, cache_salt=salt,
+            )
+            for (text, ids), params, rank, salt in zip(items, params_list, priority, salts)
+        ]  # fmt: skip
+        order = {request.request_id: i for i, request in enumerate(requests)}
+        for request in requests:  # every one validated before any runs
+            self.engine.add_engine_request(request)
+            self.engine.output_processor.add_request(request)
         results: list[RequestOutput | None] = [None] * len(items)
         with tqdm(total=len(items), desc="Generating", unit="prompt", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
@@ -169,9 +171,8 @@ class LLM:
         best first, ranked as HF transformers' `generate(num_beams=...)` ranks them."""
         engine = self._generator("beam_search")
         items = [self._tokenize(p) for p in _as_prompt_list(prompts)]
-        searches = [
-            (ids, BeamSearch(clamped(params, len(ids), engine.max_model_len), engine.eos_token_ids)) for _, ids in items
-        ]
+        requests = [engine.process_request("beam", ids, params) for _, ids in items]
+        searches = [(r.prompt_token_ids, BeamSearch(r.params, engine.eos_token_ids)) for r in requests]
         run_beam_searches(
             searches, lambda requests, sampling: self._run([(None, r) for r in requests], sampling, use_tqdm)
         )
@@ -301,13 +302,16 @@ class LLM:
 
     def _pool(self, inputs: list[PoolingPrompt], params: PoolingParams, use_tqdm: bool) -> list[PoolingRequestOutput]:
         engine = self._pooler("encode")
-        for item in inputs:
-            engine.resolve(len(item.token_ids), params)
-        order = {}
-        for item in inputs:
-            request_id = str(next(self._request_ids))
-            order[request_id] = len(order)
-            engine.add_request(request_id, item.token_ids, params, item.token_type_ids, item.start_offset)
+        requests = [
+            engine.process_request(
+                str(next(self._request_ids)), item.token_ids, params, token_type_ids=item.token_type_ids,
+                start_offset=item.start_offset,
+            )
+            for item in inputs
+        ]  # fmt: skip
+        order = {request.request_id: i for i, request in enumerate(requests)}
+        for request in requests:  # every one validated before any runs
+            engine.add_engine_request(request)
         results: list[PoolingRequestOutput | None] = [None] * len(inputs)
         with tqdm(total=len(inputs), desc="Pooling", unit="prompt", disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():

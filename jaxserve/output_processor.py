@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 
 from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from .request import EngineRequest
 from .sampling_params import RequestOutputKind, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -119,6 +120,10 @@ class RequestState:
         ]
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
+
+    @classmethod
+    def of(cls, request: EngineRequest, tokenizer: Tokenizer) -> RequestState:
+        return cls(request.request_id, request.prompt, request.prompt_token_ids, request.params, tokenizer)
 
     @property
     def finished(self) -> bool:
@@ -229,8 +234,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
-        self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+    def add_request(self, request: EngineRequest) -> None:
+        self.requests[request.request_id] = RequestState.of(request, self.tokenizer)
 
     def abort_request(self, request_id: str) -> None:
         self.requests.pop(request_id, None)

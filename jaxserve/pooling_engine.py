@@ -27,6 +27,7 @@ from .models.registry import pooling_model_class
 from .outputs import PoolingOutput, PoolingRequestOutput
 from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors
 from .pooling_params import TASKS, PoolingParams, PoolingPrompt
+from .request import EngineRequest
 from .st_config import read_st_config
 from .stats import EngineStats
 from .truncation import max_length, truncate
@@ -250,16 +251,39 @@ class PoolingEngine(EngineCore):
         token_type_ids: list[int] | None = None,
         start_offset: int = 0,
     ) -> None:
-        if any(r.request_id == request_id for r in self._waiting):
-            raise ValueError(f"Request id {request_id!r} is already in use.")
-        params = self.resolve(len(token_ids), params)
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        """Queue a request (validated here; ValueError in vLLM's words)."""
+        request = self.process_request(
+            request_id, token_ids, params, token_type_ids=token_type_ids, start_offset=start_offset
+        )
+        self.add_engine_request(request)
+
+    def process_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: PoolingParams,
+        *,
+        token_type_ids: list[int] | None = None,
+        start_offset: int = 0,
+    ) -> EngineRequest:
+        """The request validated and its parameters resolved: task, activation, width (`resolve`)."""
+        params = self.resolve(len(prompt_token_ids), params)
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary")
+        return EngineRequest(
+            request_id, list(prompt_token_ids), params, token_type_ids=token_type_ids, start_offset=start_offset
+        )
+
+    def add_engine_request(self, request: EngineRequest) -> None:
+        """Queue a processed request."""
+        if any(r.request_id == request.request_id for r in self._waiting):
+            raise ValueError(f"Request id {request.request_id!r} is already in use.")
+        params = request.params
         self._waiting.append(
             PoolingRequest(
-                request_id, list(token_ids), token_type_ids, params.task, params.use_activation,
-                params.dimensions or self.spec.output_dim(params.task), start_offset,
+                request.request_id, request.prompt_token_ids, request.token_type_ids, params.task,
+                params.use_activation, params.dimensions or self.spec.output_dim(params.task), request.start_offset,
             )
         )  # fmt: skip
 

@@ -10,12 +10,15 @@ from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
 
+from jaxserve.request import EngineRequest
+
 from .chat_utils import last_message_text, prepare_messages
 from .context import RequestContext
 from .errors import APIError
 from .generation import (
     SYSTEM_FINGERPRINT,
     Prompt,
+    engine_requests,
     generate_all,
     json_response,
     sampling_params,
@@ -94,12 +97,12 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
     logprobs = num_top if request.logprobs else None
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     params = sampling_params(request, model, max_tokens, logprobs)
-    model.engine.check(prompt.token_ids, params, request.priority)
+    (engine_request,) = engine_requests(model, [prompt], params, request, ctx)
     role = ctx.settings.response_role if request.add_generation_prompt else request.messages[-1].get("role", "user")
     echo = ""
     if request.echo and request.messages[-1].get("role") == role:
         echo = last_message_text(request.messages)
-    chat = _Chat(request, model, prompt, params, ctx, role, echo, logprobs)
+    chat = _Chat(request, model, prompt, engine_request, ctx, role, echo, logprobs)
     if request.stream:
         return StreamingResponse(sse_stream(chat.stream()), media_type="text/event-stream")
     return json_response(await chat.whole())
@@ -110,7 +113,7 @@ class _Chat:
     request: ChatCompletionRequest
     model: ServedModel
     prompt: Prompt
-    params: Any
+    engine_request: EngineRequest
     ctx: RequestContext
     role: str
     echo: str
@@ -123,7 +126,7 @@ class _Chat:
         return chat_logprobs(token_ids, entries, self.num_top, self.model.tokenizer, as_ids)
 
     def _outputs(self):
-        return generate_all(self.model, [self.prompt], self.params, self.request, self.ctx)
+        return generate_all(self.model, [self.engine_request], self.ctx)
 
     async def whole(self) -> ChatCompletionResponse:
         n = self.request.n

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 from fastapi.responses import Response, StreamingResponse
 
 from jaxserve.outputs import TokenLogprobs
+from jaxserve.request import EngineRequest
 
 from .context import RequestContext
 from .errors import APIError
 from .generation import (
     SYSTEM_FINGERPRINT,
     Prompt,
+    engine_requests,
     generate_all,
     json_response,
     sampling_params,
@@ -36,13 +38,11 @@ async def create_completion(request: CompletionRequest, model: ServedModel, ctx:
         return json_response(_echo_only(request, model, prompts, ctx))
     echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
     params = sampling_params(request, model, request.max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
-    for prompt in prompts:
-        model.engine.check(prompt.token_ids, params, request.priority)
+    engine_reqs = engine_requests(model, prompts, params, request, ctx)
     if request.stream:
-        return StreamingResponse(
-            sse_stream(_stream(request, model, prompts, params, ctx)), media_type="text/event-stream"
-        )
-    return json_response(await _whole(request, model, prompts, params, ctx))
+        chunks = _stream(request, model, prompts, engine_reqs, ctx)
+        return StreamingResponse(sse_stream(chunks), media_type="text/event-stream")
+    return json_response(await _whole(request, model, prompts, engine_reqs, ctx))
 
 
 def _tokenize(request: CompletionRequest, model: ServedModel) -> list[Prompt]:
@@ -74,12 +74,16 @@ class _Choice:
 
 
 async def _whole(
-    request: CompletionRequest, model: ServedModel, prompts: list[Prompt], params, ctx: RequestContext
+    request: CompletionRequest,
+    model: ServedModel,
+    prompts: list[Prompt],
+    engine_reqs: list[EngineRequest],
+    ctx: RequestContext,
 ) -> CompletionResponse:
     n = request.n
     choices = {i * n + j: _Choice() for i in range(len(prompts)) for j in range(n)}
     prompt_logprobs: dict[int, list] = {}
-    async for i, output in generate_all(model, prompts, params, request, ctx):
+    async for i, output in generate_all(model, engine_reqs, ctx):
         if output.prompt_logprobs is not None:
             prompt_logprobs[i] = output.prompt_logprobs
         for out in output.outputs:
@@ -123,7 +127,11 @@ async def _whole(
 
 
 async def _stream(
-    request: CompletionRequest, model: ServedModel, prompts: list[Prompt], params, ctx: RequestContext
+    request: CompletionRequest,
+    model: ServedModel,
+    prompts: list[Prompt],
+    engine_reqs: list[EngineRequest],
+    ctx: RequestContext,
 ) -> AsyncIterator[str]:
     n = request.n
     include_usage, continuous = ctx.usage_options(request.stream_options)
@@ -131,7 +139,7 @@ async def _stream(
     num_generated = 0
     started: set[int] = set()
     offsets: dict[int, int] = {}
-    async for i, output in generate_all(model, prompts, params, request, ctx):
+    async for i, output in generate_all(model, engine_reqs, ctx):
         for out in output.outputs:
             index = i * n + out.index
             num_generated += len(out.token_ids)

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from jaxserve import truncation
 from jaxserve.beam_search import BeamSearchParams
 from jaxserve.outputs import RequestOutput
+from jaxserve.request import EngineRequest
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 from .context import RequestContext
@@ -130,28 +131,41 @@ def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: i
         raise APIError(str(exc), param="truncate_prompt_tokens") from None
 
 
-async def generate_all(
+def engine_requests(
     model: ServedModel,
     prompts: list[Prompt],
     params: SamplingParams | BeamSearchParams,
     request: GenerationRequest,
     ctx: RequestContext,
+) -> list[EngineRequest]:
+    """Every prompt as an engine request, each validated once (ValueError → 400) before any is sent: the
+    request's id with a `-{index}` suffix when there are several."""
+    options = {"priority": request.priority, "cache_salt": request.cache_salt}
+    return [
+        model.engine.process(
+            prompt.token_ids, params, ctx.engine_id if len(prompts) == 1 else f"{ctx.engine_id}-{i}", prompt.text,
+            **options,
+        )
+        for i, prompt in enumerate(prompts)
+    ]  # fmt: skip
+
+
+async def generate_all(
+    model: ServedModel, requests: list[EngineRequest], ctx: RequestContext
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Every prompt as its own engine request; yields (prompt index, delta output) as they arrive. Closing the
-    iterator early (a client that went away) aborts whatever still runs."""
+    """Run the engine requests; yields (prompt index, delta output) as they arrive. Closing the iterator early
+    (a client that went away) aborts whatever still runs."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(index: int, prompt: Prompt) -> None:
-        recorder = ctx.metrics.start_request(model.name, len(prompt.token_ids))
+    async def pump(index: int, request: EngineRequest) -> None:
+        recorder = ctx.metrics.start_request(model.name, len(request.prompt_token_ids))
         finish_reason = "abort"
         try:
-            engine_id = ctx.engine_id if len(prompts) == 1 else f"{ctx.engine_id}-{index}"
-            options = {"priority": request.priority, "cache_salt": request.cache_salt}
-            if isinstance(params, BeamSearchParams):
-                outputs = _one(model.engine.beam_search(prompt.token_ids, params, engine_id, prompt.text, **options))
+            if isinstance(request.params, BeamSearchParams):
+                outputs = _one(model.engine.beam_search(request))
             else:
-                outputs = model.engine.generate(prompt.token_ids, params, engine_id, prompt.text, **options)
+                outputs = model.engine.generate_request(request)
             async for output in outputs:
                 recorder.tokens_generated(sum(len(c.token_ids) for c in output.outputs))
                 if output.finished:
@@ -164,7 +178,7 @@ async def generate_all(
             recorder.finish(finish_reason)
             queue.put_nowait(done)
 
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
     try:
         remaining = len(tasks)
         while remaining:

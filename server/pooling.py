@@ -85,18 +85,17 @@ def _prepare(request: PoolingInputFields, model: ServedModel, default_kwargs: di
 async def _pool(
     model: ServedModel, prompts: list[PoolingPrompt], params: PoolingParams, ctx: RequestContext
 ) -> list[np.ndarray]:
-    """The pooled outputs of `prompts`, in order. Every input is checked before any is sent."""
-    for prompt in prompts:
-        model.engine.check(prompt.token_ids, params)
+    """The pooled outputs of `prompts`, in order. Every input is validated before any is sent."""
+    requests = [
+        model.engine.process(
+            p.token_ids, params, f"{ctx.engine_id}-{i}", token_type_ids=p.token_type_ids, start_offset=p.start_offset
+        )
+        for i, p in enumerate(prompts)
+    ]
     recorder = ctx.metrics.start_request(model.name, sum(len(p.token_ids) for p in prompts))
     finish_reason = "abort"
     try:
-        outputs = await asyncio.gather(
-            *(
-                model.engine.encode(p.token_ids, params, f"{ctx.engine_id}-{i}", p.token_type_ids, p.start_offset)
-                for i, p in enumerate(prompts)
-            )
-        )
+        outputs = await asyncio.gather(*(model.engine.encode_request(r) for r in requests))
         finish_reason = "stop"
     finally:
         recorder.finish(finish_reason)
