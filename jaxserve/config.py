@@ -59,10 +59,12 @@ def flag(default: Any, help: str, **argparse_options: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """What an engine is built from. The fields declared with `flag` are the engine's command-line flags, under
-    vLLM's names; the rest are set by the program (the model, a compile target, progress bars)."""
+    """What an engine is built from, fixed once made. The fields declared with `flag` are the engine's
+    command-line flags, under vLLM's names; the rest are set by the program (the model, a compile target,
+    progress bars). The `resolved_*` methods derive what depends on the model and the device; the engine
+    takes their values at start-up."""
 
     model: str
     runner: str = flag(
