@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_beam_searches, search_output
 from .config import EngineConfig
 from .engine import LLMEngine
+from .inputs import PromptType, batch_prompts, text_and_ids, text_or_ids
 from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL, load_hf_config, resolve_model
 from .models.registry import is_generative
 from .outputs import (
@@ -32,8 +33,6 @@ from .sampling_params import RequestOutputKind, SamplingParams
 from .scoring import pair_up, plan_scores
 from .tokenizer import Tokenizer, load_chat_template
 
-# a text, a list of token ids, or a dict {"prompt": text} / {"prompt_token_ids": ids}
-PromptType = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
@@ -87,7 +86,7 @@ class LLM:
         """Generate for each prompt; outputs come back in prompt order. `priority` (one per prompt) orders them
         under `scheduling_policy="priority"`. A prompt dict may carry a `cache_salt`."""
         self._generator("generate")
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = batch_prompts(prompts)
         items = [self._tokenize(p) for p in prompt_list]
         salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompt_list]
         return self._run(items, sampling_params, use_tqdm, priority, salts)
@@ -125,13 +124,7 @@ class LLM:
         return self._run(items, sampling_params, use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.engine.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            return self._tokenize(prompt["prompt"])
-        return None, list(prompt)
+        return text_and_ids(prompt, self.engine.tokenizer.encode)
 
     def _run(self, items, sampling_params, use_tqdm: bool, priority=None, salts=None) -> list[RequestOutput]:
         if sampling_params is None:
@@ -170,7 +163,7 @@ class LLM:
         """Beam search for each prompt (vLLM's `LLM.beam_search`): `params.beam_width` sequences per prompt,
         best first, ranked as HF transformers' `generate(num_beams=...)` ranks them."""
         engine = self._generator("beam_search")
-        items = [self._tokenize(p) for p in _as_prompt_list(prompts)]
+        items = [self._tokenize(p) for p in batch_prompts(prompts)]
         requests = [engine.process_request("beam", ids, params) for _, ids in items]
         searches = [(r.prompt_token_ids, BeamSearch(r.params, engine.eos_token_ids)) for r in requests]
         run_beam_searches(
@@ -196,11 +189,11 @@ class LLM:
         engine = self._pooler("encode")
         inputs = [
             engine.prepare(
-                self._pooling_input(p),
+                text_or_ids(p),
                 truncate_prompt_tokens=_first(truncate_prompt_tokens, params.truncate_prompt_tokens),
                 truncation_side=truncation_side,
             )
-            for p in _as_prompt_list(prompts)
+            for p in batch_prompts(prompts)
         ]
         return self._pool(inputs, params, use_tqdm)
 
@@ -219,12 +212,12 @@ class LLM:
         params = (pooling_params or PoolingParams()).clone(task="embed")
         inputs = [
             engine.prepare(
-                self._pooling_input(p),
+                text_or_ids(p),
                 truncate_prompt_tokens=_first(truncate_prompt_tokens, params.truncate_prompt_tokens),
                 truncation_side=truncation_side,
                 prompt_name=prompt_name,
             )
-            for p in _as_prompt_list(prompts)
+            for p in batch_prompts(prompts)
         ]
         return [
             EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.outputs.data.tolist()))
@@ -295,11 +288,6 @@ class LLM:
             for i, ((q, d), score) in enumerate(zip(plan.pair_inputs, scores))
         ]
 
-    def _pooling_input(self, prompt: PromptType) -> str | list[int]:
-        if isinstance(prompt, dict):
-            return prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
-        return prompt
-
     def _pool(self, inputs: list[PoolingPrompt], params: PoolingParams, use_tqdm: bool) -> list[PoolingRequestOutput]:
         engine = self._pooler("encode")
         requests = [
@@ -324,14 +312,3 @@ class LLM:
 def _first(*values):
     """The first value that is not None (a keyword argument before the same field of the params)."""
     return next((v for v in values if v is not None), None)
-
-
-def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("You must pass at least one prompt")
-    if all(isinstance(t, int) for t in prompts):
-        return [prompts]
-    return prompts

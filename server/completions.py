@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import Response, StreamingResponse
 
+from jaxserve.inputs import batch_prompts
 from jaxserve.outputs import TokenLogprobs
 from jaxserve.request import EngineRequest
 
@@ -46,9 +47,10 @@ async def create_completion(request: CompletionRequest, model: ServedModel, ctx:
 
 
 def _tokenize(request: CompletionRequest, model: ServedModel) -> list[Prompt]:
-    raw = request.prompt
-    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-        raw = [raw]
+    try:
+        raw = batch_prompts(request.prompt)
+    except ValueError:
+        raw = []
     if not raw or any(len(p) == 0 for p in raw):
         raise APIError("Prompt cannot be empty.", param="prompt")
     prompts = []

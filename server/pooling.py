@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 from fastapi.responses import Response
 
+from jaxserve.inputs import batch_prompts
 from jaxserve.pooling_params import PoolingParams, PoolingPrompt
 from jaxserve.scoring import pair_up
 
@@ -70,11 +71,10 @@ def _prepare(request: PoolingInputFields, model: ServedModel, default_kwargs: di
             rendered = render_chat_prompt(model, fields, default_kwargs)
             prompts.append(model.engine.prepare(rendered.token_ids, **truncation))
         return prompts
-    raw = request.input
-    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-        raw = [raw]
-    if not raw:
-        raise APIError("You must pass at least one prompt", param="input")
+    try:
+        raw = batch_prompts(request.input)
+    except ValueError as exc:
+        raise APIError(str(exc), param="input") from None
     if request.add_special_tokens is False:
         raw = [
             model.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else item for item in raw
