@@ -184,9 +184,8 @@ class AsyncEngine:
         return plan_scores(self._engine_for(PoolingEngine, "pooling"), pairs, truncate_prompt_tokens)
 
     def reset_prefix_cache(self) -> None:
-        """Empty the generation engine's prefix cache, between two steps (a pooling engine has none)."""
-        if isinstance(self.engine, LLMEngine):
-            self._commands.put(("reset_prefix_cache", None, None))
+        """Empty the engine's prefix cache, between two steps (an engine without a KV cache has none)."""
+        self._commands.put(("reset_prefix_cache", None, None))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))

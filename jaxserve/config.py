@@ -104,10 +104,10 @@ class EngineConfig:
         "preempting the lowest priority first (default fcfs)",
         choices=["fcfs", "priority"],
     )
-    async_scheduling: bool | None = flag(
-        None,
+    async_scheduling: bool = flag(
+        True,
         "plan and dispatch each step before the previous step's tokens reach the host, so that the device never "
-        "waits for the host (default: on for GPU and TPU, off on CPU)",
+        "waits for the host (default on; on CPU too, where it measured faster)",
     )
     max_logprobs: int = flag(20, "most logprobs a request may ask for (default 20)")
     generation_config: str = flag(
@@ -164,9 +164,6 @@ class EngineConfig:
     @property
     def on_cpu(self) -> bool:
         return self.platform == "cpu"
-
-    def resolved_async_scheduling(self) -> bool:
-        return not self.on_cpu if self.async_scheduling is None else self.async_scheduling
 
     def resolved_dtype(self):
         if self.dtype == "auto":

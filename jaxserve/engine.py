@@ -17,17 +17,14 @@ import itertools
 import logging
 import time
 
-import jax
 import numpy as np
 from flax import nnx
 
 from .beam_search import BeamSearch, BeamSearchParams, clamped, step_params
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
-from .compile_manifest import CompiledModel
-from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, sampling_defaults
+from .config import EngineConfig, sampling_defaults
 from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
-from .kernels_pallas import kv_cache_shape
 from .kv_pages import PagePool
 from .models.registry import create_causal_lm
 from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
@@ -39,11 +36,8 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 from .sequence import Sequence, SequenceStatus
 from .stats import EngineStats
-from .targets import Target
 
 logger = logging.getLogger(__name__)
-
-ACTIVATION_RESERVE_FRACTION = 0.1  # of free device memory, kept for the step's activations
 
 
 class LLMEngine(EngineCore):
@@ -70,7 +64,7 @@ class LLMEngine(EngineCore):
 
         pages_per_seq = -(-self.max_model_len // config.page_size)
         compiled = self.compiled_for_here()
-        num_pages = self._num_kv_pages(model, pages_per_seq, max_num_seqs, compiled)
+        num_pages = self.num_kv_pages(model, pages_per_seq, max_num_seqs, compiled)
         self.vocab_size = self.hf_config.vocab_size
         shape = RunnerShape(
             max_num_seqs,
@@ -159,6 +153,9 @@ class LLMEngine(EngineCore):
         request_id, params = request.request_id, request.params
         if request_id in self._requests:
             raise ValueError(f"Request id {request_id!r} is already in use.")
+        # prompt logprobs (sample 0's) need every prompt position computed; penalties read token histories that
+        # a step builds from the tokens it computes
+        penalized = params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
         seqs = [
             Sequence(
                 seq_id=next(self._seq_ids),
@@ -172,6 +169,7 @@ class LLMEngine(EngineCore):
                 wants_prompt_logprobs=params.prompt_logprobs is not None and i == 0,
                 priority=request.priority,
                 cache_salt=request.cache_salt,
+                reads_prefix_cache=not penalized and not (params.prompt_logprobs is not None and i == 0),
             )
             for i in range(params.n)
         ]
@@ -355,54 +353,3 @@ class LLMEngine(EngineCore):
         if primary is None and configured:
             primary = configured[0]
         return primary, [t for t in configured if t != primary]
-
-    def _num_kv_pages(self, model, pages_per_seq: int, max_num_seqs: int, compiled: CompiledModel | None) -> int:
-        """KV pages: as configured, else what the memory budget holds (at most what max_num_seqs sequences of
-        max_model_len use). A compile for this chip (`compiled`) fixes the count when the budget holds it, so
-        that the programs are the compiled ones."""
-        config = self.config
-        num_layers, num_kv_heads, head_dim = model.kv_geometry
-        page_bytes = num_layers * int(np.prod(kv_cache_shape(1, config.page_size, num_kv_heads, head_dim)))
-        page_bytes *= np.dtype(self.dtype).itemsize
-        if config.num_kv_pages is not None:
-            num_pages = config.num_kv_pages
-        else:
-            if config.kv_cache_memory is not None:
-                budget = config.kv_cache_memory
-            elif self.target is not None:
-                budget = _target_kv_budget(self.target, config.gpu_memory_utilization, model)
-            else:
-                budget = _device_kv_budget(config.gpu_memory_utilization)
-            num_pages = min(budget // page_bytes, pages_per_seq * max_num_seqs)
-            compiled_pages = compiled.limits.get("num_kv_pages", 0) if compiled else 0
-            if config.kv_cache_memory is None and 0 < compiled_pages <= num_pages:
-                num_pages = compiled_pages
-        if num_pages < pages_per_seq:
-            raise ValueError(
-                f"The KV cache holds {num_pages} pages ({num_pages * config.page_size} tokens), fewer than one "
-                f"sequence of max_model_len={self.max_model_len} needs ({pages_per_seq} pages). Give it more memory "
-                "(--kv-cache-memory on CPU, --gpu-memory-utilization on GPU) or lower --max-model-len."
-            )
-        return int(num_pages)
-
-
-def _kv_budget(memory: int, in_use: int, utilization: float) -> int:
-    """Bytes for the KV cache: `utilization` of the device memory after what is in use (the weights), less an
-    activation reserve."""
-    return int((memory * utilization - in_use) * (1 - ACTIVATION_RESERVE_FRACTION))
-
-
-def _target_kv_budget(target: Target, utilization: float, model) -> int:
-    """The budget on a chip that is not attached: its nominal memory, less the weights."""
-    if target.platform == "cpu":
-        return DEFAULT_CPU_KV_CACHE_BYTES
-    weights = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(model)))
-    return _kv_budget(target.memory_bytes, weights, utilization)
-
-
-def _device_kv_budget(utilization: float) -> int:
-    """The budget on the attached device, from its allocator's limit and what is in use (the weights)."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return DEFAULT_CPU_KV_CACHE_BYTES
-    return _kv_budget(stats["bytes_limit"], stats.get("bytes_in_use", 0), utilization)

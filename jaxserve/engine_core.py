@@ -27,8 +27,8 @@ from . import compile_manifest
 from .compile_manifest import CompiledModel
 from .compile_watch import CompileWatch
 from .compiled import BucketPrograms
-from .config import EngineConfig
-from .kernels_pallas import select_kernels
+from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from .kernels_pallas import kv_cache_shape, select_kernels
 from .model_source import cache_root, embedded_chat_template, load_hf_config, resolve_model
 from .stats import EngineStats
 from .targets import Target, attached_target, get_target
@@ -74,7 +74,7 @@ class EngineCore(abc.ABC):
         self.kernels = select_kernels(config.attention_backend)
         self.compile_watch = CompileWatch()
         self._rng = random.Random(config.seed)
-        self.async_scheduling = config.resolved_async_scheduling()
+        self.async_scheduling = config.async_scheduling
         self._in_flight: InFlight | None = None
 
     def load_model(
@@ -202,6 +202,35 @@ class EngineCore(abc.ABC):
             + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()) if differ else "",
         )  # fmt: skip
 
+    def num_kv_pages(self, model, pages_per_seq: int, max_num_seqs: int, compiled: CompiledModel | None) -> int:
+        """KV pages: as configured, else what the memory budget holds (at most what max_num_seqs sequences of
+        max_model_len use). A compile for this chip (`compiled`) fixes the count when the budget holds it, so
+        that the programs are the compiled ones."""
+        config = self.config
+        num_layers, num_kv_heads, head_dim = model.kv_geometry
+        page_bytes = num_layers * int(np.prod(kv_cache_shape(1, config.page_size, num_kv_heads, head_dim)))
+        page_bytes *= np.dtype(self.dtype).itemsize
+        if config.num_kv_pages is not None:
+            num_pages = config.num_kv_pages
+        else:
+            if config.kv_cache_memory is not None:
+                budget = config.kv_cache_memory
+            elif self.target is not None:
+                budget = _target_kv_budget(self.target, config.gpu_memory_utilization, model)
+            else:
+                budget = _device_kv_budget(config.gpu_memory_utilization)
+            num_pages = min(budget // page_bytes, pages_per_seq * max_num_seqs)
+            compiled_pages = compiled.limits.get("num_kv_pages", 0) if compiled else 0
+            if config.kv_cache_memory is None and 0 < compiled_pages <= num_pages:
+                num_pages = compiled_pages
+        if num_pages < pages_per_seq:
+            raise ValueError(
+                f"The KV cache holds {num_pages} pages ({num_pages * config.page_size} tokens), fewer than one "
+                f"sequence of max_model_len={self.max_model_len} needs ({pages_per_seq} pages). Give it more memory "
+                "(--kv-cache-memory on CPU, --gpu-memory-utilization on GPU) or lower --max-model-len."
+            )
+        return int(num_pages)
+
     def _startup_stats(self, stats: EngineStats) -> EngineStats:
         """`stats` with the start-up times and the compiled buckets filled in."""
         programs = self.runner.programs
@@ -223,3 +252,28 @@ def enable_compilation_cache(directory: Path) -> None:
         compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+ACTIVATION_RESERVE_FRACTION = 0.1  # of free device memory, kept for the step's activations
+
+
+def _kv_budget(memory: int, in_use: int, utilization: float) -> int:
+    """Bytes for the KV cache: `utilization` of the device memory after what is in use (the weights), less an
+    activation reserve."""
+    return int((memory * utilization - in_use) * (1 - ACTIVATION_RESERVE_FRACTION))
+
+
+def _target_kv_budget(target: Target, utilization: float, model) -> int:
+    """The budget on a chip that is not attached: its nominal memory, less the weights."""
+    if target.platform == "cpu":
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    weights = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(model)))
+    return _kv_budget(target.memory_bytes, weights, utilization)
+
+
+def _device_kv_budget(utilization: float) -> int:
+    """The budget on the attached device, from its allocator's limit and what is in use (the weights)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    return _kv_budget(stats["bytes_limit"], stats.get("bytes_in_use", 0), utilization)

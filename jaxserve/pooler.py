@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from .kernels_pallas import REFERENCE_KERNELS, Kernels, truncate_and_normalize
-from .models.batch import PackedBatch
+from .models.batch import PackedBatch, RaggedBatch
 from .models.layers import Linear, activation
 from .pooling_params import TASKS
 from .st_config import SentenceTransformersConfig, cross_encoder_activation
@@ -185,8 +185,20 @@ class PoolingModel(nnx.Module):
         return {"backbone.": ("",), **{f"backbone.{k}": v for k, v in inner.items()}}
 
     def __call__(self, inputs: PoolingInputs) -> dict[str, jax.Array]:
+        """A packed, cache-free pass: the backbone over whole sequences, then the heads."""
+        return self.heads(self.backbone.encode(inputs.batch), inputs)
+
+    def paged(
+        self, batch: RaggedBatch, kv_pages: list[jax.Array], inputs: PoolingInputs
+    ) -> tuple[dict[str, jax.Array], list[jax.Array]]:
+        """A step of a causal backbone over the paged cache (`PagedDecoder`), then the heads over the step's
+        tokens: `inputs.batch` is the step as packed segments (one per sequence, its new tokens)."""
+        hidden, kv_pages = self.backbone(batch, kv_pages)
+        return self.heads(hidden, inputs), kv_pages
+
+    def heads(self, hidden: jax.Array, inputs: PoolingInputs) -> dict[str, jax.Array]:
+        """The outputs of every task some sequence of the step asks for (zeros for the others)."""
         spec = self.spec
-        hidden = self.backbone.encode(inputs.batch)
         heads = {
             "embed": self._embed,
             "classify": self._classify,

@@ -1,9 +1,11 @@
 """The pooling engine: embedding, classification, scoring and reward models (docs/architecture.md §2, pooling).
 
-Requests are whole sequences: each step packs waiting sequences back to back into one token-budget batch
-(no KV cache, no padding between them), padded only at the end to a bucket rung. The model, its poolers and
-heads run on the device in one compiled program per rung; the host copies back the outputs of the tasks
-present in the step, and slices them per request.
+How requests are batched is a strategy. `PackedBatches` (encoders, and any model without prefix caching):
+each step packs whole waiting sequences back to back into one token-budget batch (no KV cache, no padding
+between them), padded only at the end to a bucket rung. `PagedPoolingBatches` (causal decoders with prefix
+caching on: `paged_pooling.py`): the generation scheduler over the paged KV cache, so that prompts sharing a
+prefix share its pages. Either way the model, its poolers and heads run on the device in one compiled program
+per rung; the host copies back the outputs of the tasks present in the step, and slices them per request.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, seq_rung, token_rungs
 from .config import EngineConfig
 from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
+from .kv_pages import PagePool
 from .models.batch import PackedBatch
 from .models.registry import pooling_model_class
 from .outputs import PoolingOutput, PoolingRequestOutput
+from .paged_pooling import PagedPoolingBatches, PagedPoolingRunner, PagedPoolingShape, PooledSequence
 from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors
 from .pooling_params import TASKS, PoolingParams, PoolingPrompt
 from .request import EngineRequest
+from .scheduler import SchedulerConfig
 from .st_config import read_st_config
 from .stats import EngineStats
 from .truncation import max_length, truncate
@@ -40,10 +45,7 @@ class PoolingRequest:
     request_id: str
     token_ids: list[int]
     token_type_ids: list[int] | None
-    task: str
-    activate: bool
-    dimensions: int
-    start_offset: int  # prompt tokens left out of the pool (include_prompt=False)
+    pooled: PooledSequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +89,10 @@ def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape, rung:
             b.token_type_ids[offset : offset + n] = request.token_type_ids
         offset += n
         b.cu_seqlens[i + 1] = offset
-        inputs.tasks[i] = TASKS.index(request.task)
-        inputs.start_offsets[i] = request.start_offset
-        inputs.dimensions[i] = request.dimensions
-        inputs.activate[i] = request.activate
+        inputs.tasks[i] = TASKS.index(request.pooled.task)
+        inputs.start_offsets[i] = request.pooled.start_offset
+        inputs.dimensions[i] = request.pooled.dimensions
+        inputs.activate[i] = request.pooled.activate
     b.cu_seqlens[len(requests) + 1 :] = offset
     b.num_seqs[0] = len(requests)
     return inputs
@@ -101,6 +103,7 @@ class PoolingRunner(BucketRunner):
 
     def __init__(self, model: PoolingModel, shape: PoolingShape, compile_only: bool = False):
         self.shape = shape
+        self.spec = model.spec
         super().__init__(model, shape.token_rungs, shape.max_num_seqs, "pooling", (), compile_only)
 
     def _step_fn(self, params, inputs: PoolingInputs) -> dict[str, jax.Array]:
@@ -156,13 +159,27 @@ class PoolingEngine(EngineCore):
             max_num_seqs, max_num_batched_tokens, CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG
         )
         compiled = self.compiled_for_here()
-        self.runner = PoolingRunner(model, shape, compile_only=self.target is not None)
+        compile_only = self.target is not None
+        limits = {"max_model_len": self.max_model_len}
+        if config.enable_prefix_caching and hasattr(model.backbone, "kv_geometry"):
+            # a causal backbone: the paged cache, so that prompts sharing a prefix share its pages
+            pages_per_seq = -(-self.max_model_len // config.page_size)
+            num_pages = self.num_kv_pages(model.backbone, pages_per_seq, max_num_seqs, compiled)
+            paged_shape = PagedPoolingShape(max_num_seqs, max_num_batched_tokens, pages_per_seq, shape.min_token_rung)
+            self.runner = PagedPoolingRunner(model, paged_shape, num_pages, config.page_size, self.dtype, compile_only)
+            self.page_pool = PagePool(num_pages, config.page_size)
+            scheduling = SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len)
+            self.batches = PagedPoolingBatches(self.spec, self.runner, scheduling, self.page_pool)
+            limits |= {"page_size": config.page_size, "num_kv_pages": num_pages, **dataclasses.asdict(paged_shape)}
+        else:
+            self.runner = PoolingRunner(model, shape, compile_only=compile_only)
+            self.page_pool = None
+            self.batches = PackedBatches(self.runner)
+            limits |= dataclasses.asdict(shape)
         compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
-        limits = {"max_model_len": self.max_model_len, **dataclasses.asdict(shape)}
         self.after_warm_up(self.runner.programs, limits, compiled)
         self.vocab_size = self.hf_config.vocab_size
-        self._waiting: deque[PoolingRequest] = deque()
         logger.info(
             "Pooling engine ready: %s, tasks %s (default %s), max_model_len %d, load %.1f s, compile %.1f s",
             self.model_folder, ", ".join(self.spec.tasks), self.spec.default_task, self.max_model_len,
@@ -277,38 +294,75 @@ class PoolingEngine(EngineCore):
 
     def add_engine_request(self, request: EngineRequest) -> None:
         """Queue a processed request."""
-        if any(r.request_id == request.request_id for r in self._waiting):
-            raise ValueError(f"Request id {request.request_id!r} is already in use.")
         params = request.params
-        self._waiting.append(
-            PoolingRequest(
-                request.request_id, request.prompt_token_ids, request.token_type_ids, params.task,
-                params.use_activation, params.dimensions or self.spec.output_dim(params.task), request.start_offset,
-            )
-        )  # fmt: skip
+        dimensions = params.dimensions or self.spec.output_dim(params.task)
+        pooled = PooledSequence(params.task, params.use_activation, dimensions, request.start_offset)
+        self.batches.add(request, pooled)
 
     def abort_request(self, request_id: str) -> bool:
+        return self.batches.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.batches.has_requests() or self._in_flight is not None
+
+    def reset_prefix_cache(self) -> None:
+        if self.page_pool is not None:
+            self.batches.scheduler.reset_prefix_cache()
+
+    def stats(self) -> EngineStats:
+        scheduler = getattr(self.batches, "scheduler", None)
+        load = EngineStats(
+            num_requests_running=len(scheduler.running) if scheduler else 0,
+            num_requests_waiting=len(scheduler.waiting) if scheduler else self.batches.num_waiting,
+            kv_cache_usage=self.page_pool.usage if self.page_pool else 0.0,
+            num_preemptions=scheduler.num_preemptions if scheduler else 0,
+            compiles_after_warmup=self.compile_watch.count,
+            prefix_cache_queries=scheduler.prefix_cache_stats.queries if scheduler else 0,
+            prefix_cache_hits=scheduler.prefix_cache_stats.hits if scheduler else 0,
+        )
+        return self._startup_stats(load)
+
+    def _schedule(self):
+        return self.batches.schedule()
+
+    def _dispatch(self, plan) -> InFlight:
+        return self.batches.dispatch(plan)
+
+    def _process(self, step: InFlight) -> list[PoolingRequestOutput]:
+        return self.batches.process(step)
+
+
+class PackedBatches:
+    """The requests of a pooling engine without a KV cache: whole sequences packed back to back, first come
+    first served, while the sequence cap and the token budget hold them."""
+
+    def __init__(self, runner: PoolingRunner):
+        self.runner = runner
+        self.spec = runner.spec
+        self._waiting: deque[PoolingRequest] = deque()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add(self, request: EngineRequest, pooled: PooledSequence) -> None:
+        if any(r.request_id == request.request_id for r in self._waiting):
+            raise ValueError(f"Request id {request.request_id!r} is already in use.")
+        self._waiting.append(
+            PoolingRequest(request.request_id, request.prompt_token_ids, request.token_type_ids, pooled)
+        )
+
+    def abort(self, request_id: str) -> bool:
         for request in self._waiting:
             if request.request_id == request_id:
                 self._waiting.remove(request)
                 return True
         return False
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._waiting) or self._in_flight is not None
+    def has_requests(self) -> bool:
+        return bool(self._waiting)
 
-    def stats(self) -> EngineStats:
-        load = EngineStats(
-            num_requests_running=0,
-            num_requests_waiting=len(self._waiting),
-            kv_cache_usage=0.0,
-            num_preemptions=0,
-            compiles_after_warmup=self.compile_watch.count,
-        )
-        return self._startup_stats(load)
-
-    def _schedule(self) -> list[PoolingRequest] | None:
-        """Waiting requests, whole and in order, while the sequence cap and token budget hold them."""
+    def schedule(self) -> list[PoolingRequest] | None:
         shape = self.runner.shape
         batch: list[PoolingRequest] = []
         tokens = 0
@@ -321,25 +375,23 @@ class PoolingEngine(EngineCore):
             tokens += len(batch[-1].token_ids)
         return batch or None
 
-    def _dispatch(self, batch: list[PoolingRequest]) -> InFlight:
+    def dispatch(self, batch: list[PoolingRequest]) -> InFlight:
         tokens = sum(len(r.token_ids) for r in batch)
         inputs = fill_pooling_step(batch, self.runner.shape, self.runner.programs.rung_for(tokens))
-        return InFlight(batch, self.runner.dispatch(inputs, {r.task for r in batch}))
+        return InFlight(batch, self.runner.dispatch(inputs, {r.pooled.task for r in batch}))
 
-    def _process(self, step: InFlight) -> list[PoolingRequestOutput]:
+    def process(self, step: InFlight) -> list[PoolingRequestOutput]:
         """Each request's slice of its task's output: [dim] (or `dimensions`), or [num_tokens, dim] for token
         tasks."""
         outputs = self.runner.fetch(step.out)
         results, offset = [], 0
         for i, request in enumerate(step.plan):
-            n = len(request.token_ids)
-            if request.task.startswith("token_"):
-                first = self.spec.token_embed_offset if request.task == "token_embed" else 0
-                data = outputs[request.task][offset + first : offset + n]
+            n, task = len(request.token_ids), request.pooled.task
+            if task.startswith("token_"):
+                first = self.spec.token_embed_offset if task == "token_embed" else 0
+                data = outputs[task][offset + first : offset + n]
             else:
-                data = outputs[request.task][i, : request.dimensions]
+                data = outputs[task][i, : request.pooled.dimensions]
             offset += n
-            results.append(
-                PoolingRequestOutput(request.request_id, request.token_ids, PoolingOutput(data), request.task)
-            )
+            results.append(PoolingRequestOutput(request.request_id, request.token_ids, PoolingOutput(data), task))
         return results

@@ -107,8 +107,10 @@ class Scheduler:
         return StepPlan(chunks) if chunks else None
 
     def _at_limit(self, seq: Sequence) -> bool:
-        """Its last token (maybe still pending) is its last: nothing more to compute."""
-        return seq.num_tokens >= self.config.max_model_len or seq.num_output_tokens >= seq.max_tokens
+        """Its last output (maybe still pending) is its last: nothing more to compute. (A pooling sequence's one
+        output is its pooled prompt: max_tokens 1.)"""
+        outputs = seq.num_output_tokens
+        return outputs >= seq.max_tokens or (outputs > 0 and seq.num_tokens >= self.config.max_model_len)
 
     def _admit(self, chunks: list[ScheduledChunk], budget: _Budget) -> None:
         i = 0
@@ -194,6 +196,8 @@ class Scheduler:
     def _chunk(self, seq: Sequence, budget: _Budget) -> ScheduledChunk | None:
         start = seq.num_computed_tokens
         length = min(seq.num_uncomputed_tokens, budget.tokens)
+        if not seq.chunkable and length < seq.num_uncomputed_tokens:
+            return None
         if _rows(seq, start, length) > budget.rows:
             # only prompt-logprob rows can overflow: end the chunk where they fill the rows left
             first = max(start, seq.num_prompt_logprobs_done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from .pooling_params import PoolingParams
 from .sampling_params import SamplingParams
 
 
@@ -28,13 +29,15 @@ class Sequence:
     index: int  # which of the request's n samples
     token_ids: list[int]
     num_prompt_tokens: int
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     seed: int
     max_tokens: int  # the output cap after clamping to the context
     wants_prompt_logprobs: bool = False
     priority: int = 0  # lower runs first under the priority policy
     cache_salt: str | None = None  # joins the first page's hash: only requests with the same salt share pages
     leader: Sequence | None = None  # sample 0 of the request, whose prompt pages the other n - 1 samples share
+    reads_prefix_cache: bool = True  # cached pages may stand in for computing its prompt
+    chunkable: bool = True  # its prompt may be computed over several steps (else in one)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_pending_tokens: int = 0
@@ -59,14 +62,6 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def reads_prefix_cache(self) -> bool:
-        """Whether cached pages may stand in for computing the prompt. Prompt logprobs need every prompt position
-        computed; penalties read token histories that are built from the tokens a step computes."""
-        p = self.params
-        penalized = p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
-        return not self.wants_prompt_logprobs and not penalized
 
     def prompt_logprob_positions(self, start: int, length: int) -> range:
         """Positions in [start, start + length) whose next prompt token still needs its logprob."""

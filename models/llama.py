@@ -177,7 +177,24 @@ class LlamaModel(nnx.Module):
         return self.norm(x), None if kv_pages is None else new_pages
 
 
-class LlamaForCausalLM(nnx.Module):
+class PagedDecoder(nnx.Module):
+    """A decoder with `model: LlamaModel` that also runs over the paged KV cache: what the generation engine
+    needs, and what lets a decoder pooling model (embedder, classifier) use prefix caching."""
+
+    cfg: DecoderConfig
+    model: LlamaModel
+
+    @property
+    def kv_geometry(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head_dim): what the paged cache must hold."""
+        return self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
+
+    def __call__(self, batch: RaggedBatch, kv_pages: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+        """(hidden [T, H], the updated pages) of a ragged step over the cache."""
+        return self.model(batch, kv_pages)
+
+
+class LlamaForCausalLM(PagedDecoder):
     """Llama, Mistral, Qwen2 and Qwen3 causal LMs (the differences live in `DecoderConfig`)."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -195,21 +212,13 @@ class LlamaForCausalLM(nnx.Module):
     ) -> LlamaForCausalLM:
         return cls(DecoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
-    @property
-    def kv_geometry(self) -> tuple[int, int, int]:
-        """(layers, KV heads, head_dim): what the paged cache must hold."""
-        return self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
-
-    def __call__(self, batch: RaggedBatch, kv_pages: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
-        return self.model(batch, kv_pages)
-
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         return jnp.einsum("...h,vh->...v", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
 
 
-class LlamaForSequenceClassification(nnx.Module):
+class LlamaForSequenceClassification(PagedDecoder):
     """Llama/Mistral/Qwen2/Qwen3 `*ForSequenceClassification`: the `score` head on the last token."""
 
     def __init__(self, cfg: DecoderConfig, num_labels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -232,7 +241,7 @@ class LlamaForSequenceClassification(nnx.Module):
     token_classify = classify
 
 
-class LlamaForEmbedding(nnx.Module):
+class LlamaForEmbedding(PagedDecoder):
     """A Llama-family checkpoint run as an embedding model (hidden states for the poolers). The checkpoint may
     be a bare `*Model` (tensors named `layers.*`) or a causal LM (`model.layers.*`)."""
 

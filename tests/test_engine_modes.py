@@ -127,3 +127,36 @@ def test_async_scheduling_pools_the_same(tiny_models, make_pooling_llm):
     expected = [o.outputs.embedding for o in sync.embed(texts, use_tqdm=False)]
     assert [o.outputs.embedding for o in overlap.embed(texts, use_tqdm=False)] == expected
     assert not overlap.engine.has_unfinished_requests()
+
+
+def test_causal_pooling_models_use_the_prefix_cache(tiny_models, make_pooling_llm):
+    """A decoder embedder or classifier runs over the paged cache when prefix caching is on: the same outputs
+    as the packed, cache-free pass, with prompts that share a prefix computing only the rest. Tasks that read
+    every token (MEAN pooling, token embeddings) are computed whole and read no cached page."""
+    shared = "a long shared instruction that every query starts with, " * 2
+    texts = [shared + f"query number {i}" for i in range(6)]
+    small = dict(max_model_len=128, max_num_batched_tokens=128)
+    for folder, method, options in (
+        ("tiny-qwen2", "embed", {}),
+        ("tiny-qwen2", "embed", {"pooler_config": {"pooling_type": "MEAN"}}),
+        ("tiny-qwen2-classifier", "classify", {}),
+    ):
+        packed = make_pooling_llm(tiny_models[folder], enable_prefix_caching=False, **small, **options)
+        paged = make_pooling_llm(tiny_models[folder], **small, **options)
+        assert paged.engine.page_pool is not None and packed.engine.page_pool is None
+        hits = paged.engine.stats().prefix_cache_hits
+
+        np.testing.assert_allclose(pooled(paged, method, texts), pooled(packed, method, texts), atol=2e-5)
+        cached = paged.engine.stats().prefix_cache_hits - hits
+        assert (cached > 0) == (options == {}), (folder, options, cached)
+        pool = paged.engine.page_pool
+        assert pool.num_free == pool.num_pages and not paged.engine.has_unfinished_requests()
+    paged = make_pooling_llm(tiny_models["tiny-qwen2"], **small).encode(texts, task="token_embed", use_tqdm=False)
+    packed = make_pooling_llm(tiny_models["tiny-qwen2"], enable_prefix_caching=False, **small)
+    for got, want in zip(paged, packed.encode(texts, task="token_embed", use_tqdm=False)):
+        np.testing.assert_allclose(got.outputs.data, want.outputs.data, atol=2e-5)
+
+
+def pooled(llm, method: str, texts: list[str]) -> np.ndarray:
+    outputs = getattr(llm, method)(texts, use_tqdm=False)
+    return np.array([o.outputs.embedding if method == "embed" else o.outputs.probs for o in outputs])
