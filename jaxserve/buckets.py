@@ -6,6 +6,8 @@ A step never has more sequences or logits rows than tokens, so one program per T
 
 from __future__ import annotations
 
+import dataclasses
+
 ACCELERATOR_MIN_RUNG = 16
 CPU_MIN_RUNG = 1
 POW2_LIMIT = 512
@@ -28,3 +30,16 @@ def token_rungs(max_num_batched_tokens: int, min_rung: int = ACCELERATOR_MIN_RUN
 
 def seq_rung(token_rung: int, max_num_seqs: int) -> int:
     return min(token_rung, max_num_seqs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketShape:
+    """What fixes a runner's rungs: the sequence cap, the token budget and the smallest rung."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    min_token_rung: int
+
+    @property
+    def token_rungs(self) -> list[int]:
+        return token_rungs(self.max_num_batched_tokens, self.min_token_rung)

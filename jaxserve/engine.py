@@ -69,10 +69,10 @@ class LLMEngine(EngineCore):
         shape = RunnerShape(
             max_num_seqs,
             max_num_batched_tokens,
-            pages_per_seq,
-            self.vocab_size,
-            config.max_logprobs,
             CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG,
+            pages_per_seq=pages_per_seq,
+            vocab_size=self.vocab_size,
+            num_top_logprobs=config.max_logprobs,
         )
         self.runner = ModelRunner(
             model, shape, num_pages, config.page_size, self.dtype, compile_only=self.target is not None

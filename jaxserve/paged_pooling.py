@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from .bucket_runner import BucketRunner
-from .buckets import seq_rung, token_rungs
+from .buckets import BucketShape, seq_rung
 from .engine_core import InFlight
 from .kernels_pallas import kv_cache_shape
 from .kv_pages import PagePool
@@ -34,15 +34,8 @@ from .sequence import Sequence, SequenceStatus
 
 
 @dataclasses.dataclass(frozen=True)
-class PagedPoolingShape:
-    max_num_seqs: int
-    max_num_batched_tokens: int
+class PagedPoolingShape(BucketShape):
     pages_per_seq: int
-    min_token_rung: int
-
-    @property
-    def token_rungs(self) -> list[int]:
-        return token_rungs(self.max_num_batched_tokens, self.min_token_rung)
 
 
 @jax.tree_util.register_dataclass
@@ -64,14 +57,7 @@ class PagedPoolingInputs:
 def empty_paged_inputs(shape: PagedPoolingShape, num_tokens: int) -> PagedPoolingInputs:
     s = seq_rung(num_tokens, shape.max_num_seqs)
     return PagedPoolingInputs(
-        batch=RaggedBatch(
-            token_ids=np.zeros(num_tokens, np.int32),
-            positions=np.zeros(num_tokens, np.int32),
-            kv_lens=np.zeros(s, np.int32),
-            block_table=np.zeros((s, shape.pages_per_seq), np.int32),
-            cu_q_lens=np.zeros(s + 1, np.int32),
-            num_seqs=np.zeros(1, np.int32),
-        ),
+        batch=RaggedBatch.padding(num_tokens, s, shape.pages_per_seq),
         tasks=np.full(s, -1, np.int32),
         start_offsets=np.zeros(s, np.int32),
         dimensions=np.zeros(s, np.int32),

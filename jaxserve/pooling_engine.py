@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from .bucket_runner import BucketRunner
-from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, seq_rung, token_rungs
+from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, BucketShape, seq_rung
 from .config import EngineConfig
 from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
@@ -48,18 +48,7 @@ class PoolingRequest:
     pooled: PooledSequence
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolingShape:
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    min_token_rung: int
-
-    @property
-    def token_rungs(self) -> list[int]:
-        return token_rungs(self.max_num_batched_tokens, self.min_token_rung)
-
-
-def empty_pooling_inputs(shape: PoolingShape, num_tokens: int) -> PoolingInputs:
+def empty_pooling_inputs(shape: BucketShape, num_tokens: int) -> PoolingInputs:
     s = seq_rung(num_tokens, shape.max_num_seqs)
     return PoolingInputs(
         batch=PackedBatch(
@@ -76,7 +65,7 @@ def empty_pooling_inputs(shape: PoolingShape, num_tokens: int) -> PoolingInputs:
     )
 
 
-def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape, rung: int) -> PoolingInputs:
+def fill_pooling_step(requests: list[PoolingRequest], shape: BucketShape, rung: int) -> PoolingInputs:
     """Host arrays for a batch of whole sequences, packed, padded to the bucket `rung`."""
     inputs = empty_pooling_inputs(shape, rung)
     b = inputs.batch
@@ -101,7 +90,7 @@ def fill_pooling_step(requests: list[PoolingRequest], shape: PoolingShape, rung:
 class PoolingRunner(BucketRunner):
     """The pooling runner: no device state; a step's outputs are the pooled results of each task."""
 
-    def __init__(self, model: PoolingModel, shape: PoolingShape, compile_only: bool = False):
+    def __init__(self, model: PoolingModel, shape: BucketShape, compile_only: bool = False):
         self.shape = shape
         self.spec = model.spec
         super().__init__(model, shape.token_rungs, shape.max_num_seqs, "pooling", (), compile_only)
@@ -155,7 +144,7 @@ class PoolingEngine(EngineCore):
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
         # whole sequences are packed, so the budget must hold the longest one
         max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
-        shape = PoolingShape(
+        shape = BucketShape(
             max_num_seqs, max_num_batched_tokens, CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG
         )
         compiled = self.compiled_for_here()
@@ -165,7 +154,9 @@ class PoolingEngine(EngineCore):
             # a causal backbone: the paged cache, so that prompts sharing a prefix share its pages
             pages_per_seq = -(-self.max_model_len // config.page_size)
             num_pages = self.num_kv_pages(model.backbone, pages_per_seq, max_num_seqs, compiled)
-            paged_shape = PagedPoolingShape(max_num_seqs, max_num_batched_tokens, pages_per_seq, shape.min_token_rung)
+            paged_shape = PagedPoolingShape(
+                max_num_seqs, max_num_batched_tokens, shape.min_token_rung, pages_per_seq=pages_per_seq
+            )
             self.runner = PagedPoolingRunner(model, paged_shape, num_pages, config.page_size, self.dtype, compile_only)
             self.page_pool = PagePool(num_pages, config.page_size)
             scheduling = SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from .bucket_runner import BucketRunner
-from .buckets import seq_rung, token_rungs
+from .buckets import BucketShape, seq_rung
 from .kernels_pallas import kv_cache_shape
 from .models.batch import RaggedBatch
 from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
@@ -44,19 +44,12 @@ class StepInputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunnerShape:
+class RunnerShape(BucketShape):
     """Everything that fixes the compiled programs' shapes."""
 
-    max_num_seqs: int
-    max_num_batched_tokens: int
     pages_per_seq: int
     vocab_size: int
     num_top_logprobs: int
-    min_token_rung: int
-
-    @property
-    def token_rungs(self) -> list[int]:
-        return token_rungs(self.max_num_batched_tokens, self.min_token_rung)
 
 
 def empty_inputs(shape: RunnerShape, num_tokens: int) -> StepInputs:
@@ -64,14 +57,7 @@ def empty_inputs(shape: RunnerShape, num_tokens: int) -> StepInputs:
     t, s = num_tokens, seq_rung(num_tokens, shape.max_num_seqs)
     slots_oob = shape.max_num_seqs
     return StepInputs(
-        batch=RaggedBatch(
-            token_ids=np.zeros(t, np.int32),
-            positions=np.zeros(t, np.int32),
-            kv_lens=np.zeros(s, np.int32),
-            block_table=np.zeros((s, shape.pages_per_seq), np.int32),
-            cu_q_lens=np.zeros(s + 1, np.int32),
-            num_seqs=np.zeros(1, np.int32),
-        ),
+        batch=RaggedBatch.padding(t, s, shape.pages_per_seq),
         token_slots=np.full(t, slots_oob, np.int32),
         from_last=np.zeros(t, np.bool_),
         is_output=np.zeros(t, np.bool_),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -18,6 +19,18 @@ class RaggedBatch:
     block_table: jax.Array  # [S, pages_per_seq] int32
     cu_q_lens: jax.Array  # [S + 1] int32
     num_seqs: jax.Array  # [1] int32
+
+    @classmethod
+    def padding(cls, num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBatch:
+        """Numpy buffers of a step's shape holding no sequence (zero lengths throughout)."""
+        return cls(
+            token_ids=np.zeros(num_tokens, np.int32),
+            positions=np.zeros(num_tokens, np.int32),
+            kv_lens=np.zeros(num_seqs, np.int32),
+            block_table=np.zeros((num_seqs, pages_per_seq), np.int32),
+            cu_q_lens=np.zeros(num_seqs + 1, np.int32),
+            num_seqs=np.zeros(1, np.int32),
+        )
 
 
 @jax.tree_util.register_dataclass
