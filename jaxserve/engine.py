@@ -214,7 +214,12 @@ class LLMEngine(EngineCore):
                 f"got {len(biased)} + {bans}."
             )
         room = self.max_model_len - num_prompt
-        return room if params.max_tokens is None else min(params.max_tokens, room)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.min_tokens > max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {params.min_tokens}."
+            )
+        return max_tokens
 
     def abort_request(self, request_id: str) -> bool:
         self.output_processor.abort_request(request_id)

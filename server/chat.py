@@ -26,7 +26,7 @@ from .generation import (
     sse_stream,
     usage,
 )
-from .logprobs import chat_logprobs
+from .logprobs import chat_logprobs, prompt_logprobs_json
 from .protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -132,7 +132,9 @@ class _Chat:
         n = self.request.n
         texts, token_ids, entries = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
+        prompt_logprobs = None
         async for _, output in self._outputs():
+            prompt_logprobs = output.prompt_logprobs or prompt_logprobs
             for out in output.outputs:
                 texts[out.index] += out.text
                 token_ids[out.index] += out.token_ids
@@ -156,6 +158,7 @@ class _Chat:
             choices=choices,
             system_fingerprint=SYSTEM_FINGERPRINT,
             usage=usage(len(self.prompt.token_ids), sum(len(t) for t in token_ids)),
+            prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
             prompt_token_ids=self.prompt.token_ids if self.request.return_token_ids else None,
         )
 

@@ -26,7 +26,7 @@ from .generation import (
     truncate_prompt,
     usage,
 )
-from .logprobs import completion_logprobs
+from .logprobs import completion_logprobs, prompt_logprobs_json
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse
 from .served_models import ServedModel
 
@@ -114,6 +114,7 @@ async def _whole(
                 finish_reason=choice.finish_reason,
                 stop_reason=choice.stop_reason,
                 token_ids=choice.token_ids if request.return_token_ids else None,
+                prompt_logprobs=prompt_logprobs_json(prompt_logprobs.get(index // n)),
                 prompt_token_ids=prompt.token_ids if request.return_token_ids else None,
             )
         )

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.errors import EngineDeadError
 
@@ -83,7 +84,7 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, ValidationError | RequestValidationError):
         return validation_error(exc.errors())
-    if isinstance(exc, ValueError | TypeError | OverflowError | jinja2.TemplateError):
+    if isinstance(exc, ValueError | TypeError | OverflowError | RecursionError | jinja2.TemplateError):
         return APIError(str(exc), param=getattr(exc, "param", None))
     if isinstance(exc, EngineDeadError):
         return APIError(
@@ -108,11 +109,22 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error class a request can raise gets its own handler: Starlette treats a handler for `Exception`
+    as the last resort, which answers but then re-raises and drops the keep-alive connection, so only what
+    is really unexpected (a 500) may reach it."""
+
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         return error_response(from_exception(exc))
 
-    app.add_exception_handler(RequestValidationError, handle)
-    app.add_exception_handler(APIError, handle)
-    app.add_exception_handler(ValueError, handle)
-    app.add_exception_handler(jinja2.TemplateError, handle)
-    app.add_exception_handler(Exception, handle)
+    async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown route, wrong method, unreadable body) in the envelope."""
+        status = HTTPStatus(exc.status_code)
+        body = error_body(str(exc.detail), status.phrase, exc.status_code)
+        return JSONResponse(body, exc.status_code, exc.headers)
+
+    for kind in (
+        RequestValidationError, APIError, ValueError, TypeError, OverflowError, RecursionError,
+        jinja2.TemplateError, Exception,
+    ):  # fmt: skip
+        app.add_exception_handler(kind, handle)
+    app.add_exception_handler(StarletteHTTPException, handle_http)

@@ -212,6 +212,8 @@ def json_response(body: BaseModel) -> Response:
 def sse(payload: BaseModel | dict[str, Any]) -> str:
     """One SSE event; a chunk leaves out the fields it never set, as vLLM's do."""
     if isinstance(payload, BaseModel):
+        if "object" in type(payload).model_fields:
+            payload.model_fields_set.add("object")  # a default, but every chunk names what it is
         body = payload.model_dump_json(exclude_unset=True)
     else:
         body = json.dumps(payload, separators=(",", ":"))

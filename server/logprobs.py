@@ -23,6 +23,22 @@ def _token(token_id: int, logprob: Logprob | None, tokenizer: Tokenizer, as_ids:
     return tokenizer.token_text(token_id, skip_special_tokens=False)
 
 
+def prompt_logprobs_json(entries: list[TokenLogprobs | None] | None) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt position (None for the first), the prompt token's and the top
+    alternatives' `{logprob, rank, decoded_token}` by token id."""
+    if entries is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(token): {"logprob": _value(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for token, lp in entry.items()
+        }
+        for entry in entries
+    ]
+
+
 def completion_logprobs(
     token_ids: list[int],
     entries: list[TokenLogprobs | None],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
@@ -172,6 +173,28 @@ def test_logprobs_shapes(client):
         assert bytes(entry.bytes).decode() == entry.token
 
 
+def test_prompt_logprobs_are_returned(client):
+    kwargs = dict(max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 2})
+    completion = client.completions.create(model="llama", prompt=PROMPTS[1], **kwargs)
+    entries = completion.choices[0].model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == completion.usage.prompt_tokens
+    assert all(2 <= len(entry) <= 3 and all(v["logprob"] <= 0 for v in entry.values()) for entry in entries[1:])
+    chat = client.chat.completions.create(model="llama", messages=CHAT, **kwargs)
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+
+
+def test_stream_chunks_say_what_they_are(url):
+    for route, body, kind in (
+        ("/v1/completions", {"prompt": "hi"}, "text_completion"),
+        ("/v1/chat/completions", {"messages": CHAT}, "chat.completion.chunk"),
+    ):
+        with httpx.stream(
+            "POST", f"{url}{route}", json={"model": "llama", "max_tokens": 3, "stream": True, **body}
+        ) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert chunks and all(chunk["object"] == kind for chunk in chunks)
+
+
 def test_echo_prepends_the_prompt_with_its_logprobs(client):
     result = client.completions.create(
         model="llama", prompt=PROMPTS[2], max_tokens=4, temperature=0, echo=True, logprobs=1
@@ -293,6 +316,8 @@ ERROR_CASES = [
     ("/v1/completions", {"model": "bert", "prompt": "x"}, 400, "BadRequestError", "model", "does not support"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "priority": 3}, 400, "BadRequestError", None,
      "Got priority 3 but Priority scheduling is not enabled."),
+    ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "min_tokens": 1000000}, 400, "BadRequestError",
+     None, "min_tokens must be less than or equal to max_tokens"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "use_beam_search": True, "logprobs": 1}, 400,
      "BadRequestError", "logprobs", "beam search"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "cache_salt": ""}, 400, "BadRequestError", "cache_salt",
@@ -340,9 +365,39 @@ def test_transport_level_errors(url):
         f"{url}/v1/completions", content=chunked(), headers={"content-type": "application/json"}
     )
     assert too_big_chunked.status_code == 413
-    assert httpx.get(f"{url}/no/such/route").status_code == 404
-    assert httpx.get(f"{url}/v1/completions").status_code == 405
+    for response, status in ((httpx.get(f"{url}/no/such/route"), 404), (httpx.get(f"{url}/v1/completions"), 405)):
+        assert response.status_code == status and response.json()["error"]["code"] == status  # the envelope
     assert httpx.post(f"{url}/v1/completions", json={"model": "llama", "prompt": "hi", "max_tokens": 2}).is_success
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "llama", "prompt": "\ud800 lone surrogate", "max_tokens": 2},
+        {"model": "llama", "messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2},
+        {"model": "llama", "messages": CHAT, "chat_template_kwargs": {"tokenize": True}, "max_tokens": 2},
+    ],
+)
+def test_a_bad_request_keeps_the_connection(url, body):
+    """A 400 raised while preparing a request (TypeError, UnicodeError) is an ordinary response: the next
+    request on the same connection is answered."""
+    host, port = url.removeprefix("http://").split(":")
+    bad_route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    good = {"model": "llama", "prompt": "hi", "max_tokens": 2}
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        replies = sock.makefile("rb")
+        for route, payload, expected in ((bad_route, body, 400), ("/v1/completions", good, 200)):
+            data = json.dumps(payload).encode()
+            head = f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
+            sock.sendall(head.encode() + b"\r\n\r\n" + data)
+            status = int(replies.readline().split()[1])
+            headers = {}
+            while line := replies.readline().strip():
+                key, value = line.decode().split(":", 1)
+                headers[key.lower()] = value.strip()
+            answer = json.loads(replies.read(int(headers["content-length"])))
+            assert status == expected and headers.get("connection") != "close", answer
+        assert answer["choices"][0]["text"] is not None
 
 
 # --- utility routes, headers, metrics ------------------------------------------------------------------------
