@@ -204,6 +204,9 @@ class LLMEngine(EngineCore):
                         f"Requested {kind} logprobs of {wanted}, which is greater than max allowed: "
                         f"{self.config.max_logprobs}"
                     )
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {self.vocab_size}), got {bad_stops}.")
         biased = list(params.logit_bias or ())
         if any(not 0 <= t < self.vocab_size for t in biased):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {biased}.")

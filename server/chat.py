@@ -24,6 +24,7 @@ from .generation import (
     sampling_params,
     sse,
     sse_stream,
+    truncate_prompt,
     usage,
 )
 from .logprobs import chat_logprobs, prompt_logprobs_json
@@ -93,6 +94,11 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
     if not request.messages:
         raise APIError("messages must not be empty.", param="messages")
     prompt = await asyncio.to_thread(render_chat_prompt, model, request, ctx.settings.default_chat_template_kwargs)
+    if request.truncate_prompt_tokens is not None:
+        ids = truncate_prompt(
+            prompt.token_ids, request.truncate_prompt_tokens, model.max_model_len, request.truncation_side
+        )
+        prompt = Prompt(ids, prompt.text)
     num_top = request.top_logprobs or 0
     logprobs = num_top if request.logprobs else None
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens

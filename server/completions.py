@@ -53,13 +53,14 @@ def _tokenize(request: CompletionRequest, model: ServedModel) -> list[Prompt]:
         raw = []
     if not raw or any(len(p) == 0 for p in raw):
         raise APIError("Prompt cannot be empty.", param="prompt")
+    truncation = (request.truncate_prompt_tokens, model.max_model_len, request.truncation_side)
     prompts = []
     for item in raw:
         if isinstance(item, str):
             ids = model.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
-            prompts.append(Prompt(truncate_prompt(ids, request.truncate_prompt_tokens, model.max_model_len), item))
+            prompts.append(Prompt(truncate_prompt(ids, *truncation), item))
         else:
-            ids = truncate_prompt(list(item), request.truncate_prompt_tokens, model.max_model_len)
+            ids = truncate_prompt(list(item), *truncation)
             prompts.append(Prompt(ids, None))
     return prompts
 

@@ -123,10 +123,13 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise APIError(f"logit_bias keys must be token ids, got {list(bias)}.", param="logit_bias") from None
 
 
-def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: int) -> list[int]:
-    """`truncate_prompt_tokens`: keep the last k tokens (-1: as many as the model takes)."""
+def truncate_prompt(
+    token_ids: list[int], truncate: int | None, max_model_len: int, side: str | None = None
+) -> list[int]:
+    """`truncate_prompt_tokens`: keep k tokens (-1: as many as the model takes), the last ones unless
+    `truncation_side` is "right"."""
     try:
-        return truncation.truncate(token_ids, truncate, max_model_len, side="left")
+        return truncation.truncate(token_ids, truncate, max_model_len, side=side or "left")
     except ValueError as exc:
         raise APIError(str(exc), param="truncate_prompt_tokens") from None
 

@@ -44,7 +44,13 @@ from .pooling_protocol import (
 from .protocol import ChatTemplateFields
 from .served_models import ServedModel
 
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "fp8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "fp8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
 
 
 # --- inputs and the engine ------------------------------------------------------------------------------------
@@ -231,7 +237,9 @@ async def _scores(
             f"classifier with one label; its tasks are: {', '.join(model.pooling_tasks)}).",
             param="model",
         )
-    if request.max_tokens_per_doc >= model.max_model_len:
+    if request.max_tokens_per_doc is not None and request.max_tokens_per_doc <= 0:
+        raise APIError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
+    if request.max_tokens_per_doc is not None and request.max_tokens_per_doc >= model.max_model_len:
         raise APIError(
             f"max_tokens_per_doc ({request.max_tokens_per_doc}) must be less than max_model_len "
             f"({model.max_model_len}).",

@@ -45,7 +45,7 @@ class PoolingInputFields(RequestBody):
 
 class EncodingFields(RequestBody):
     encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
-    embed_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
     endianness: Literal["native", "big", "little"] = "native"
 
 
@@ -67,7 +67,7 @@ class ScoringFields(RequestBody):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     use_activation: bool | None = None
     activation: bool | None = None  # older spelling
-    max_tokens_per_doc: int = Field(0, ge=0)
+    max_tokens_per_doc: int | None = None
     user: str | None = None
     request_id: str | None = None
     priority: int = 0

@@ -98,7 +98,12 @@ def test_float_base64_and_bytes_encode_the_same_vectors(url):
     only = httpx.post(f"{url}/v1/embeddings", json={**body, "encoding_format": "bytes_only"})
     assert only.content == raw.content and "metadata" not in only.headers
 
-    for dtype, numpy_dtype in (("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16)):
+    for dtype, numpy_dtype, tolerance in (
+        ("float16", np.float16, 1e-2),
+        ("bfloat16", ml_dtypes.bfloat16, 1e-2),
+        ("fp8_e4m3", ml_dtypes.float8_e4m3fn, 0.1),
+        ("fp8_e5m2", ml_dtypes.float8_e5m2, 0.1),
+    ):
         for endianness in ("little", "big"):
             encoded = post(
                 url,
@@ -110,7 +115,7 @@ def test_float_base64_and_bytes_encode_the_same_vectors(url):
                 np.frombuffer(base64.b64decode(d["embedding"]), np.dtype(numpy_dtype).newbyteorder(order))
                 for d in encoded
             ]
-            np.testing.assert_allclose(np.array(values, np.float32), floats, atol=1e-2)
+            np.testing.assert_allclose(np.array(values, np.float32), floats, atol=tolerance)
 
 
 def test_dimensions_truncation_and_activation(url, llms):
@@ -231,6 +236,7 @@ def test_late_interaction_score_is_maxsim(url, llms):
         ({"queries": "a", "documents": []}, "At least one text_pair element must be given"),
         ({"queries": "a"}, "Give exactly one pair of inputs"),
         ({"model": "classifier", "queries": "a", "documents": "b"}, "does not support the Score API"),
+        ({"queries": "a", "documents": ["b"], "max_tokens_per_doc": 0}, "max_tokens_per_doc must be a positive"),
     ],
 )
 def test_score_errors(url, body, message):

@@ -183,6 +183,18 @@ def test_prompt_logprobs_are_returned(client):
     assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
 
 
+def test_truncation_side_keeps_the_first_or_the_last_tokens(client, llms):
+    ids = llms["llama"].get_tokenizer().encode(PROMPTS[1])
+    for side, kept in (("left", ids[-4:]), ("right", ids[:4]), (None, ids[-4:])):
+        body = {"truncate_prompt_tokens": 4, "return_token_ids": True, **({"truncation_side": side} if side else {})}
+        completion = client.completions.create(model="llama", prompt=PROMPTS[1], max_tokens=1, extra_body=body)
+        assert completion.choices[0].model_extra["prompt_token_ids"] == kept
+    chat = client.chat.completions.create(
+        model="llama", messages=CHAT, max_tokens=1, extra_body={"truncate_prompt_tokens": 5, "truncation_side": "right"}
+    )
+    assert chat.usage.prompt_tokens == 5
+
+
 def test_stream_chunks_say_what_they_are(url):
     for route, body, kind in (
         ("/v1/completions", {"prompt": "hi"}, "text_completion"),
@@ -316,6 +328,10 @@ ERROR_CASES = [
     ("/v1/completions", {"model": "bert", "prompt": "x"}, 400, "BadRequestError", "model", "does not support"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "priority": 3}, 400, "BadRequestError", None,
      "Got priority 3 but Priority scheduling is not enabled."),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "stop_token_ids": [10**6]}, 400, "BadRequestError", None,
+     "stop_token_ids must be token ids"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "seed": 2**63}, 400, "Bad Request", "body.seed",
+     "less than or equal to 9223372036854775807"),
     ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "min_tokens": 1000000}, 400, "BadRequestError",
      None, "min_tokens must be less than or equal to max_tokens"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "use_beam_search": True, "logprobs": 1}, 400,
