@@ -143,6 +143,7 @@ def server_settings(args: argparse.Namespace):
         allow_credentials=args.allow_credentials,
         root_path=args.root_path,
         max_num_queued_reqs=args.max_num_queued_reqs,
+        max_n=args.max_n,
         max_request_bytes=args.max_request_size,
         response_role=args.response_role,
         trust_request_chat_template=args.trust_request_chat_template,
@@ -186,6 +187,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--max-num-queued-reqs",
         type=int,
         help="answer 503 with Retry-After once this many requests wait for an engine (default: queue without limit)",
+    )
+    group.add_argument(
+        "--max-n",
+        type=int,
+        default=128,
+        help="most samples (n, or beams) one request may ask for; more is a 400 (default 128, OpenAI's limit)",
     )
     group.add_argument(
         "--max-request-size",

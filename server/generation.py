@@ -143,6 +143,8 @@ def engine_requests(
 ) -> list[EngineRequest]:
     """Every prompt as an engine request, each validated once (ValueError → 400) before any is sent: the
     request's id with a `-{index}` suffix when there are several."""
+    if request.n > ctx.settings.max_n:
+        raise APIError(f"n must be at most {ctx.settings.max_n}, got {request.n}.", param="n")
     options = {"priority": request.priority, "cache_salt": request.cache_salt}
     return [
         model.engine.process(

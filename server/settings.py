@@ -18,6 +18,7 @@ class ServerSettings:
     allow_credentials: bool = False
     root_path: str | None = None
     max_num_queued_reqs: int | None = None  # requests waiting per engine before new ones get a 503
+    max_n: int = 128  # most samples (or beams) per request
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     response_role: str = "assistant"
     trust_request_chat_template: bool = False

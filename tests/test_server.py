@@ -332,6 +332,8 @@ ERROR_CASES = [
      "stop_token_ids must be token ids"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "seed": 2**63}, 400, "Bad Request", "body.seed",
      "less than or equal to 9223372036854775807"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "n": 129}, 400, "BadRequestError", "n",
+     "n must be at most 128"),
     ("/v1/chat/completions", {"model": "llama", "messages": CHAT, "min_tokens": 1000000}, 400, "BadRequestError",
      None, "min_tokens must be less than or equal to max_tokens"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "use_beam_search": True, "logprobs": 1}, 400,
