@@ -256,6 +256,7 @@ class LLMEngine(EngineCore):
             num_requests_waiting=max(0, len(self._requests) - len(running)),
             kv_cache_usage=self.page_pool.usage,
             num_preemptions=self.scheduler.num_preemptions,
+            max_num_seqs=self.scheduler.config.max_num_seqs,
             prefix_cache_queries=self.scheduler.prefix_cache_stats.queries,
             prefix_cache_hits=self.scheduler.prefix_cache_stats.hits,
             compiles_after_warmup=self.compile_watch.count,

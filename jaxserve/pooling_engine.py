@@ -307,6 +307,7 @@ class PoolingEngine(EngineCore):
             num_requests_waiting=len(scheduler.waiting) if scheduler else self.batches.num_waiting,
             kv_cache_usage=self.page_pool.usage if self.page_pool else 0.0,
             num_preemptions=scheduler.num_preemptions if scheduler else 0,
+            max_num_seqs=self.runner.shape.max_num_seqs,
             compiles_after_warmup=self.compile_watch.count,
             prefix_cache_queries=scheduler.prefix_cache_stats.queries if scheduler else 0,
             prefix_cache_hits=scheduler.prefix_cache_stats.hits if scheduler else 0,

@@ -77,11 +77,13 @@ class ServedModel:
             )
 
     def admit(self, max_queued: int | None) -> Callable[[], None]:
-        """Count a request in (503 when `--max-num-queued-reqs` requests already wait for this engine); returns
-        the call that counts it out, safe to call twice. Waiting = admitted but not running, so requests still
-        being tokenized count too."""
+        """Count a request in (503 when `--max-num-queued-reqs` requests already wait for capacity in this
+        engine); returns the call that counts it out, safe to call twice. Waiting = admitted beyond what the
+        engine runs at once (its running sequences, at least `max_num_seqs`), so a burst that arrives within one
+        step is not turned away while sequence slots are free."""
         if max_queued is not None:
-            waiting = self.in_flight - self.engine.stats().num_requests_running
+            stats = self.engine.stats()
+            waiting = self.in_flight - max(stats.num_requests_running, stats.max_num_seqs)
             if waiting >= max_queued:
                 raise busy()
         self.in_flight += 1

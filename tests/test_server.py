@@ -551,6 +551,8 @@ def test_full_queue_answers_503_with_retry_after(served):
         responses = asyncio.run(main())
         busy = [r for r in responses if r.status_code == 503]
         assert busy and all(r.headers["retry-after"] == "1" for r in busy)
+        # the 8 sequence slots of the engine and the 2 queued places all take a request: only the rest wait
+        assert len(responses) - len(busy) >= TINY_ENGINE["max_num_seqs"] + 2
         assert all(r.json()["error"]["type"] == "Service Unavailable" for r in busy)
         assert all(r.status_code in (200, 503) for r in responses)
         assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
