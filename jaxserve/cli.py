@@ -136,6 +136,7 @@ def server_settings(args: argparse.Namespace):
     ]
     return ServerSettings(
         api_keys=api_keys,
+        api_key_all_routes=args.api_key_all_routes,
         enable_request_id_headers=args.enable_request_id_headers,
         allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods,
@@ -162,6 +163,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="require 'Authorization: Bearer <key>' on /v1/* (several keys allowed; default: $VLLM_API_KEY or "
         "$JAXSERVE_API_KEY, else no authentication)",
+    )
+    group.add_argument(
+        "--api-key-all-routes",
+        action="store_true",
+        help="with --api-key, require the key on every route (/pooling, /score, /rerank, /classify, /tokenize, "
+        "...) but /health, /ping, /version, /load, /metrics and the API description; by default, as in vLLM, "
+        "only /v1 and /v2 routes need it",
     )
     group.add_argument(
         "--served-model-name",

@@ -112,8 +112,8 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     if registry.any(lambda model: not _is_generative(model)):
         _add_pooling_routes(app, registry)
     _add_utility_routes(app)
-    # the last added is the outermost: request ids (on every response, 401 and 413 included), then the body
-    # limit, then auth, then CORS
+    # the last added is the outermost: request ids (on every response, 401 and 413 included), then auth (before
+    # any body is read), then the body limit, then CORS
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
@@ -121,9 +121,14 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
         allow_headers=settings.allowed_headers,
         allow_credentials=settings.allow_credentials,
     )
-    if settings.api_keys:
-        app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, root_path=settings.root_path)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.api_keys:
+        app.add_middleware(
+            AuthMiddleware,
+            api_keys=settings.api_keys,
+            root_path=settings.root_path,
+            all_routes=settings.api_key_all_routes,
+        )
     if settings.enable_request_id_headers:
         app.add_middleware(RequestIdMiddleware)
     return app

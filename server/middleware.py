@@ -20,6 +20,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROTECTED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+# open even with --api-key-all-routes: health and load probes, metrics, version, the API's own description
+OPEN_PATHS = ("/health", "/ping", "/version", "/load", "/metrics", "/openapi.json", "/docs", "/redoc")
 
 
 async def send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -30,13 +32,20 @@ async def send_json(send: Send, status: int, body: dict, headers: list[tuple[byt
 
 
 class AuthMiddleware:
-    """`Authorization: Bearer <key>` on /v1, /v2, /inference and /cohere; 401 `{"error": "Unauthorized"}`.
-    Keys are compared as SHA-256 digests in constant time."""
+    """`Authorization: Bearer <key>` on /v1, /v2, /inference and /cohere (vLLM's choice), or with `all_routes`
+    on every route but the probes and the API description (`OPEN_PATHS`); 401 `{"error": "Unauthorized"}`,
+    before any body is read. Keys are compared as SHA-256 digests in constant time."""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], root_path: str | None = None):
+    def __init__(self, app: ASGIApp, api_keys: list[str], root_path: str | None = None, all_routes: bool = False):
         self.app = app
         self.digests = [hashlib.sha256(key.encode()).digest() for key in api_keys]
         self.root_path = root_path or ""
+        self.all_routes = all_routes
+
+    def _protected(self, path: str) -> bool:
+        if self.all_routes:
+            return not path.startswith(OPEN_PATHS)
+        return path.startswith(PROTECTED_PREFIXES)
 
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -52,7 +61,7 @@ class AuthMiddleware:
         path = scope["path"]
         if self.root_path and path.startswith(self.root_path):
             path = path[len(self.root_path) :]
-        if path.startswith(PROTECTED_PREFIXES) and not self._authorized(scope):
+        if self._protected(path) and not self._authorized(scope):
             return await send_json(send, 401, {"error": "Unauthorized"})
         return await self.app(scope, receive, send)
 

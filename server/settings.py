@@ -11,6 +11,7 @@ DEFAULT_MAX_REQUEST_BYTES = 32 << 20
 @dataclasses.dataclass
 class ServerSettings:
     api_keys: list[str] = dataclasses.field(default_factory=list)  # empty: no authentication
+    api_key_all_routes: bool = False  # the key guards every route but the probes (else /v1, /v2 only, as vLLM)
     enable_request_id_headers: bool = False
     allowed_origins: list[str] = dataclasses.field(default_factory=list)
     allowed_methods: list[str] = dataclasses.field(default_factory=lambda: ["*"])

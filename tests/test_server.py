@@ -591,6 +591,24 @@ def test_api_key_cors_and_root_path(served):
             headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
         )
         assert "access-control-allow-origin" not in other.headers
+        assert httpx.post(f"{base}/tokenize", json={"model": "llama", "prompt": "hi"}).status_code == 200  # vLLM's
+
+
+def test_api_key_on_every_route_is_checked_before_the_body(served):
+    settings = ServerSettings(api_keys=["sk-one"], api_key_all_routes=True, max_request_bytes=BODY_LIMIT)
+    with background_server(served, settings) as base:
+        assert httpx.post(f"{base}/tokenize", json={"model": "llama", "prompt": "hi"}).status_code == 401
+        assert httpx.get(f"{base}/health").status_code == 200 and httpx.get(f"{base}/metrics").status_code == 200
+        key = {"Authorization": "Bearer sk-one"}
+        assert httpx.post(f"{base}/tokenize", json={"model": "llama", "prompt": "hi"}, headers=key).status_code == 200
+
+        def chunked():
+            yield b'{"model": "llama", "prompt": "'
+            yield b"x" * (BODY_LIMIT + 1)
+            yield b'"}'
+
+        unkeyed = httpx.post(f"{base}/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert unkeyed.status_code == 401  # refused before the oversized body is read
 
 
 def test_a_dead_engine_turns_health_to_503(tiny_models, llm_cache, monkeypatch):
