@@ -46,19 +46,22 @@ def completion_logprobs(
     text_offset: int,
     as_ids: bool = False,
 ) -> CompletionLogProbs:
-    """One token per position; an entry of None (a prompt's first token) has no logprob."""
-    result = CompletionLogProbs()
+    """One token per position; an entry of None (a prompt's first token) has no logprob. Every field is set
+    explicitly, so that a stream chunk (serialized without unset fields) carries them."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for token_id, entry in zip(token_ids, entries):
         chosen = entry.get(token_id) if entry else None
         token = _token(token_id, chosen, tokenizer, as_ids)
-        result.tokens.append(token)
-        result.token_logprobs.append(_value(chosen.logprob) if chosen else None)
-        result.top_logprobs.append(
+        tokens.append(token)
+        token_logprobs.append(_value(chosen.logprob) if chosen else None)
+        top_logprobs.append(
             {_token(t, lp, tokenizer, as_ids): _value(lp.logprob) for t, lp in entry.items()} if entry else None
         )
-        result.text_offset.append(text_offset)
+        offsets.append(text_offset)
         text_offset += len(token)
-    return result
+    return CompletionLogProbs(
+        text_offset=offsets, token_logprobs=token_logprobs, tokens=tokens, top_logprobs=top_logprobs
+    )
 
 
 def chat_logprobs(

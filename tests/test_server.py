@@ -195,6 +195,16 @@ def test_truncation_side_keeps_the_first_or_the_last_tokens(client, llms):
     assert chat.usage.prompt_tokens == 5
 
 
+def test_streamed_completion_chunks_carry_their_logprobs(url):
+    body = {"model": "llama", "prompt": PROMPTS[2], "max_tokens": 5, "temperature": 0, "logprobs": 2, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    carried = [chunk["choices"][0]["logprobs"] for chunk in chunks if chunk["choices"]]
+    assert sum(len(lp["tokens"]) for lp in carried) == 5
+    for lp in carried:
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+
+
 def test_stream_chunks_say_what_they_are(url):
     for route, body, kind in (
         ("/v1/completions", {"prompt": "hi"}, "text_completion"),
