@@ -66,13 +66,15 @@ class LLMEngine(EngineCore):
         compiled = self.compiled_for_here()
         num_pages = self.num_kv_pages(model, pages_per_seq, max_num_seqs, compiled)
         self.vocab_size = self.hf_config.vocab_size
+        # --max-logprobs -1: the whole vocabulary may be asked for
+        self.max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
         shape = RunnerShape(
             max_num_seqs,
             max_num_batched_tokens,
             CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG,
             pages_per_seq=pages_per_seq,
             vocab_size=self.vocab_size,
-            num_top_logprobs=config.max_logprobs,
+            num_top_logprobs=self.max_logprobs,
         )
         self.runner = ModelRunner(
             model, shape, num_pages, config.page_size, self.dtype, compile_only=self.target is not None
@@ -199,7 +201,7 @@ class LLMEngine(EngineCore):
         for kind, count in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
             if count is not None:
                 wanted = self.vocab_size if count == -1 else count
-                if wanted > self.config.max_logprobs:
+                if wanted > self.max_logprobs:
                     raise ValueError(
                         f"Requested {kind} logprobs of {wanted}, which is greater than max allowed: "
                         f"{self.config.max_logprobs}"

@@ -218,7 +218,9 @@ class RequestState:
         )
 
     def _logprob_entry(self, result: RowResult, num_top: int) -> TokenLogprobs:
+        """The chosen token and the `num_top` most likely ones (-1: every one the step returned)."""
         skip = self.params.skip_special_tokens
+        num_top = len(result.top_ids) if num_top == -1 else num_top
         entry = {result.token: Logprob(result.logprob, result.rank, self.tokenizer.token_text(result.token, skip))}
         for rank, (token, logprob) in enumerate(zip(result.top_ids[:num_top], result.top_logprobs[:num_top]), 1):
             token = int(token)

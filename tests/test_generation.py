@@ -185,3 +185,12 @@ def test_dummy_load_format_uses_random_weights(tiny_models, make_llm, greedy):
     llm = make_llm(tiny_models["tiny-qwen3"], load_format="dummy")
     out = llm.generate(PROMPT, GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 24 and out.token_ids != greedy.token_ids
+
+
+def test_max_logprobs_minus_one_returns_the_whole_vocabulary(tiny_models, make_llm):
+    llm = make_llm(tiny_models["tiny-llama"], max_logprobs=-1, max_num_batched_tokens=16)
+    vocab = llm.engine.vocab_size
+    params = GREEDY.clone(max_tokens=2, logprobs=-1, prompt_logprobs=-1)
+    output = llm.generate("a b c", params, use_tqdm=False)[0]
+    assert all(len(entry) == vocab for entry in output.outputs[0].logprobs)
+    assert all(len(entry) == vocab for entry in output.prompt_logprobs[1:])
