@@ -69,12 +69,10 @@ class ServedModel:
         return task in ("embed", "token_embed") or (task == "classify" and self.num_labels == 1)
 
     def check_task(self, task: str) -> None:
+        """A task the model lacks is a 400 in vLLM's words."""
         if task not in self.pooling_tasks:
-            raise APIError(
-                f"The model `{self.name}` does not support the {task} task; its tasks are: "
-                f"{', '.join(self.pooling_tasks) or 'generate'}.",
-                param="model",
-            )
+            supported = tuple(self.pooling_tasks) or ("generate",)
+            raise APIError(f"Unsupported task: {task!r} Supported tasks: {supported}", param="task")
 
     def admit(self, max_queued: int | None) -> Callable[[], None]:
         """Count a request in (503 when `--max-num-queued-reqs` requests already wait for capacity in this
