@@ -145,6 +145,7 @@ def server_settings(args: argparse.Namespace):
         root_path=args.root_path,
         max_num_queued_reqs=args.max_num_queued_reqs,
         max_n=args.max_n,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         max_request_bytes=args.max_request_size,
         response_role=args.response_role,
         trust_request_chat_template=args.trust_request_chat_template,
@@ -201,6 +202,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=128,
         help="most samples (n, or beams) one request may ask for; more is a 400 (default 128, OpenAI's limit)",
+    )
+    group.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help="logprob tokens as 'token_id:N' (for tokens that are not valid text alone) unless a request says "
+        "otherwise",
     )
     group.add_argument(
         "--max-request-size",

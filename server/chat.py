@@ -128,7 +128,7 @@ class _Chat:
     def _logprobs(self, token_ids, entries):
         if self.num_top is None:
             return None
-        as_ids = bool(self.request.return_tokens_as_token_ids)
+        as_ids = self.ctx.tokens_as_ids(self.request)
         return chat_logprobs(token_ids, entries, self.num_top, self.model.tokenizer, as_ids)
 
     def _outputs(self):

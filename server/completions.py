@@ -104,9 +104,7 @@ async def _whole(
             token_ids, entries = choice.token_ids, choice.logprobs
             if request.echo:
                 token_ids, entries = prompt.token_ids + token_ids, prompt_logprobs[index // n] + entries
-            logprobs = completion_logprobs(
-                token_ids, entries, model.tokenizer, 0, bool(request.return_tokens_as_token_ids)
-            )
+            logprobs = completion_logprobs(token_ids, entries, model.tokenizer, 0, ctx.tokens_as_ids(request))
         result.append(
             CompletionChoice(
                 index=index,
@@ -161,7 +159,7 @@ async def _stream(
             logprobs = None
             if request.logprobs is not None:
                 logprobs = completion_logprobs(
-                    token_ids, entries, model.tokenizer, offsets.get(index, 0), bool(request.return_tokens_as_token_ids)
+                    token_ids, entries, model.tokenizer, offsets.get(index, 0), ctx.tokens_as_ids(request)
                 )
                 offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs.tokens)
             choice = CompletionChoice(

@@ -9,7 +9,7 @@ import uuid
 from fastapi import Request
 
 from .metrics import ServerMetrics
-from .protocol import StreamOptions
+from .protocol import GenerationRequest, StreamOptions
 from .settings import ServerSettings
 
 
@@ -41,3 +41,10 @@ class RequestContext:
         if options is None:
             return False, False
         return bool(options.include_usage), bool(options.include_usage and options.continuous_usage_stats)
+
+    def tokens_as_ids(self, request: GenerationRequest) -> bool:
+        """Whether logprob tokens read `token_id:N`: the request's `return_tokens_as_token_ids`, else the
+        server's `--return-tokens-as-token-ids`."""
+        if request.return_tokens_as_token_ids is not None:
+            return request.return_tokens_as_token_ids
+        return self.settings.return_tokens_as_token_ids

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 MAX_STOP_STRINGS = 4
 
@@ -114,17 +114,17 @@ class TokenizeCompletionRequest(RequestBody):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
-    return_token_strs: bool | None = False
+    return_token_strs: StrictBool | None = False
 
 
 class TokenizeChatRequest(ChatTemplateFields):
     model: str | None = None
-    return_token_strs: bool | None = False
+    return_token_strs: StrictBool | None = False
 
 
 class DetokenizeRequest(RequestBody):
     model: str | None = None
-    tokens: list[int] = Field(..., min_length=0)
+    tokens: list[StrictInt] = Field(..., min_length=0)
 
     @field_validator("tokens")
     @classmethod

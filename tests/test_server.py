@@ -360,6 +360,8 @@ ERROR_CASES = [
      "top_logprobs", "logprobs"),
     ("/tokenize", {"model": "bert", "messages": CHAT}, 400, "BadRequestError", None, "chat template"),
     ("/detokenize", {"model": "llama", "tokens": [-1]}, 400, "Bad Request", None, "non-negative"),
+    ("/detokenize", {"model": "llama", "tokens": [False]}, 400, "Bad Request", "body.tokens.0", "valid integer"),
+    ("/tokenize", {"model": "llama", "prompt": "x", "return_token_strs": 0}, 400, "Bad Request", None, "valid boolean"),
 ]  # fmt: skip
 
 
@@ -619,6 +621,16 @@ def test_api_key_on_every_route_is_checked_before_the_body(served):
 
         unkeyed = httpx.post(f"{base}/v1/completions", content=chunked(), headers={"content-type": "application/json"})
         assert unkeyed.status_code == 401  # refused before the oversized body is read
+
+
+def test_return_tokens_as_token_ids_by_default(served):
+    with background_server(served, ServerSettings(return_tokens_as_token_ids=True)) as base:
+        body = {"model": "llama", "prompt": "hi", "max_tokens": 2, "logprobs": 1}
+        tokens = httpx.post(f"{base}/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+        assert tokens and all(t.startswith("token_id:") for t in tokens)
+        plain = {**body, "return_tokens_as_token_ids": False}
+        tokens = httpx.post(f"{base}/v1/completions", json=plain).json()["choices"][0]["logprobs"]["tokens"]
+        assert not any(t.startswith("token_id:") for t in tokens)
 
 
 def test_a_dead_engine_turns_health_to_503(tiny_models, llm_cache, monkeypatch):
