@@ -146,6 +146,7 @@ def server_settings(args: argparse.Namespace):
         max_num_queued_reqs=args.max_num_queued_reqs,
         max_n=args.max_n,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         max_request_bytes=args.max_request_size,
         response_role=args.response_role,
         trust_request_chat_template=args.trust_request_chat_template,
@@ -202,6 +203,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=128,
         help="most samples (n, or beams) one request may ask for; more is a 400 (default 128, OpenAI's limit)",
+    )
+    group.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served",
     )
     group.add_argument(
         "--return-tokens-as-token-ids",

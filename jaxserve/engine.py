@@ -297,7 +297,9 @@ class LLMEngine(EngineCore):
                 continue
             output = outputs.get(seq.seq_id)
             if output is None:
-                output = outputs[seq.seq_id] = EngineCoreOutput(seq.request_id, seq.index)
+                output = outputs[seq.seq_id] = EngineCoreOutput(
+                    seq.request_id, seq.index, num_cached_tokens=seq.num_cached_tokens
+                )
             wants_row = not is_sample or seq.params.logprobs is not None
             row = (
                 RowResult(tokens[r], logprobs[r], ranks[r], out.top_ids[r], out.top_logprobs[r]) if wants_row else None

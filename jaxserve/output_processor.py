@@ -47,6 +47,7 @@ class EngineCoreOutput:
     new_prompt_logprobs: list[RowResult] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "length", "stop" (EOS or a stop token) or "abort"
     stop_reason: int | None = None  # the stop token id, if one ended it
+    num_cached_tokens: int | None = None  # prompt tokens that came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -120,6 +121,7 @@ class RequestState:
         ]
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
+        self.num_cached_tokens: int | None = None
 
     @classmethod
     def of(cls, request: EngineRequest, tokenizer: Tokenizer) -> RequestState:
@@ -132,6 +134,8 @@ class RequestState:
     def add(self, core: EngineCoreOutput) -> bool:
         """Take a core output of this request; returns True when a stop string ended a sample that the core
         still runs (the caller must have the core finish it)."""
+        if core.index == 0 and core.num_cached_tokens is not None:
+            self.num_cached_tokens = core.num_cached_tokens
         for row in core.new_prompt_logprobs:
             self.prompt_logprobs.append(self._logprob_entry(row, self.params.prompt_logprobs))
         sample = self.samples[core.index]
@@ -215,6 +219,7 @@ class RequestState:
             prompt_logprobs=prompt_logprobs,
             outputs=completions,
             finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
         )
 
     def _logprob_entry(self, result: RowResult, num_top: int) -> TokenLogprobs:

@@ -41,6 +41,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None
     outputs: list[CompletionOutput]
     finished: bool
+    num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (vLLM's field)
 
 
 @dataclasses.dataclass

@@ -130,6 +130,8 @@ class Scheduler:
             self.pages.touch(cached)
             seq.pages = cached + self.pages.allocate(fresh)
             seq.num_registered_pages = len(cached)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.num_computed_tokens
             if seq.reads_prefix_cache and self.pages.enable_caching:
                 self.prefix_cache_stats.queries += seq.num_tokens
                 self.prefix_cache_stats.hits += seq.num_computed_tokens

@@ -138,9 +138,11 @@ class _Chat:
         n = self.request.n
         texts, token_ids, entries = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
-        prompt_logprobs = None
+        prompt_logprobs, cached = None, {}
         async for _, output in self._outputs():
             prompt_logprobs = output.prompt_logprobs or prompt_logprobs
+            if output.num_cached_tokens is not None:
+                cached[0] = output.num_cached_tokens
             for out in output.outputs:
                 texts[out.index] += out.text
                 token_ids[out.index] += out.token_ids
@@ -163,7 +165,7 @@ class _Chat:
             model=self.model.name,
             choices=choices,
             system_fingerprint=SYSTEM_FINGERPRINT,
-            usage=usage(len(self.prompt.token_ids), sum(len(t) for t in token_ids)),
+            usage=usage(len(self.prompt.token_ids), sum(len(t) for t in token_ids), self.ctx.cached_tokens(cached)),
             prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
             prompt_token_ids=self.prompt.token_ids if self.request.return_token_ids else None,
         )
@@ -178,6 +180,7 @@ class _Chat:
         include_usage, continuous = self.ctx.usage_options(self.request.stream_options)
         num_prompt = len(self.prompt.token_ids)
         num_generated = 0
+        cached: dict[int, int] = {}
 
         def running_usage() -> dict:
             return {"usage": usage(num_prompt, num_generated)} if continuous else {}
@@ -194,6 +197,8 @@ class _Chat:
                 echo = ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=self.echo), logprobs=None)
                 yield self._chunk(echo, **running_usage())
         async for _, output in self._outputs():
+            if output.num_cached_tokens is not None:
+                cached[0] = output.num_cached_tokens
             for out in output.outputs:
                 num_generated += len(out.token_ids)
                 carries_tokens = out.token_ids and (self.num_top is not None or self.request.return_token_ids)
@@ -216,6 +221,6 @@ class _Chat:
                 created=self.ctx.created,
                 model=self.model.name,
                 choices=[],
-                usage=usage(num_prompt, num_generated),
+                usage=usage(num_prompt, num_generated, self.ctx.cached_tokens(cached)),
             )
             yield sse(final)

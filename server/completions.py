@@ -86,7 +86,10 @@ async def _whole(
     n = request.n
     choices = {i * n + j: _Choice() for i in range(len(prompts)) for j in range(n)}
     prompt_logprobs: dict[int, list] = {}
+    cached: dict[int, int] = {}
     async for i, output in generate_all(model, engine_reqs, ctx):
+        if output.num_cached_tokens is not None:
+            cached[i] = output.num_cached_tokens
         if output.prompt_logprobs is not None:
             prompt_logprobs[i] = output.prompt_logprobs
         for out in output.outputs:
@@ -124,7 +127,7 @@ async def _whole(
         model=model.name,
         choices=result,
         system_fingerprint=SYSTEM_FINGERPRINT,
-        usage=usage(num_prompt_tokens, num_generated),
+        usage=usage(num_prompt_tokens, num_generated, ctx.cached_tokens(cached)),
     )
 
 
@@ -141,7 +144,10 @@ async def _stream(
     num_generated = 0
     started: set[int] = set()
     offsets: dict[int, int] = {}
+    cached: dict[int, int] = {}
     async for i, output in generate_all(model, engine_reqs, ctx):
+        if output.num_cached_tokens is not None:
+            cached[i] = output.num_cached_tokens
         for out in output.outputs:
             index = i * n + out.index
             num_generated += len(out.token_ids)
@@ -183,7 +189,7 @@ async def _stream(
             created=ctx.created,
             model=model.name,
             choices=[],
-            usage=usage(num_prompt_tokens, num_generated),
+            usage=usage(num_prompt_tokens, num_generated, ctx.cached_tokens(cached)),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
         yield sse(final)

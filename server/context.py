@@ -42,6 +42,11 @@ class RequestContext:
             return False, False
         return bool(options.include_usage), bool(options.include_usage and options.continuous_usage_stats)
 
+    def cached_tokens(self, outputs_cached: dict[int, int]) -> int | None:
+        """The prompt tokens the prefix cache served, summed over a request's prompts, when the server reports
+        them (--enable-prompt-tokens-details)."""
+        return sum(outputs_cached.values()) if self.settings.enable_prompt_tokens_details else None
+
     def tokens_as_ids(self, request: GenerationRequest) -> bool:
         """Whether logprob tokens read `token_id:N`: the request's `return_tokens_as_token_ids`, else the
         server's `--return-tokens-as-token-ids`."""

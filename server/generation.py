@@ -204,9 +204,13 @@ async def _one(output: Awaitable[RequestOutput]) -> AsyncIterator[RequestOutput]
     yield await output
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> UsageInfo:
+    """With `cached_tokens` (under --enable-prompt-tokens-details), `prompt_tokens_details.cached_tokens`."""
     return UsageInfo(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=None if cached_tokens is None else {"cached_tokens": cached_tokens},
     )
 
 

@@ -20,6 +20,7 @@ class ServerSettings:
     root_path: str | None = None
     max_num_queued_reqs: int | None = None  # requests waiting per engine before new ones get a 503
     max_n: int = 128  # most samples (or beams) per request
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens (prefix-cache hits)
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" unless a request says otherwise
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     response_role: str = "assistant"

@@ -633,6 +633,19 @@ def test_return_tokens_as_token_ids_by_default(served):
         assert not any(t.startswith("token_id:") for t in tokens)
 
 
+def test_prompt_tokens_details_count_the_cached_tokens(served):
+    with background_server(served, ServerSettings(enable_prompt_tokens_details=True)) as base:
+        body = {"model": "qwen", "prompt": " ".join(["a cached prefix"] * 20), "max_tokens": 1}
+        httpx.post(f"{base}/v1/completions", json=body)
+        again = httpx.post(f"{base}/v1/completions", json=body).json()["usage"]
+        assert again["prompt_tokens_details"]["cached_tokens"] >= 16
+        stream = {"model": "qwen", "messages": CHAT, "max_tokens": 1, "stream": True,
+                  "stream_options": {"include_usage": True}}  # fmt: skip
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=stream) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert "cached_tokens" in chunks[-1]["usage"]["prompt_tokens_details"]
+
+
 def test_a_dead_engine_turns_health_to_503(tiny_models, llm_cache, monkeypatch):
     llm = llm_cache(tiny_models["tiny-mistral"], TINY_ENGINE)
     engine = AsyncEngine(llm.engine)
