@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve import AsyncEngine, BeamSearchParams, SamplingParams
@@ -428,6 +430,40 @@ def test_a_bad_request_keeps_the_connection(url, body):
             answer = json.loads(replies.read(int(headers["content-length"])))
             assert status == expected and headers.get("connection") != "close", answer
         assert answer["choices"][0]["text"] is not None
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+FUZZED_ROUTES = {
+    "/v1/completions": {"model": "llama", "prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {"model": "llama", "messages": CHAT, "max_tokens": 2},
+    "/v1/embeddings": {"model": "bert", "input": "hi"},
+    "/pooling": {"model": "bert", "input": "hi"},
+    "/score": {"model": "bert", "queries": "a", "documents": ["b"]},
+    "/rerank": {"model": "bert", "query": "a", "documents": ["b"]},
+    "/tokenize": {"model": "llama", "prompt": "hi"},
+    "/detokenize": {"model": "llama", "tokens": [1, 2]},
+}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(sorted(FUZZED_ROUTES)), field=st.text(max_size=12) | st.sampled_from(
+    ["prompt", "messages", "input", "max_tokens", "n", "temperature", "logprobs", "top_logprobs", "stop", "seed",
+     "logit_bias", "tokens", "documents", "query", "queries", "dimensions", "encoding_format", "min_tokens",
+     "truncate_prompt_tokens", "stream", "use_beam_search", "priority", "response_format", "top_k"]
+), value=JSON_VALUES)  # fmt: skip
+def test_any_json_in_any_field_is_answered_without_a_5xx(url, route, field, value):
+    """Arbitrary JSON in one field of an otherwise valid body: 200 or a 4xx in the envelope, never a 5xx."""
+    body = {**FUZZED_ROUTES[route], field: value}
+    if field in ("max_tokens", "n") and isinstance(value, int) and value > 4:
+        body[field] = 4  # keep the work small; the bounds are tested elsewhere
+    response = httpx.post(f"{url}{route}", json=body, timeout=60)
+    assert response.status_code < 500, (route, body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["error"]["code"] == response.status_code
 
 
 # --- utility routes, headers, metrics ------------------------------------------------------------------------
