@@ -111,6 +111,7 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
         _add_generation_routes(app)
     if registry.any(lambda model: not _is_generative(model)):
         _add_pooling_routes(app, registry)
+    _add_invocations_route(app)
     _add_utility_routes(app)
     # the last added is the outermost: request ids (on every response, 401 and 413 included), then auth (before
     # any body is read), then the body limit, then CORS
@@ -244,6 +245,41 @@ def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
             app.add_api_route(path, score, methods=["POST"], dependencies=JSON_BODY, operation_id=f"score{path}")
         for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
             app.add_api_route(path, rerank, methods=["POST"], dependencies=JSON_BODY, operation_id=f"rerank{path}")
+
+
+def _add_invocations_route(app: FastAPI) -> None:
+    """`POST /invocations` (SageMaker): one route for every API, picked by the body's shape as vLLM picks it:
+    `messages` is a chat (an embedding of the conversation for a pooling model), `prompt` a completion, `input`
+    an embedding (a classification for a classifier, pooling otherwise), `query` with `documents` a rerank, and
+    `queries` / `text_1` / `data_1` a score."""
+
+    @app.post("/invocations", dependencies=JSON_BODY)
+    async def invocations(raw: Request) -> Response:
+        body = await raw.json()
+        if not isinstance(body, dict):
+            raise APIError("The body of /invocations must be a JSON object.")
+        model = state_of(raw).registry.get(body.get("model"))
+        pooling = model.runner == "pooling"
+        if "messages" in body and not pooling:
+            route = (ChatCompletionRequest, "generate", "Chat Completions API", "chatcmpl", create_chat_completion)
+        elif "prompt" in body and not pooling:
+            route = (CompletionRequest, "generate", "Completions API", "cmpl", create_completion)
+        elif "query" in body and "documents" in body:
+            route = (RerankRequest, "pooling", "Rerank API", "score", create_rerank)
+        elif any(key in body for key in ("queries", "text_1", "data_1")):
+            route = (ScoreRequest, "pooling", "Score API", "score", create_score)
+        elif ("input" in body or "messages" in body) and pooling:
+            if _embeds(model):
+                route = (EmbeddingRequest, "pooling", "Embeddings API", "embd", create_embedding)
+            elif _classifies(model):
+                route = (ClassificationRequest, "pooling", "Classification API", "classify", create_classification)
+            else:
+                route = (PoolingRequest, "pooling", "Pooling API", "pool", create_pooling)
+        else:
+            raise APIError("Cannot find a suitable handler for the request: give `messages`, `prompt`, `input`, "
+                           "`query` and `documents`, or `queries` and `documents`.")  # fmt: skip
+        kind, runner, api, prefix, create = route
+        return await _serve(raw, kind.model_validate(body), runner, api, prefix, create)
 
 
 def _add_utility_routes(app: FastAPI) -> None:

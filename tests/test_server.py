@@ -446,6 +446,7 @@ FUZZED_ROUTES = {
     "/rerank": {"model": "bert", "query": "a", "documents": ["b"]},
     "/tokenize": {"model": "llama", "prompt": "hi"},
     "/detokenize": {"model": "llama", "tokens": [1, 2]},
+    "/invocations": {"model": "llama", "prompt": "hi", "max_tokens": 2},
 }
 
 
@@ -657,6 +658,21 @@ def test_api_key_on_every_route_is_checked_before_the_body(served):
 
         unkeyed = httpx.post(f"{base}/v1/completions", content=chunked(), headers={"content-type": "application/json"})
         assert unkeyed.status_code == 401  # refused before the oversized body is read
+
+
+def test_invocations_routes_by_the_body(url):
+    completion = {"model": "llama", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    direct = httpx.post(f"{url}/v1/completions", json=completion).json()
+    routed = httpx.post(f"{url}/invocations", json=completion).json()
+    assert routed["object"] == "text_completion" and routed["choices"][0]["text"] == direct["choices"][0]["text"]
+    chat = {"model": "llama", "messages": CHAT, "max_tokens": 3, "temperature": 0}
+    assert httpx.post(f"{url}/invocations", json=chat).json()["object"] == "chat.completion"
+    embedding = httpx.post(f"{url}/invocations", json={"model": "bert", "input": "hi"}).json()
+    assert embedding["object"] == "list" and len(embedding["data"][0]["embedding"]) > 0
+    unknown = httpx.post(f"{url}/invocations", json={"model": "llama", "what": 1})
+    assert unknown.status_code == 400 and "suitable handler" in unknown.json()["error"]["message"]
+    bad = httpx.post(f"{url}/invocations", json={"model": "llama", "prompt": "x", "temperature": "hot"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "Bad Request"
 
 
 def test_return_tokens_as_token_ids_by_default(served):
