@@ -152,6 +152,7 @@ def server_settings(args: argparse.Namespace):
         trust_request_chat_template=args.trust_request_chat_template,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
         enable_force_include_usage=args.enable_force_include_usage,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         launched_at=args.launched_at,
     )
 
@@ -224,6 +225,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-request-id-headers", action="store_true", help="add X-Request-Id to every response")
     group.add_argument(
         "--enable-force-include-usage", action="store_true", help="usage in every stream, asked for or not"
+    )
+    group.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info: the tokenizer's class, configuration and chat template",
     )
     group.add_argument(
         "--allowed-origins", type=json.loads, default=[], help="CORS origins as JSON, e.g. '[\"*\"]' (default none)"

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Body, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -113,6 +113,8 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
         _add_pooling_routes(app, registry)
     _add_invocations_route(app)
     _add_utility_routes(app)
+    if settings.enable_tokenizer_info_endpoint:
+        _add_tokenizer_info_route(app)
     # the last added is the outermost: request ids (on every response, 401 and 413 included), then auth (before
     # any body is read), then the body limit, then CORS
     app.add_middleware(
@@ -280,6 +282,21 @@ def _add_invocations_route(app: FastAPI) -> None:
                            "`query` and `documents`, or `queries` and `documents`.")  # fmt: skip
         kind, runner, api, prefix, create = route
         return await _serve(raw, kind.model_validate(body), runner, api, prefix, create)
+
+
+def _add_tokenizer_info_route(app: FastAPI) -> None:
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(raw: Request, model: str | None = None) -> dict[str, Any]:
+        """The tokenizer's class, its configuration (the plain values of it) and chat template, as vLLM's
+        `--enable-tokenizer-info-endpoint` gives them."""
+        hf = state_of(raw).registry.get(model).tokenizer.hf
+        plain = (str, int, float, bool, type(None))
+        config = {k: v for k, v in hf.init_kwargs.items() if isinstance(v, plain) or _plain_list(v)}
+        return {**config, "tokenizer_class": type(hf).__name__, "chat_template": hf.chat_template}
+
+
+def _plain_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str | int | float | bool) for item in value)
 
 
 def _add_utility_routes(app: FastAPI) -> None:

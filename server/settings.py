@@ -27,4 +27,5 @@ class ServerSettings:
     trust_request_chat_template: bool = False
     default_chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     enable_force_include_usage: bool = False
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (it shows the chat template)
     launched_at: float | None = None  # time.time() when the server was launched: start-up is measured from it

@@ -675,6 +675,13 @@ def test_invocations_routes_by_the_body(url):
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "Bad Request"
 
 
+def test_tokenizer_info_only_when_enabled(url, served):
+    assert httpx.get(f"{url}/tokenizer_info").status_code == 404
+    with background_server(served, ServerSettings(enable_tokenizer_info_endpoint=True)) as base:
+        info = httpx.get(f"{base}/tokenizer_info", params={"model": "qwen"}).json()
+        assert info["tokenizer_class"] and "chat_template" in info
+
+
 def test_return_tokens_as_token_ids_by_default(served):
     with background_server(served, ServerSettings(return_tokens_as_token_ids=True)) as base:
         body = {"model": "llama", "prompt": "hi", "max_tokens": 2, "logprobs": 1}
