@@ -28,6 +28,7 @@ from .context import RequestContext, random_id
 from .errors import APIError, install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from .openapi import install_openapi
 from .pooling import create_classification, create_embedding, create_pooling, create_rerank, create_score
 from .pooling_protocol import ClassificationRequest, EmbeddingRequest, PoolingRequest, RerankRequest, ScoreRequest
 from .protocol import (
@@ -107,6 +108,7 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="jaxserve", version=jaxserve_version(), lifespan=lifespan)
     app.state.server = ServerState(registry, settings, metrics)
     install_error_handlers(app)
+    install_openapi(app)
     if registry.any(_is_generative):
         _add_generation_routes(app)
     if registry.any(lambda model: not _is_generative(model)):

@@ -682,6 +682,18 @@ def test_tokenizer_info_only_when_enabled(url, served):
         assert info["tokenizer_class"] and "chat_template" in info
 
 
+def test_openapi_documents_the_statuses_sent(url):
+    spec = httpx.get(f"{url}/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (path, method)
+            if method == "post":
+                error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+                assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "content" not in spec["paths"]["/health"]["get"]["responses"]["200"]
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
 def test_return_tokens_as_token_ids_by_default(served):
     with background_server(served, ServerSettings(return_tokens_as_token_ids=True)) as base:
         body = {"model": "llama", "prompt": "hi", "max_tokens": 2, "logprobs": 1}
