@@ -26,8 +26,6 @@ from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams
 from .tokenizer import Tokenizer
 
-NEG_INF = -1.0e9  # HF's score of an empty finished slot
-
 
 @dataclasses.dataclass(frozen=True)
 class BeamSearchParams:
