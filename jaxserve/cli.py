@@ -148,6 +148,8 @@ def server_settings(args: argparse.Namespace):
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         max_request_bytes=args.max_request_size,
+        request_header_timeout=args.request_header_timeout or None,
+        request_body_timeout=args.request_body_timeout or None,
         response_role=args.response_role,
         trust_request_chat_template=args.trust_request_chat_template,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
@@ -222,6 +224,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default="32MiB",
         help="largest request body; bigger ones get 413 (default 32MiB)",
     )
+    group.add_argument(
+        "--request-header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, else 408 and the connection closes (0: no limit; "
+        "default 30)",
+    )
+    group.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client has to send a request's body once its headers are in, else 408 (0: no limit; "
+        "default 60)",
+    )
     group.add_argument("--enable-request-id-headers", action="store_true", help="add X-Request-Id to every response")
     group.add_argument(
         "--enable-force-include-usage", action="store_true", help="usage in every stream, asked for or not"
@@ -237,7 +253,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allowed-methods", type=json.loads, default=["*"], help="CORS methods as JSON")
     group.add_argument("--allowed-headers", type=json.loads, default=["*"], help="CORS headers as JSON")
     group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
-    group.add_argument("--root-path", help="path prefix when served behind a proxy that adds one")
+    group.add_argument(
+        "--root-path",
+        help="path prefix of the API behind a proxy, e.g. /llm: requests may keep it (/llm/v1/models) or have it "
+        "stripped (/v1/models)",
+    )
     group.add_argument(
         "--uvicorn-log-level",
         default="info",

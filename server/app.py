@@ -27,7 +27,7 @@ from .completions import create_completion
 from .context import RequestContext, random_id
 from .errors import APIError, install_error_handlers
 from .metrics import ServerMetrics
-from .middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from .middleware import AuthMiddleware, RequestBodyMiddleware, RequestIdMiddleware, RootPathMiddleware
 from .openapi import install_openapi
 from .pooling import create_classification, create_embedding, create_pooling, create_rerank, create_score
 from .pooling_protocol import ClassificationRequest, EmbeddingRequest, PoolingRequest, RerankRequest, ScoreRequest
@@ -117,8 +117,8 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     _add_utility_routes(app)
     if settings.enable_tokenizer_info_endpoint:
         _add_tokenizer_info_route(app)
-    # the last added is the outermost: request ids (on every response, 401 and 413 included), then auth (before
-    # any body is read), then the body limit, then CORS
+    # the last added is the outermost: the root path, request ids (on every response, 401 and 413 included), then auth (before
+    # any body is read), then the body (its size limit and deadline), then CORS
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
@@ -126,16 +126,19 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
         allow_headers=settings.allowed_headers,
         allow_credentials=settings.allow_credentials,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestBodyMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.request_body_timeout
+    )
     if settings.api_keys:
         app.add_middleware(
             AuthMiddleware,
             api_keys=settings.api_keys,
-            root_path=settings.root_path,
             all_routes=settings.api_key_all_routes,
         )
     if settings.enable_request_id_headers:
         app.add_middleware(RequestIdMiddleware)
+    if settings.root_path:
+        app.add_middleware(RootPathMiddleware, root_path=settings.root_path)
     return app
 
 

@@ -10,10 +10,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from .app import build_app
+from .header_timeout import with_header_timeout
 from .served_models import ModelRegistry, ServedModel
 from .settings import ServerSettings
 
@@ -26,6 +29,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def uvicorn_config(app: FastAPI, settings: ServerSettings, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's configuration for `app`: never uvicorn's root path (the app sets its own, see
+    `RootPathMiddleware`), and the header deadline as a protocol of ours (uvicorn has none; the body's deadline
+    is in the middleware)."""
+    http = "auto" if settings.request_header_timeout is None else with_header_timeout(settings.request_header_timeout)
+    return uvicorn.Config(app, http=http, timeout_graceful_shutdown=None, **kwargs)
+
+
 @contextlib.contextmanager
 def background_server(
     models: list[ServedModel], settings: ServerSettings | None = None, access_log: bool = False
@@ -35,9 +46,7 @@ def background_server(
     settings = settings or ServerSettings()
     app = build_app(ModelRegistry(models), settings)
     port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=access_log, root_path=settings.root_path or ""
-    )
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning", access_log=access_log)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -62,14 +71,8 @@ def run_server(
     access_log: bool = True,
 ) -> None:
     app = build_app(ModelRegistry(models), settings)
-    config = uvicorn.Config(
-        app,
-        host=host or "0.0.0.0",
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=None,
-        root_path=settings.root_path or "",
+    config = uvicorn_config(
+        app, settings, host=host or "0.0.0.0", port=port, log_level=log_level, access_log=access_log
     )
     for model in models:
         logger.info("Serving %s (%s) as %s", model.root, model.runner, ", ".join(model.names))

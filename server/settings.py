@@ -23,6 +23,8 @@ class ServerSettings:
     enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens (prefix-cache hits)
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" unless a request says otherwise
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    request_header_timeout: float | None = 30.0  # seconds to send a request's headers, else 408 (None: no limit)
+    request_body_timeout: float | None = 60.0  # seconds to send its body once the headers are in, else 408
     response_role: str = "assistant"
     trust_request_chat_template: bool = False
     default_chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -402,6 +402,43 @@ def test_transport_level_errors(url):
     assert httpx.post(f"{url}/v1/completions", json={"model": "llama", "prompt": "hi", "max_tokens": 2}).is_success
 
 
+def _raw_exchange(base: str, parts: list[bytes], pause: float) -> bytes:
+    """Send `parts` over a raw connection with `pause` seconds between them; what the server sent until it closed."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        try:
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(pause)
+        except OSError:  # closed on us mid-send
+            pass
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_slow_clients_time_out_with_a_408(served):
+    settings = ServerSettings(request_header_timeout=0.6, request_body_timeout=0.6)
+    with background_server(served, settings) as base:
+        trickled_headers = [b"POST /v1/completions HTTP/1.1\r\n", *(b"X-Slow: %d\r\n" % i for i in range(6))]
+        started = time.monotonic()
+        answer = _raw_exchange(base, trickled_headers, pause=0.25)
+        assert answer.startswith(b"HTTP/1.1 408") and b'"code": 408' in answer
+        assert time.monotonic() - started < 5
+        silent = _raw_exchange(base, [], pause=0)  # opened and never wrote
+        assert silent.startswith(b"HTTP/1.1 408")
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n"
+        )
+        trickled_body = _raw_exchange(base, [head, *(b" " for _ in range(6))], pause=0.25)
+        assert trickled_body.startswith(b"HTTP/1.1 408") and b"request body" in trickled_body
+        with httpx.Client(base_url=base) as http:  # kept alive past the header deadline, then used again
+            assert http.post("/v1/completions", json={"model": "llama", "prompt": "hi", "max_tokens": 2}).is_success
+            time.sleep(1.0)
+            assert http.get("/v1/models").is_success
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -623,7 +660,10 @@ def test_api_key_cors_and_root_path(served):
         assert denied.headers["x-request-id"] == "denied"
         assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(f"{base}/v1/models", headers={"Authorization": "bearer sk-two"}).status_code == 200
-        # behind a proxy that strips /prefix: requests arrive without it, and the API documents itself under it
+        # behind a proxy that keeps /prefix, or one that strips it; the API documents itself under it
+        kept = httpx.get(f"{base}/prefix/v1/models", headers={"Authorization": "Bearer sk-one"})
+        assert kept.status_code == 200 and kept.json()["data"]
+        assert httpx.get(f"{base}/prefix/v1/models").status_code == 401
         assert httpx.get(f"{base}/openapi.json").json()["servers"] == [{"url": "/prefix"}]
         assert httpx.get(f"{base}/health").status_code == 200  # outside /v1: open
         keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-one", max_retries=0)
