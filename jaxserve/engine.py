@@ -28,7 +28,7 @@ from .errors import PromptTooLongError
 from .kv_pages import PagePool
 from .models.registry import create_causal_lm
 from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
-from .outputs import RequestOutput
+from .outputs import RequestOutput, RequestStateStats
 from .request import EngineRequest
 from .runner import ModelRunner, RunnerShape
 from .sampler import NUM_BIAS_SLOTS
@@ -158,6 +158,7 @@ class LLMEngine(EngineCore):
         # prompt logprobs (sample 0's) need every prompt position computed; penalties read token histories that
         # a step builds from the tokens it computes
         penalized = params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
+        stats = RequestStateStats()  # queued now; the scheduler stamps its first scheduling and counts preemptions
         seqs = [
             Sequence(
                 seq_id=next(self._seq_ids),
@@ -172,6 +173,7 @@ class LLMEngine(EngineCore):
                 priority=request.priority,
                 cache_salt=request.cache_salt,
                 reads_prefix_cache=not penalized and not (params.prompt_logprobs is not None and i == 0),
+                stats=stats,
             )
             for i in range(params.n)
         ]
@@ -281,13 +283,16 @@ class LLMEngine(EngineCore):
         inputs, rows = self.runner.prepare(plan, self._step_biases(plan))
         step = InFlight(plan, self.runner.dispatch(inputs), rows)
         self.scheduler.commit(plan)
+        self.iteration_tokens.observe(plan.num_tokens)
         return step
 
     def _process(self, step: InFlight) -> list[EngineCoreOutput]:
         """A step's sampled tokens into its sequences, with the stops that depend on token ids only (length,
         EOS, stop tokens). A sequence that finished (or was aborted) since the step was dispatched discards its
-        token."""
+        token. Its outputs carry the time its tokens reached the host (under async scheduling, while the next
+        step already runs)."""
         out = self.runner.fetch(step.out)
+        now = time.monotonic()
         tokens, logprobs, ranks = out.tokens.tolist(), out.logprobs.tolist(), out.ranks.tolist()
         chunks = step.plan.chunks
         outputs: dict[int, EngineCoreOutput] = {}
@@ -298,7 +303,7 @@ class LLMEngine(EngineCore):
             output = outputs.get(seq.seq_id)
             if output is None:
                 output = outputs[seq.seq_id] = EngineCoreOutput(
-                    seq.request_id, seq.index, num_cached_tokens=seq.num_cached_tokens
+                    seq.request_id, seq.index, num_cached_tokens=seq.num_cached_tokens, stats=seq.stats, timestamp=now
                 )
             wants_row = not is_sample or seq.params.logprobs is not None
             row = (

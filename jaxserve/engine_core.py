@@ -30,7 +30,7 @@ from .compiled import BucketPrograms
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from .kernels_pallas import kv_cache_shape, select_kernels
 from .model_source import cache_root, embedded_chat_template, load_hf_config, resolve_model
-from .stats import EngineStats
+from .stats import EngineStats, IterationTokens
 from .targets import Target, attached_target, get_target
 from .tokenizer import Tokenizer, load_chat_template
 from .weights import load_weights
@@ -76,6 +76,7 @@ class EngineCore(abc.ABC):
         self._rng = random.Random(config.seed)
         self.async_scheduling = config.async_scheduling
         self._in_flight: InFlight | None = None
+        self.iteration_tokens = IterationTokens()  # steps by tokens scheduled (each `_dispatch` observes its own)
 
     def load_model(
         self,
@@ -232,7 +233,8 @@ class EngineCore(abc.ABC):
         return int(num_pages)
 
     def _startup_stats(self, stats: EngineStats) -> EngineStats:
-        """`stats` with the start-up times and the compiled buckets filled in."""
+        """`stats` with what every engine reports filled in: the start-up times and the compiled buckets, the steps
+        by tokens scheduled, and the KV cache's configuration."""
         programs = self.runner.programs
         return dataclasses.replace(
             stats,
@@ -240,7 +242,28 @@ class EngineCore(abc.ABC):
             compile_seconds=self.startup.compile_seconds,
             buckets_compiled=len(programs.ready_rungs),
             buckets_total=len(programs.rungs),
+            iteration_tokens_counts=tuple(self.iteration_tokens.counts),
+            iteration_tokens_sum=self.iteration_tokens.total,
+            cache_config=self._cache_config(),
         )
+
+    def _cache_config(self) -> tuple[tuple[str, str], ...]:
+        """The paged KV cache's configuration under vLLM's CacheConfig names, as `vllm:cache_config_info` labels
+        (values as Python prints them); empty for an engine without one."""
+        pool = getattr(self, "page_pool", None)
+        if pool is None:
+            return ()
+        config = self.config
+        info = {
+            "block_size": pool.page_size,
+            "num_gpu_blocks": pool.num_pages,
+            "num_gpu_blocks_override": config.num_kv_pages,
+            "enable_prefix_caching": pool.enable_caching,
+            "cache_dtype": np.dtype(self.dtype).name,
+            "gpu_memory_utilization": config.gpu_memory_utilization,
+            "kv_cache_memory_bytes": config.kv_cache_memory,
+        }
+        return tuple((key, str(value)) for key, value in info.items())
 
 
 def enable_compilation_cache(directory: Path) -> None:

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from .outputs import CompletionOutput, Logprob, RequestOutput, RequestStateStats, TokenLogprobs
 from .request import EngineRequest
 from .sampling_params import RequestOutputKind, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -48,6 +48,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "length", "stop" (EOS or a stop token) or "abort"
     stop_reason: int | None = None  # the stop token id, if one ended it
     num_cached_tokens: int | None = None  # prompt tokens that came from the prefix cache
+    stats: RequestStateStats | None = None  # the request's timeline in the core (shared, updated by the core)
+    timestamp: float | None = None  # when the step's tokens reached the host (time.monotonic())
 
     @property
     def finished(self) -> bool:
@@ -122,6 +124,10 @@ class RequestState:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
         self.num_cached_tokens: int | None = None
+        self.core_stats: RequestStateStats | None = None
+        # when the first and the last token the caller sees reached the host (tokens past a stop string do not count)
+        self.first_token_ts: float | None = None
+        self.last_token_ts: float | None = None
 
     @classmethod
     def of(cls, request: EngineRequest, tokenizer: Tokenizer) -> RequestState:
@@ -136,15 +142,23 @@ class RequestState:
         still runs (the caller must have the core finish it)."""
         if core.index == 0 and core.num_cached_tokens is not None:
             self.num_cached_tokens = core.num_cached_tokens
+        if core.stats is not None:
+            self.core_stats = core.stats
         for row in core.new_prompt_logprobs:
             self.prompt_logprobs.append(self._logprob_entry(row, self.params.prompt_logprobs))
         sample = self.samples[core.index]
+        if sample.finished and core.new_token_ids:
+            return False  # tokens past a stop string, made before the core heard of it
         last = len(core.new_token_ids) - 1
         for i, token in enumerate(core.new_token_ids):
             if sample.finished:
-                return False  # tokens past a stop string, made before the core heard of it
+                break  # the rest are past the stop string this output's tokens ended with
             row = core.new_logprobs[i] if core.new_logprobs else None
             self._add_token(sample, token, row, core if i == last and core.finished else None)
+        if core.new_token_ids and core.timestamp is not None:
+            if self.first_token_ts is None:
+                self.first_token_ts = core.timestamp
+            self.last_token_ts = core.timestamp
         if core.finished and not sample.finished:
             sample.finish_reason = core.finish_reason  # aborted before any token
         return sample.finished and not core.finished
@@ -220,6 +234,16 @@ class RequestState:
             outputs=completions,
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
+            metrics=self.metrics() if self.finished else None,
+        )
+
+    def metrics(self) -> RequestStateStats | None:
+        """The request's timeline now: the core's (queued, first scheduled, preemptions) with the times its first
+        and last visible tokens reached the host."""
+        if self.core_stats is None:
+            return None
+        return dataclasses.replace(
+            self.core_stats, first_token_ts=self.first_token_ts, last_token_ts=self.last_token_ts
         )
 
     def _logprob_entry(self, result: RowResult, num_top: int) -> TokenLogprobs:

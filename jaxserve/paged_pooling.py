@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,7 @@ class PagedPoolingBatches:
     def process(self, step: InFlight) -> list[PoolingRequestOutput]:
         """The outputs of the sequences whose last chunk the step computed (those not aborted meanwhile)."""
         outputs = self.runner.fetch(step.out)
+        now = time.monotonic()
         results, offset = [], 0
         for i, chunk in enumerate(step.plan.chunks):
             seq = chunk.seq
@@ -202,7 +204,10 @@ class PagedPoolingBatches:
             else:
                 data = outputs[request.task][i, : request.dimensions]
             prompt = seq.token_ids[: seq.num_prompt_tokens]
-            results.append(PoolingRequestOutput(seq.request_id, prompt, PoolingOutput(data), request.task))
+            seq.stats.first_token_ts = seq.stats.last_token_ts = now
+            results.append(
+                PoolingRequestOutput(seq.request_id, prompt, PoolingOutput(data), request.task, metrics=seq.stats)
+            )
             self._finish(seq)
         return results
 

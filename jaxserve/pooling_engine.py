@@ -27,12 +27,12 @@ from .errors import PromptTooLongError
 from .kv_pages import PagePool
 from .models.batch import PackedBatch
 from .models.registry import pooling_model_class
-from .outputs import PoolingOutput, PoolingRequestOutput
+from .outputs import PoolingOutput, PoolingRequestOutput, RequestStateStats
 from .paged_pooling import PagedPoolingBatches, PagedPoolingRunner, PagedPoolingShape, PooledSequence
 from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors
 from .pooling_params import TASKS, PoolingParams, PoolingPrompt
 from .request import EngineRequest
-from .scheduler import SchedulerConfig
+from .scheduler import SchedulerConfig, StepPlan
 from .st_config import read_st_config
 from .stats import EngineStats
 from .truncation import max_length, truncate
@@ -46,6 +46,7 @@ class PoolingRequest:
     token_ids: list[int]
     token_type_ids: list[int] | None
     pooled: PooledSequence
+    stats: RequestStateStats = dataclasses.field(default_factory=RequestStateStats)  # queued when made
 
 
 def empty_pooling_inputs(shape: BucketShape, num_tokens: int) -> PoolingInputs:
@@ -318,7 +319,10 @@ class PoolingEngine(EngineCore):
         return self.batches.schedule()
 
     def _dispatch(self, plan) -> InFlight:
-        return self.batches.dispatch(plan)
+        step = self.batches.dispatch(plan)
+        tokens = plan.num_tokens if isinstance(plan, StepPlan) else sum(len(r.token_ids) for r in plan)
+        self.iteration_tokens.observe(tokens)
+        return step
 
     def _process(self, step: InFlight) -> list[PoolingRequestOutput]:
         return self.batches.process(step)
@@ -365,6 +369,9 @@ class PackedBatches:
         ):
             batch.append(self._waiting.popleft())
             tokens += len(batch[-1].token_ids)
+        now = time.monotonic()
+        for request in batch:
+            request.stats.scheduled_ts = now
         return batch or None
 
     def dispatch(self, batch: list[PoolingRequest]) -> InFlight:
@@ -376,6 +383,7 @@ class PackedBatches:
         """Each request's slice of its task's output: [dim] (or `dimensions`), or [num_tokens, dim] for token
         tasks."""
         outputs = self.runner.fetch(step.out)
+        now = time.monotonic()
         results, offset = [], 0
         for i, request in enumerate(step.plan):
             n, task = len(request.token_ids), request.pooled.task
@@ -385,5 +393,10 @@ class PackedBatches:
             else:
                 data = outputs[task][i, : request.pooled.dimensions]
             offset += n
-            results.append(PoolingRequestOutput(request.request_id, request.token_ids, PoolingOutput(data), task))
+            request.stats.first_token_ts = request.stats.last_token_ts = now
+            results.append(
+                PoolingRequestOutput(
+                    request.request_id, request.token_ids, PoolingOutput(data), task, metrics=request.stats
+                )
+            )
         return results

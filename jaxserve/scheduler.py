@@ -12,12 +12,16 @@ the first has computed the prompt's full pages, and then share them.
 
 Under async scheduling a step is planned before the previous one's sampled tokens reach the host: a sampled
 token is pending (`Sequence.num_pending_tokens`) until then, and the next step reads it on the device.
+
+For the per-request metrics, a request's timeline (`Sequence.stats`) gets the time it was first scheduled and a
+count of its preemptions.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import time
 
 from .kv_pages import PagePool, page_hashes
 from .sequence import Sequence, SequenceStatus
@@ -136,6 +140,8 @@ class Scheduler:
                 self.prefix_cache_stats.queries += seq.num_tokens
                 self.prefix_cache_stats.hits += seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
+            if seq.stats.scheduled_ts is None:
+                seq.stats.scheduled_ts = time.monotonic()
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
             budget.take(chunk)
@@ -241,6 +247,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         self.add(seq)  # by arrival (and priority): ahead of every request that came after it
         self.num_preemptions += 1
+        seq.stats.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
         self.pages.free(seq.pages)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from .outputs import RequestStateStats
 from .pooling_params import PoolingParams
 from .sampling_params import SamplingParams
 
@@ -47,6 +48,8 @@ class Sequence:
     page_hashes: list[int] = dataclasses.field(default_factory=list)  # of the full pages of token_ids
     num_registered_pages: int = 0  # pages offered to the prefix cache since the sequence (re)started
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first scheduled
+    # the request's timeline (queued, first scheduled) and preemptions, shared by its samples
+    stats: RequestStateStats = dataclasses.field(default_factory=RequestStateStats)
 
     @property
     def num_tokens(self) -> int:

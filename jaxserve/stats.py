@@ -1,8 +1,13 @@
-"""A snapshot of an engine's load, read by the server for `/metrics`, `/load` and admission control."""
+"""A snapshot of an engine's load, read by the server for `/metrics`, `/load` and admission control; and the
+per-step count of scheduled tokens behind `vllm:iteration_tokens_total`."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+
+# vLLM's bucket bounds for `vllm:iteration_tokens_total` (tokens scheduled in one engine step)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,3 +24,21 @@ class EngineStats:
     compile_seconds: float = 0.0  # start-up: compiling the buckets needed before the first step
     buckets_compiled: int = 0  # compiled programs so far (the rest compile in the background)
     buckets_total: int = 0
+    # steps by tokens scheduled, since start: the count per bucket of ITERATION_TOKENS_BUCKETS (not cumulative),
+    # the last for more than the largest bound; and the tokens of all of them
+    iteration_tokens_counts: tuple[int, ...] = ()
+    iteration_tokens_sum: int = 0
+    # the KV cache's configuration, as labels of `vllm:cache_config_info` (vLLM's names); empty without a cache
+    cache_config: tuple[tuple[str, str], ...] = ()
+
+
+class IterationTokens:
+    """Counts the engine's steps by how many tokens each scheduled: one bisect per step."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
+        self.total = 0
+
+    def observe(self, num_tokens: int) -> None:
+        self.counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, num_tokens)] += 1
+        self.total += num_tokens

@@ -164,10 +164,15 @@ async def generate_all(
     done = object()
 
     async def pump(index: int, request: EngineRequest) -> None:
-        recorder = ctx.metrics.start_request(model.name, len(request.prompt_token_ids))
+        params = request.params
+        if isinstance(params, BeamSearchParams):
+            n, max_tokens = params.beam_width, params.max_tokens
+        else:
+            n, max_tokens = params.n, request.max_tokens
+        recorder = ctx.metrics.start_request(model.name, len(request.prompt_token_ids), n=n, max_tokens=max_tokens)
         finish_reason = "abort"
         try:
-            if isinstance(request.params, BeamSearchParams):
+            if isinstance(params, BeamSearchParams):
                 outputs = _one(model.engine.beam_search(request))
             else:
                 outputs = model.engine.generate_request(request)
@@ -175,6 +180,8 @@ async def generate_all(
                 recorder.tokens_generated(sum(len(c.token_ids) for c in output.outputs))
                 if output.finished:
                     finish_reason = output.outputs[-1].finish_reason or "stop"
+                    if output.metrics is not None:  # beam search's merged output has no one timeline
+                        recorder.engine_finished(output.metrics)
                 await queue.put((index, output))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which reports it
             finish_reason = "error"

@@ -3,12 +3,14 @@
 Every series carries the labels `model_name` (the served model's first name) and `engine` (always "0"). Each
 `ServerMetrics` owns a private `CollectorRegistry`, so several apps (or tests) in one process never clash.
 
-Request-level metrics (token counters, latency and length histograms) are recorded by the server through a
-`RequestMetrics` per request. Engine-level metrics (running/waiting requests, KV-cache usage, preemptions, prefix-cache queries and hits, compiles
-after warm-up, start-up times and compiled buckets) are read from the engines' `EngineStats` when the registry is
-scraped. `jaxserve:startup_seconds` is set once the server answers.
+Request-level metrics (token counters, latency and length histograms, the `n` and `max_tokens` parameters, and
+from the engine's timeline of each finished request its queue, inference, prefill and decode times and its
+preemptions) are recorded by the server through a `RequestMetrics` per request. Engine-level metrics
+(running/waiting requests, waiting by reason, KV-cache usage and configuration, preemptions, prefix-cache queries
+and hits, steps by tokens scheduled, compiles after warm-up, start-up times and compiled buckets) are read from the
+engines' `EngineStats` when the registry is scraped. `jaxserve:startup_seconds` is set once the server answers.
 
-Never imports jax: only the standard library and prometheus_client.
+Never imports jax: only the standard library, prometheus_client and the plain-data `jaxserve.stats`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from jaxserve.stats import ITERATION_TOKENS_BUCKETS
+
 if TYPE_CHECKING:
+    from jaxserve.outputs import RequestStateStats
     from jaxserve.stats import EngineStats
 
 __all__ = ["ServerMetrics", "RequestMetrics"]
@@ -44,6 +49,8 @@ E2E_BUCKETS = (
 TOKEN_BUCKETS = (
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000,
 )  # fmt: skip
+N_BUCKETS = (1, 2, 5, 10, 20)
+PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 
 STARTUP_GAUGES = {
     "jaxserve:startup_load_seconds": "Seconds the engine took to build the model and load its weights.",
@@ -68,6 +75,16 @@ class _EngineStatsCollector(Collector):
         )
         waiting = GaugeMetricFamily(
             "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels=LABELS
+        )
+        waiting_by_reason = GaugeMetricFamily(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; "
+            "'deferred' = deferred by transient constraints. Sum of all reasons equals vllm:num_requests_waiting.",
+            labels=(*LABELS, "reason"),
+        )
+        cache_config = Metric("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", "gauge")
+        iteration_tokens = HistogramMetricFamily(
+            "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", labels=LABELS
         )
         kv_usage = GaugeMetricFamily(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=LABELS
@@ -94,6 +111,20 @@ class _EngineStatsCollector(Collector):
             labels = [model_name, ENGINE]
             running.add_metric(labels, stats.num_requests_running)
             waiting.add_metric(labels, stats.num_requests_waiting)
+            # jaxserve has none of the transient constraints (LoRA budget, KV transfer) that defer a request in
+            # vLLM: every waiting request waits for capacity
+            waiting_by_reason.add_metric([*labels, "capacity"], stats.num_requests_waiting)
+            waiting_by_reason.add_metric([*labels, "deferred"], 0)
+            if stats.cache_config:
+                cache_config.add_sample(
+                    "vllm:cache_config_info",
+                    {"model_name": model_name, "engine": ENGINE, **dict(stats.cache_config)},
+                    1,
+                )
+            if stats.iteration_tokens_counts:
+                iteration_tokens.add_metric(
+                    labels, _cumulative(stats.iteration_tokens_counts), stats.iteration_tokens_sum
+                )
             kv_usage.add_metric(labels, stats.kv_cache_usage)
             preemptions.add_metric(labels, stats.num_preemptions)
             cache_queries.add_metric(labels, stats.prefix_cache_queries)
@@ -103,20 +134,35 @@ class _EngineStatsCollector(Collector):
             startup["jaxserve:startup_compile_seconds"].add_metric(labels, stats.compile_seconds)
             startup["jaxserve:buckets_compiled"].add_metric(labels, stats.buckets_compiled)
             startup["jaxserve:buckets_total"].add_metric(labels, stats.buckets_total)
-        yield from (running, waiting, kv_usage, preemptions, cache_queries, cache_hits, compiles, *startup.values())
+        yield from (
+            running, waiting, waiting_by_reason, kv_usage, cache_config, preemptions, cache_queries, cache_hits,
+            iteration_tokens, compiles, *startup.values(),
+        )  # fmt: skip
 
     def describe(self) -> list[Metric]:
         # the names this collector owns, without calling engine_stats() at registration time
         return [
             GaugeMetricFamily("vllm:num_requests_running", ""),
             GaugeMetricFamily("vllm:num_requests_waiting", ""),
+            GaugeMetricFamily("vllm:num_requests_waiting_by_reason", ""),
             GaugeMetricFamily("vllm:kv_cache_usage_perc", ""),
+            GaugeMetricFamily("vllm:cache_config_info", ""),
+            HistogramMetricFamily("vllm:iteration_tokens_total", ""),
             CounterMetricFamily("vllm:num_preemptions", ""),
             CounterMetricFamily("vllm:prefix_cache_queries", ""),
             CounterMetricFamily("vllm:prefix_cache_hits", ""),
             CounterMetricFamily("jaxserve:compiles_after_warmup", ""),
             *(GaugeMetricFamily(name, "") for name in STARTUP_GAUGES),
         ]
+
+
+def _cumulative(counts: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Per-bucket step counts (the last past the largest bound) as a histogram's cumulative `le` buckets."""
+    buckets, total = [], 0
+    for bound, count in zip((*map(float, ITERATION_TOKENS_BUCKETS), float("inf")), counts):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), total))
+    return buckets
 
 
 class ServerMetrics:
@@ -180,6 +226,39 @@ class ServerMetrics:
             buckets=TOKEN_BUCKETS,
             registry=reg,
         )
+        self.request_params_n = Histogram(
+            "vllm:request_params_n", "Histogram of the n request parameter.", LABELS, buckets=N_BUCKETS, registry=reg
+        )
+        self.request_params_max_tokens = Histogram(
+            "vllm:request_params_max_tokens",
+            "Histogram of the max_tokens request parameter.",
+            LABELS,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        phases = {
+            "queue": "WAITING",
+            "inference": "RUNNING",
+            "prefill": "PREFILL",
+            "decode": "DECODE",
+        }
+        self.request_phase_time = {
+            phase: Histogram(
+                f"vllm:request_{phase}_time_seconds",
+                f"Histogram of time spent in {state} phase for request.",
+                LABELS,
+                buckets=E2E_BUCKETS,
+                registry=reg,
+            )
+            for phase, state in phases.items()
+        }
+        self.request_num_preemptions = Histogram(
+            "vllm:request_num_preemptions",
+            "Histogram of the number of preemptions per finished request.",
+            LABELS,
+            buckets=PREEMPTION_BUCKETS,
+            registry=reg,
+        )
         self.startup_seconds = Gauge(
             "jaxserve:startup_seconds",
             "Seconds from launching the server until it answered (loading, compiling, starting up).",
@@ -200,15 +279,22 @@ class ServerMetrics:
             self.e2e_request_latency,
             self.request_prompt_tokens,
             self.request_generation_tokens,
+            self.request_params_n,
+            self.request_params_max_tokens,
+            *self.request_phase_time.values(),
+            self.request_num_preemptions,
         ):
             metric.labels(model_name, ENGINE)
         for reason in COMMON_FINISH_REASONS:
             self.request_success.labels(model_name, ENGINE, reason)
 
-    def start_request(self, model_name: str, prompt_tokens: int) -> RequestMetrics:
-        """Start timing a request that arrives now, for `model_name`, with `prompt_tokens` prompt tokens."""
+    def start_request(
+        self, model_name: str, prompt_tokens: int, *, n: int | None = None, max_tokens: int | None = None
+    ) -> RequestMetrics:
+        """Start timing a request that arrives now, for `model_name`, with `prompt_tokens` prompt tokens; a
+        generation request's `n` and `max_tokens` (the output cap it runs under) are observed when it finishes."""
         self._ensure_model(model_name)
-        return RequestMetrics(self, model_name, prompt_tokens, self.clock())
+        return RequestMetrics(self, model_name, prompt_tokens, self.clock(), n, max_tokens)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of all metrics, and its content type."""
@@ -218,10 +304,20 @@ class ServerMetrics:
 class RequestMetrics:
     """The metrics of one request, from `ServerMetrics.start_request` to `finish`."""
 
-    def __init__(self, metrics: ServerMetrics, model_name: str, prompt_tokens: int, arrival_time: float):
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        model_name: str,
+        prompt_tokens: int,
+        arrival_time: float,
+        n: int | None = None,
+        max_tokens: int | None = None,
+    ):
         self._metrics = metrics
         self.model_name = model_name
         self.prompt_tokens = prompt_tokens
+        self.n = n
+        self.max_tokens = max_tokens
         self.generation_tokens = 0
         self.arrival_time = arrival_time
         self._last_token_time: float | None = None
@@ -241,6 +337,22 @@ class RequestMetrics:
         self._last_token_time = now
         self.generation_tokens += count
 
+    def engine_finished(self, stats: RequestStateStats, pooling: bool = False) -> None:
+        """An engine request of this request finished with the engine's timeline `stats`: observe its queue and
+        inference times and its preemptions, and for generation its prefill and decode times (phases a timeline
+        that lacks a stamp is not observed in). Ignored after `finish`."""
+        if self.finished:
+            return
+        m = self._metrics
+        labels = (self.model_name, ENGINE)
+        times = {"queue": stats.queue_time, "inference": stats.inference_time}
+        if not pooling:
+            times |= {"prefill": stats.prefill_time, "decode": stats.decode_time}
+        for phase, seconds in times.items():
+            if seconds is not None:
+                m.request_phase_time[phase].labels(*labels).observe(max(0.0, seconds))
+        m.request_num_preemptions.labels(*labels).observe(stats.num_preemptions)
+
     def finish(self, finish_reason: str) -> None:
         """The request ended (`stop`, `length`, `abort`, `error`, ...): record its totals. Later calls do nothing."""
         if self.finished:
@@ -254,3 +366,7 @@ class RequestMetrics:
         m.generation_tokens.labels(*labels).inc(self.generation_tokens)
         m.request_prompt_tokens.labels(*labels).observe(self.prompt_tokens)
         m.request_generation_tokens.labels(*labels).observe(self.generation_tokens)
+        if self.n is not None:
+            m.request_params_n.labels(*labels).observe(self.n)
+        if self.max_tokens:
+            m.request_params_max_tokens.labels(*labels).observe(self.max_tokens)

@@ -103,6 +103,9 @@ async def _pool(
     try:
         outputs = await asyncio.gather(*(model.engine.encode_request(r) for r in requests))
         finish_reason = "stop"
+        for output in outputs:
+            if output.metrics is not None:
+                recorder.engine_finished(output.metrics, pooling=True)
     finally:
         recorder.finish(finish_reason)
     return [output.outputs.data for output in outputs]

@@ -288,3 +288,183 @@ def test_default_clock_is_monotonic():
 def test_does_not_import_jax():
     code = "import sys, jaxserve.server.metrics; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# --- the series vLLM adds: engine timelines per request, request parameters, steps, waiting reasons, cache ---------
+
+
+def timeline(queued=0.0, scheduled=None, first=None, last=None, preemptions=0):
+    from jaxserve.outputs import RequestStateStats
+
+    return RequestStateStats(queued, scheduled, first, last, preemptions)
+
+
+def test_request_phases_params_and_preemptions(metrics: ServerMetrics, clock: FakeClock):
+    r1 = metrics.start_request("llama", prompt_tokens=4, n=2, max_tokens=30)
+    r1.tokens_generated(3)
+    r1.engine_finished(timeline(10.0, 10.5, 11.5, 14.0, preemptions=2))  # queue .5, prefill 1, decode 2.5, run 3.5
+    r1.finish("length")
+    r1.engine_finished(timeline(0.0, 1.0, 2.0, 3.0))  # ignored after finish
+    r2 = metrics.start_request("llama", prompt_tokens=4, n=1, max_tokens=700)
+    r2.engine_finished(timeline(5.0, 5.25))  # aborted while prefilling: only its queue time and preemptions
+    r2.finish("abort")
+    pool = metrics.start_request("bert", prompt_tokens=8)  # pooling: no n, max_tokens, prefill or decode
+    pool.engine_finished(timeline(1.0, 1.5, 2.25, 2.25), pooling=True)
+    pool.engine_finished(timeline(1.0, 1.0, 1.75, 1.75), pooling=True)  # a second input of the same request
+    pool.finish("stop")
+
+    types, s = scrape(metrics)
+    names = ("queue", "inference", "prefill", "decode")
+    for name in [f"vllm:request_{p}_time_seconds" for p in names] + ["vllm:request_params_n"]:
+        assert types[name] == "histogram"
+    assert types["vllm:request_params_max_tokens"] == types["vllm:request_num_preemptions"] == "histogram"
+    llama, bert = lab("llama"), lab("bert")
+    expected = {"queue": (2, 0.75), "inference": (1, 3.5), "prefill": (1, 1.0), "decode": (1, 2.5)}
+    for phase, (count, total) in expected.items():
+        assert s[f"vllm:request_{phase}_time_seconds_count", llama] == count, phase
+        assert s[f"vllm:request_{phase}_time_seconds_sum", llama] == pytest.approx(total), phase
+    assert s["vllm:request_queue_time_seconds_bucket", lab("llama", le="0.3")] == 1
+    assert s["vllm:request_queue_time_seconds_bucket", lab("llama", le="0.5")] == 2
+    assert s["vllm:request_queue_time_seconds_count", bert] == 2
+    assert s["vllm:request_queue_time_seconds_sum", bert] == pytest.approx(0.5)
+    assert s["vllm:request_inference_time_seconds_sum", bert] == pytest.approx(1.5)
+    assert s["vllm:request_prefill_time_seconds_count", bert] == s["vllm:request_decode_time_seconds_count", bert] == 0
+    assert s["vllm:request_num_preemptions_count", llama] == 2
+    assert s["vllm:request_num_preemptions_sum", llama] == 2
+    assert s["vllm:request_num_preemptions_bucket", lab("llama", le="1.0")] == 1  # the 0
+    assert s["vllm:request_num_preemptions_bucket", lab("llama", le="2.0")] == 2
+    assert s["vllm:request_num_preemptions_count", bert] == 2
+    assert s["vllm:request_params_n_count", llama] == 2 and s["vllm:request_params_n_sum", llama] == 3
+    assert s["vllm:request_params_n_bucket", lab("llama", le="1.0")] == 1
+    assert s["vllm:request_params_max_tokens_sum", llama] == 730
+    assert s["vllm:request_params_max_tokens_bucket", lab("llama", le="50.0")] == 1
+    assert s["vllm:request_params_max_tokens_bucket", lab("llama", le="1000.0")] == 2
+    assert s["vllm:request_params_n_count", bert] == s["vllm:request_params_max_tokens_count", bert] == 0
+
+
+def test_new_histogram_buckets(metrics: ServerMetrics):
+    metrics.start_request("llama", 1)
+    _, s = scrape(metrics)
+
+    def bounds(name: str) -> list[float]:
+        return sorted(float(dict(labels)["le"]) for n, labels in s if n == name + "_bucket")
+
+    inf = float("inf")
+    latency = [0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680, inf]
+    for phase in ("queue", "inference", "prefill", "decode"):
+        assert bounds(f"vllm:request_{phase}_time_seconds") == latency
+    assert bounds("vllm:request_params_n") == [1, 2, 5, 10, 20, inf]
+    assert bounds("vllm:request_num_preemptions") == [1, 2, 3, 4, 5, 10, 20, inf]
+    assert bounds("vllm:request_params_max_tokens") == bounds("vllm:request_prompt_tokens")
+
+
+def test_engine_series_iteration_tokens_waiting_reasons_and_cache_config(clock: FakeClock):
+    import dataclasses
+
+    counts = [0] * 14
+    counts[0], counts[3], counts[13] = 2, 5, 1  # two 1-token steps, five of 17..32, one past 16384
+    cache = (("block_size", "16"), ("num_gpu_blocks", "128"), ("enable_prefix_caching", "True"))
+    stats = {
+        "llama": dataclasses.replace(
+            STATS["llama"], iteration_tokens_counts=tuple(counts), iteration_tokens_sum=20000, cache_config=cache
+        ),
+        "bert": STATS["bert"],  # a pooling engine without a cache and without steps yet
+    }
+    types, s = scrape(ServerMetrics(lambda: stats, clock=clock))
+    assert types["vllm:iteration_tokens_total"] == "histogram"
+    bounds = sorted(float(dict(k)["le"]) for n, k in s if n == "vllm:iteration_tokens_total_bucket")
+    assert bounds == [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, float("inf")]
+    assert s["vllm:iteration_tokens_total_bucket", lab("llama", le="1.0")] == 2
+    assert s["vllm:iteration_tokens_total_bucket", lab("llama", le="16.0")] == 2
+    assert s["vllm:iteration_tokens_total_bucket", lab("llama", le="32.0")] == 7
+    assert s["vllm:iteration_tokens_total_bucket", lab("llama", le="16384.0")] == 7
+    assert s["vllm:iteration_tokens_total_bucket", lab("llama", le="+Inf")] == 8
+    assert s["vllm:iteration_tokens_total_count", lab("llama")] == 8
+    assert s["vllm:iteration_tokens_total_sum", lab("llama")] == 20000
+    assert not any(n.startswith("vllm:iteration_tokens_total") and dict(k)["model_name"] == "bert" for n, k in s)
+
+    assert types["vllm:num_requests_waiting_by_reason"] == "gauge"
+    for model, st in STATS.items():
+        assert s["vllm:num_requests_waiting_by_reason", lab(model, reason="capacity")] == st.num_requests_waiting
+        assert s["vllm:num_requests_waiting_by_reason", lab(model, reason="deferred")] == 0
+
+    assert types["vllm:cache_config_info"] == "gauge"
+    info = [(dict(k), v) for (n, k), v in s.items() if n == "vllm:cache_config_info"]
+    assert info == [({"model_name": "llama", "engine": "0", **dict(cache)}, 1)]
+
+
+# --- the engine's side: timelines, preemptions and steps, counted where they happen --------------------------
+
+SMALL_POOL = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, num_kv_pages=16)
+
+
+def test_engine_timelines_preemptions_and_iteration_tokens(tiny_models, make_llm):
+    """Under async scheduling, with a pool small enough to preempt: every finished output carries its timeline in
+    order, the per-request preemptions add up to the engine's, and the steps add up to the tokens scheduled."""
+    import bisect
+
+    from jaxserve import SamplingParams
+    from jaxserve.stats import ITERATION_TOKENS_BUCKETS
+
+    engine = make_llm(tiny_models["tiny-llama"], enable_prefix_caching=False, async_scheduling=True, **SMALL_POOL)
+    engine = engine.engine
+    before = engine.stats()
+    scheduled = []
+    schedule = engine.scheduler.schedule
+
+    def counting():
+        plan = schedule()
+        if plan is not None:
+            scheduled.append(plan.num_tokens)
+        return plan
+
+    engine.scheduler.schedule = counting
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        for i in range(6):
+            engine.add_request(str(i), list(range(10 + i, 50 + i)), params)
+        engine.add_request("n3", list(range(5, 25)), params.clone(n=3, temperature=1.0, seed=5))
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished |= {o.request_id: o.metrics for o in engine.step() if o.finished}
+    finally:
+        del engine.scheduler.schedule
+    after = engine.stats()
+
+    assert len(finished) == 7
+    for request_id, m in finished.items():
+        assert m is not None, request_id
+        assert m.queued_ts <= m.scheduled_ts <= m.first_token_ts <= m.last_token_ts, request_id
+        assert m.queue_time >= 0 and m.prefill_time >= 0 and m.decode_time > 0
+        assert m.inference_time == pytest.approx(m.prefill_time + m.decode_time)
+    preempted = sum(m.num_preemptions for m in finished.values())
+    assert preempted == after.num_preemptions - before.num_preemptions > 0, "the pool was meant to force preemption"
+
+    steps = [a - b for a, b in zip(after.iteration_tokens_counts, before.iteration_tokens_counts)]
+    expected = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
+    for tokens in scheduled:
+        expected[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, tokens)] += 1
+    assert steps == expected and sum(steps) == len(scheduled)
+    assert after.iteration_tokens_sum - before.iteration_tokens_sum == sum(scheduled)
+    config = dict(after.cache_config)
+    assert config["block_size"] == "16" and config["num_gpu_blocks"] == "16"
+    assert config["enable_prefix_caching"] == "False" and config["cache_dtype"]
+
+
+def test_pooling_engine_timelines(tiny_models, make_pooling_llm):
+    from jaxserve import PoolingParams
+
+    engine = make_pooling_llm(tiny_models["tiny-bert-mean"]).engine
+    before = engine.stats()
+    for i in range(3):
+        engine.add_request(f"p{i}", list(range(3, 12 + i)), PoolingParams(task="embed"))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert len(outputs) == 3
+    for output in outputs:
+        m = output.metrics
+        assert m.queued_ts <= m.scheduled_ts <= m.first_token_ts == m.last_token_ts and m.num_preemptions == 0
+    after = engine.stats()
+    assert after.iteration_tokens_sum - before.iteration_tokens_sum == 9 + 10 + 11
+    assert after.cache_config == ()  # packed batches: no KV cache

@@ -537,6 +537,22 @@ def test_metrics_parse_and_count(url, client):
     assert after[("vllm:kv_cache_usage_perc", "llama")] == 0
     assert after[("jaxserve:compiles_after_warmup_total", "llama")] == 0
 
+    def grew(name: str) -> float:
+        return after[(name, "qwen")] - before.get((name, "qwen"), 0)
+
+    for phase in ("queue", "prefill", "decode", "inference"):  # the engine's timeline of the one request
+        assert grew(f"vllm:request_{phase}_time_seconds_count") == 1, phase
+    assert 0 < grew("vllm:request_decode_time_seconds_sum") <= grew("vllm:request_inference_time_seconds_sum")
+    assert grew("vllm:request_num_preemptions_count") == 1 and grew("vllm:request_num_preemptions_sum") == 0
+    assert grew("vllm:request_params_n_count") == 1 and grew("vllm:request_params_max_tokens_sum") == 3
+    assert grew("vllm:iteration_tokens_total_count") >= 3 and grew("vllm:iteration_tokens_total_sum") >= 3
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    by_reason = "vllm:num_requests_waiting_by_reason"
+    waiting = {(s.labels["model_name"], s.labels["reason"]): s.value for s in families[by_reason].samples}
+    assert waiting[("qwen", "capacity")] == waiting[("qwen", "deferred")] == 0
+    (info,) = [s for s in families["vllm:cache_config_info"].samples if s.labels["model_name"] == "llama"]
+    assert info.value == 1 and info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == "128"
+
 
 def test_prefix_cache_counts_hits_and_resets(url, client):
     prompt = " ".join(["the quick brown fox"] * 12)
