@@ -28,12 +28,24 @@ from .context import RequestContext, random_id
 from .errors import APIError, install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, RequestBodyMiddleware, RequestIdMiddleware, RootPathMiddleware
-from .openapi import install_openapi
+from .openapi import install_openapi, ok
 from .pooling import create_classification, create_embedding, create_pooling, create_rerank, create_score
-from .pooling_protocol import ClassificationRequest, EmbeddingRequest, PoolingRequest, RerankRequest, ScoreRequest
+from .pooling_protocol import (
+    ClassificationRequest,
+    EmbeddingRequest,
+    ListResponse,
+    PoolingRequest,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+)
 from .protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
     CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -108,7 +120,7 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="jaxserve", version=jaxserve_version(), lifespan=lifespan)
     app.state.server = ServerState(registry, settings, metrics)
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, stream_models=(CompletionStreamResponse, ChatCompletionStreamResponse))
     if registry.any(_is_generative):
         _add_generation_routes(app)
     if registry.any(lambda model: not _is_generative(model)):
@@ -210,11 +222,17 @@ def _scores(model: ServedModel) -> bool:
 
 
 def _add_generation_routes(app: FastAPI) -> None:
-    @app.post("/v1/completions", dependencies=JSON_BODY)
+    @app.post(
+        "/v1/completions", dependencies=JSON_BODY, responses=ok(CompletionResponse, streams=(CompletionStreamResponse,))
+    )
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await _serve(raw, body, "generate", "Completions API", "cmpl", create_completion)
 
-    @app.post("/v1/chat/completions", dependencies=JSON_BODY)
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=JSON_BODY,
+        responses=ok(ChatCompletionResponse, streams=(ChatCompletionStreamResponse,)),
+    )
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await _serve(raw, body, "generate", "Chat Completions API", "chatcmpl", create_chat_completion)
 
@@ -222,19 +240,19 @@ def _add_generation_routes(app: FastAPI) -> None:
 def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
     """Only the routes some served model can answer, as vLLM registers them by task; others are 404."""
 
-    @app.post("/pooling", dependencies=JSON_BODY)
+    @app.post("/pooling", dependencies=JSON_BODY, responses=ok(ListResponse, binary=True))
     async def pooling(body: PoolingRequest, raw: Request) -> Response:
         return await _serve(raw, body, "pooling", "Pooling API", "pool", create_pooling)
 
     if registry.any(_embeds):
 
-        @app.post("/v1/embeddings", dependencies=JSON_BODY)
+        @app.post("/v1/embeddings", dependencies=JSON_BODY, responses=ok(ListResponse, binary=True))
         async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
             return await _serve(raw, body, "pooling", "Embeddings API", "embd", create_embedding, _embeds)
 
     if registry.any(_classifies):
 
-        @app.post("/classify", dependencies=JSON_BODY)
+        @app.post("/classify", dependencies=JSON_BODY, responses=ok(ListResponse))
         async def classify(body: ClassificationRequest, raw: Request) -> Response:
             return await _serve(
                 raw, body, "pooling", "Classification API", "classify", create_classification, _classifies
@@ -249,9 +267,33 @@ def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
             return await _serve(raw, body, "pooling", "Rerank API", "score", create_rerank, _scores)
 
         for path in ("/score", "/v1/score"):
-            app.add_api_route(path, score, methods=["POST"], dependencies=JSON_BODY, operation_id=f"score{path}")
+            app.add_api_route(
+                path,
+                score,
+                methods=["POST"],
+                dependencies=JSON_BODY,
+                operation_id=f"score{path}",
+                responses=ok(ListResponse),
+            )
         for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-            app.add_api_route(path, rerank, methods=["POST"], dependencies=JSON_BODY, operation_id=f"rerank{path}")
+            app.add_api_route(
+                path,
+                rerank,
+                methods=["POST"],
+                dependencies=JSON_BODY,
+                operation_id=f"rerank{path}",
+                responses=ok(RerankResponse),
+            )
+
+
+INVOCATION_RESPONSES = ok(
+    CompletionResponse,
+    ChatCompletionResponse,
+    ListResponse,
+    RerankResponse,
+    streams=(CompletionStreamResponse, ChatCompletionStreamResponse),
+    binary=True,
+)
 
 
 def _add_invocations_route(app: FastAPI) -> None:
@@ -260,7 +302,7 @@ def _add_invocations_route(app: FastAPI) -> None:
     an embedding (a classification for a classifier, pooling otherwise), `query` with `documents` a rerank, and
     `queries` / `text_1` / `data_1` a score."""
 
-    @app.post("/invocations", dependencies=JSON_BODY)
+    @app.post("/invocations", dependencies=JSON_BODY, responses=INVOCATION_RESPONSES)
     async def invocations(raw: Request) -> Response:
         body = await raw.json()
         if not isinstance(body, dict):

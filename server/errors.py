@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from jaxserve.errors import EngineDeadError
 
@@ -108,6 +109,18 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     return APIError("\n".join(lines), HTTPStatus.BAD_REQUEST, "Bad Request", param)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of all the routes at the request's path (a path may have one route per method)."""
+    return sorted(
+        {
+            method
+            for route in request.app.router.routes
+            if route.matches(request.scope)[0] != Match.NONE
+            for method in getattr(route, "methods", None) or ()
+        }
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error class a request can raise gets its own handler: Starlette treats a handler for `Exception`
     as the last resort, which answers but then re-raises and drops the keep-alive connection, so only what
@@ -120,7 +133,10 @@ def install_error_handlers(app: FastAPI) -> None:
         """Starlette's own errors (unknown route, wrong method, unreadable body) in the envelope."""
         status = HTTPStatus(exc.status_code)
         body = error_body(str(exc.detail), status.phrase, exc.status_code)
-        return JSONResponse(body, exc.status_code, exc.headers)
+        headers = exc.headers
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:  # every route on the path, not just the first one tried
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return JSONResponse(body, exc.status_code, headers)
 
     for kind in (
         RequestValidationError, APIError, ValueError, TypeError, OverflowError, RecursionError,

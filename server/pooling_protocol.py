@@ -8,17 +8,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from .protocol import RequestBody, ResponseBody, UsageInfo, now
-
-Message = dict[str, Any]
+from .protocol import ChatMessages, PromptInput, RequestBody, ResponseBody, UsageInfo, now
 
 
 class PoolingInputFields(RequestBody):
     """Completion-style `input`, or chat-style `messages` (one conversation, or a list of them)."""
 
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]] | None = None
-    messages: list[Message] | list[list[Message]] | None = None
+    input: PromptInput | None = None
+    messages: ChatMessages | list[ChatMessages] | None = None
     add_special_tokens: bool | None = None  # default: true for `input`, false for `messages` (as vLLM)
     add_generation_prompt: bool = False
     continue_final_message: bool = False

@@ -5,15 +5,18 @@ does with fields it has dropped (`best_of`, `guided_*`)."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 MAX_STOP_STRINGS = 4
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Strict types, as the API documents them: `"5"` is not an integer nor `1` a boolean (a 400, where pydantic's
+    lax mode would coerce them); integers are accepted where numbers are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ResponseBody(BaseModel):
@@ -21,6 +24,39 @@ class ResponseBody(BaseModel):
 
 
 # --- requests -----------------------------------------------------------------------------------------------
+
+# What `/openapi.json` says of prompts and messages, beyond their types: not empty, and a message has a role. Only
+# documented: the handlers check these, with vLLM's messages.
+PromptInput = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                {"type": "array", "minItems": 1, "items": {"type": "array", "items": {"type": "integer"}}},
+            ]
+        }
+    ),
+]
+MESSAGE_SCHEMA = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string"},
+        "content": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "object"}]}},  # parts
+                {"type": "null"},
+            ]
+        },
+    },
+}
+ChatMessages = Annotated[
+    list[dict[str, Any]], WithJsonSchema({"type": "array", "minItems": 1, "items": MESSAGE_SCHEMA})
+]
 
 
 class StreamOptions(RequestBody):
@@ -78,7 +114,7 @@ class GenerationRequest(RequestBody):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: PromptInput
     echo: bool | None = False
     logprobs: int | None = None
     max_tokens: int | None = 16
@@ -89,7 +125,7 @@ class CompletionRequest(GenerationRequest):
 class ChatTemplateFields(RequestBody):
     """What the chat template is rendered from (shared by chat completions and /tokenize)."""
 
-    messages: list[dict[str, Any]]
+    messages: ChatMessages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -100,6 +136,7 @@ class ChatTemplateFields(RequestBody):
 
 
 class ChatCompletionRequest(ChatTemplateFields, GenerationRequest):
+    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra={"minItems": 1})  # empty: 400 (/tokenize: ok)
     logprobs: bool | None = False
     top_logprobs: int | None = 0
     max_tokens: int | None = None
@@ -114,17 +151,17 @@ class TokenizeCompletionRequest(RequestBody):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
-    return_token_strs: StrictBool | None = False
+    return_token_strs: bool | None = False
 
 
 class TokenizeChatRequest(ChatTemplateFields):
     model: str | None = None
-    return_token_strs: StrictBool | None = False
+    return_token_strs: bool | None = False
 
 
 class DetokenizeRequest(RequestBody):
     model: str | None = None
-    tokens: list[StrictInt] = Field(..., min_length=0)
+    tokens: list[int] = Field(..., min_length=0)
 
     @field_validator("tokens")
     @classmethod

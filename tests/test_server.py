@@ -748,6 +748,13 @@ def test_openapi_documents_the_statuses_sent(url):
                 assert error == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "content" not in spec["paths"]["/health"]["get"]["responses"]["200"]
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    completion = spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    assert completion["application/json"]["schema"] == {"$ref": "#/components/schemas/CompletionResponse"}
+    event = completion["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+    assert {"$ref": "#/components/schemas/CompletionStreamResponse"} in event[1]["contentSchema"]["anyOf"]
+    assert "application/octet-stream" in spec["paths"]["/v1/embeddings"]["post"]["responses"]["200"]["content"]
+    options = httpx.options(f"{url}/ping")
+    assert options.status_code == 405 and options.headers["allow"] == "GET, POST"  # both routes of the path
 
 
 def test_return_tokens_as_token_ids_by_default(served):
