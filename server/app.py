@@ -29,9 +29,18 @@ from .errors import APIError, install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, RequestBodyMiddleware, RequestIdMiddleware, RootPathMiddleware
 from .openapi import install_openapi, ok
-from .pooling import create_classification, create_embedding, create_pooling, create_rerank, create_score
+from .pooling import (
+    create_classification,
+    create_cohere_embedding,
+    create_embedding,
+    create_pooling,
+    create_rerank,
+    create_score,
+)
 from .pooling_protocol import (
     ClassificationRequest,
+    CohereEmbedRequest,
+    CohereEmbedResponse,
     EmbeddingRequest,
     ListResponse,
     PoolingRequest,
@@ -249,6 +258,10 @@ def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
         @app.post("/v1/embeddings", dependencies=JSON_BODY, responses=ok(ListResponse, binary=True))
         async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
             return await _serve(raw, body, "pooling", "Embeddings API", "embd", create_embedding, _embeds)
+
+        @app.post("/v2/embed", dependencies=JSON_BODY, responses=ok(CohereEmbedResponse))
+        async def cohere_embed(body: CohereEmbedRequest, raw: Request) -> Response:
+            return await _serve(raw, body, "pooling", "Cohere Embed API", "embd", create_cohere_embedding, _embeds)
 
     if registry.any(_classifies):
 

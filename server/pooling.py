@@ -1,4 +1,5 @@
-"""The pooling routes: /v1/embeddings, /pooling, /classify, /score (/v1/score) and /rerank (/v1, /v2).
+"""The pooling routes: /v1/embeddings (and Cohere's /v2/embed), /pooling, /classify, /score (/v1/score) and
+/rerank (/v1, /v2).
 
 Each request's inputs become `PoolingPrompt`s off the event loop (tokenized, or rendered through the chat
 template first), go to the engine together as separate engine requests, and come back as one response."""
@@ -25,6 +26,11 @@ from .generation import json_response, usage
 from .pooling_protocol import (
     ClassificationData,
     ClassificationRequest,
+    CohereEmbeddings,
+    CohereEmbedRequest,
+    CohereEmbedResponse,
+    CohereMeta,
+    CohereTokens,
     EmbeddingData,
     EmbeddingRequest,
     EncodingFields,
@@ -295,3 +301,83 @@ async def create_rerank(request: RerankRequest, model: ServedModel, ctx: Request
             results=results,
         )  # fmt: skip
     )
+
+
+def _cohere_inputs(request: CohereEmbedRequest, model: ServedModel) -> EmbeddingRequest:
+    """The /v1/embeddings request a /v2/embed request amounts to: its texts (or one-message chats of its content
+    parts) behind the prefix `input_type` selects, truncated as `truncate` says."""
+    given = [name for name in ("texts", "images", "inputs") if getattr(request, name) is not None]
+    if len(given) != 1:
+        raise APIError("Exactly one of texts, images, or inputs must be provided.")
+    images = request.images or [part for item in request.inputs or [] for part in item.content if part.type != "text"]
+    if images:
+        raise APIError(f"The model `{model.name}` reads text only: image inputs are not supported.", param=given[0])
+    prefix = ""
+    if request.input_type is not None:
+        if request.input_type not in model.input_type_prompts:
+            supported = ", ".join(sorted(model.input_type_prompts))
+            raise APIError(
+                f"Unsupported input_type {request.input_type!r}. "
+                + (f"Supported values: {supported}" if supported else "This model defines no input_type prefixes."),
+                param="input_type",
+            )
+        prefix = model.input_type_prompts[request.input_type]
+    truncation = {}
+    if request.truncate != "NONE":
+        side = "left" if request.truncate == "START" else "right"
+        truncation = {"truncate_prompt_tokens": request.max_tokens or -1, "truncation_side": side}
+    fields = {"model": request.model, "dimensions": request.output_dimension, "priority": request.priority}
+    if request.texts is not None:
+        return EmbeddingRequest(input=[prefix + text for text in request.texts], **fields, **truncation)
+    conversations = [
+        [{"role": "user", "content": [{"type": "text", "text": prefix + (part.text or "")} for part in item.content]}]
+        for item in request.inputs
+    ]
+    return EmbeddingRequest(messages=conversations, **fields, **truncation)
+
+
+def _typed_embeddings(arrays: list[np.ndarray], types: list[str]) -> CohereEmbeddings:
+    matrix = np.stack(arrays).astype(np.float32) if arrays else np.zeros((0, 0), np.float32)
+    typed: dict[str, list] = {}
+    if "float" in types:
+        typed["float"] = matrix.tolist()
+    if {"binary", "ubinary"} & set(types):
+        if matrix.shape[1] % 8:
+            raise APIError(
+                f"Embedding dimension must be a multiple of 8 for binary embedding types, but got {matrix.shape[1]}.",
+                param="embedding_types",
+            )
+        packed = np.packbits(matrix >= 0, axis=1)  # the first dimension in the highest bit
+        if "ubinary" in types:
+            typed["ubinary"] = packed.tolist()
+        if "binary" in types:
+            typed["binary"] = (packed.astype(np.int16) - 128).tolist()
+    if "base64" in types:
+        little = matrix.astype("<f4")
+        typed["base64"] = [base64.b64encode(row.tobytes()).decode() for row in little]
+    return CohereEmbeddings(**typed)
+
+
+async def create_cohere_embedding(request: CohereEmbedRequest, model: ServedModel, ctx: RequestContext) -> Response:
+    """Cohere's /v2/embed over the embeddings pipeline, as vLLM serves it."""
+    model.check_task("embed")
+    embedding = _cohere_inputs(request, model)
+    prompts = await _inputs(embedding, model, ctx)
+    if request.truncate == "NONE" and request.max_tokens is not None:
+        longest = max((len(p.token_ids) for p in prompts), default=0)
+        if longest > request.max_tokens:
+            raise APIError(
+                f"Input of {longest} tokens exceeds max_tokens={request.max_tokens} with truncate=NONE. "
+                "Set truncate to END or START to allow truncation.",
+                param="max_tokens",
+            )
+    params = PoolingParams(task="embed", dimensions=request.output_dimension)
+    arrays = await _pool(model, prompts, params, ctx)
+    tokens = CohereTokens(input_tokens=sum(len(p.token_ids) for p in prompts))
+    body = CohereEmbedResponse(
+        id=ctx.response_id,
+        embeddings=_typed_embeddings(arrays, request.embedding_types or ["float"]),
+        texts=request.texts,
+        meta=CohereMeta(tokens=tokens, billed_units=tokens),
+    )
+    return Response(body.model_dump_json(by_alias=True, exclude_none=True), media_type="application/json")

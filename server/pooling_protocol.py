@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .protocol import ChatMessages, PromptInput, RequestBody, ResponseBody, UsageInfo, now
 
@@ -160,3 +160,66 @@ class RerankResponse(ResponseBody):
     model: str
     usage: RerankUsage
     results: list[RerankResult]
+
+
+# --- Cohere's /v2/embed ---------------------------------------------------------------------------------------
+
+
+class CohereEmbedContent(RequestBody):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: dict[str, str] | None = None
+
+
+class CohereEmbedInput(RequestBody):
+    content: list[CohereEmbedContent]
+
+
+class CohereEmbedRequest(RequestBody):
+    """Exactly one of `texts`, `images` (refused: the models read text) and `inputs` (content parts, embedded as a
+    one-message chat). `input_type` selects a prompt prefix the model defines; `truncate` END keeps the first
+    `max_tokens` tokens (default: the context), START the last, NONE refuses longer inputs."""
+
+    model: str | None = None
+    input_type: str | None = None
+    texts: list[str] | None = None
+    images: list[str] | None = None
+    inputs: list[CohereEmbedInput] | None = None
+    output_dimension: int | None = None
+    embedding_types: list[Literal["float", "binary", "ubinary", "base64"]] | None = None
+    truncate: Literal["NONE", "START", "END"] = "END"
+    max_tokens: int | None = Field(None, ge=1)
+    priority: int = 0
+    request_id: str | None = None
+
+
+class CohereEmbeddings(ResponseBody):
+    """The embeddings in each type asked for: floats, sign bits packed eight to a byte (`binary` as int8 values,
+    `ubinary` as uint8), or base64 of little-endian float32."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    float_: list[list[float]] | None = Field(None, alias="float")
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[str] | None = None
+
+
+class CohereApiVersion(ResponseBody):
+    version: str = "2"
+
+
+class CohereTokens(ResponseBody):
+    input_tokens: int
+
+
+class CohereMeta(ResponseBody):
+    api_version: CohereApiVersion = Field(default_factory=CohereApiVersion)
+    tokens: CohereTokens  # vLLM's name
+    billed_units: CohereTokens  # Cohere's name for the same count
+
+
+class CohereEmbedResponse(ResponseBody):
+    id: str
+    embeddings: CohereEmbeddings
+    texts: list[str] | None = None  # the texts embedded, when given as `texts`
+    meta: CohereMeta

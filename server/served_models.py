@@ -33,6 +33,7 @@ class ServedModel:
     default_pooling_task: str | None = None
     id2label: dict[int, str] = dataclasses.field(default_factory=dict)
     num_labels: int = 0
+    input_type_prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # Cohere input_type → prefix
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # requests admitted and not yet answered in full
 
@@ -60,6 +61,7 @@ class ServedModel:
             default_pooling_task=None if generative else core.spec.default_task,
             id2label={} if generative else _labels(core.hf_config),
             num_labels=0 if generative else core.spec.num_labels,
+            input_type_prompts={} if generative else _input_type_prompts(core),
         )
 
     @property
@@ -94,6 +96,15 @@ class ServedModel:
                 self.in_flight -= 1
 
         return release
+
+
+def _input_type_prompts(core) -> dict[str, str]:
+    """The text prefixes a Cohere `input_type` selects, as vLLM finds them: the HF config's `task_instructions`,
+    else the sentence-transformers prompts (`config_sentence_transformers.json`)."""
+    instructions = getattr(core.hf_config, "task_instructions", None)
+    st_config = getattr(core, "st_config", None)
+    prompts = instructions if isinstance(instructions, dict) and instructions else (st_config and st_config.prompts)
+    return {name: text for name, text in (prompts or {}).items() if isinstance(text, str)}
 
 
 def _labels(hf_config) -> dict[int, str]:

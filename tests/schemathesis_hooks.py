@@ -13,6 +13,7 @@ MODEL_FOR_ROUTE = {  # path prefix: served model name (tests/test_server_schema.
     "/detokenize": "llama",
     "/invocations": "llama",
     "/v1/embeddings": "bert",
+    "/v2/embed": "bert",
     "/pooling": "bert",
     "/classify": "classifier",
     "/score": "cross",

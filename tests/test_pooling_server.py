@@ -82,6 +82,45 @@ def test_openai_embeddings_equal_offline_and_sentence_transformers(url, llms, ti
     np.testing.assert_allclose(by_ids, got[1], atol=1e-6)
 
 
+def test_cohere_embed_equals_sentence_transformers_with_the_prompt_of_its_input_type(url, llms, tiny_models):
+    body = {"model": "embed", "texts": TEXTS, "input_type": "query", "embedding_types": ["float", "ubinary", "binary"]}
+    answer = post(url, "/v2/embed", body)
+    floats = np.array(answer["embeddings"]["float"], np.float32)
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    reference = sentence_transformers.SentenceTransformer(str(tiny_models["tiny-bert-mean"]), device="cpu")
+    expected = reference.encode(TEXTS, prompt_name="query")  # "query: " before each text
+    assert ((floats * expected).sum(-1) / np.linalg.norm(expected, axis=-1)).min() >= 0.9999
+    unprefixed = np.array(post(url, "/v2/embed", {"model": "embed", "texts": TEXTS})["embeddings"]["float"])
+    assert not np.allclose(unprefixed, floats, atol=1e-3)
+    bits = np.unpackbits(np.array(answer["embeddings"]["ubinary"], np.uint8), axis=1)
+    np.testing.assert_array_equal(bits, (floats >= 0).astype(np.uint8))
+    np.testing.assert_array_equal(np.array(answer["embeddings"]["binary"]), np.packbits(bits, axis=1).astype(int) - 128)
+    tokenizer = llms["embed"].get_tokenizer()
+    assert answer["texts"] == TEXTS and answer["meta"]["api_version"] == {"version": "2"}
+    assert answer["meta"]["tokens"]["input_tokens"] == sum(len(tokenizer.encode("query: " + t)) for t in TEXTS)
+
+    b64 = post(url, "/v2/embed", {"model": "embed", "texts": TEXTS[:1], "embedding_types": ["base64"]})["embeddings"]
+    assert set(b64) == {"base64"}
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(b64["base64"][0]), "<f4"), unprefixed[0], atol=1e-5)
+    parts = {"model": "embed", "inputs": [{"content": [{"type": "text", "text": TEXTS[0]}]}]}
+    as_chat = post(url, "/v2/embed", parts)["embeddings"]["float"][0]
+    chat = post(url, "/v1/embeddings", {"model": "embed", "messages": [{"role": "user", "content": TEXTS[0]}]})
+    np.testing.assert_allclose(as_chat, chat["data"][0]["embedding"], atol=1e-6)
+
+    long_text = " ".join(["word"] * 40)
+    kept_start = post(url, "/v2/embed", {"model": "embed", "texts": [long_text], "max_tokens": 8})
+    assert kept_start["meta"]["tokens"]["input_tokens"] == 8
+    for bad, fragment in (
+        ({"texts": [long_text], "truncate": "NONE", "max_tokens": 8}, "exceeds max_tokens=8"),
+        ({"texts": TEXTS, "input_type": "classification"}, "Supported values: passage, query"),
+        ({"images": ["data:image/png;base64,AAAA"]}, "image inputs are not supported"),
+        ({"texts": TEXTS, "inputs": []}, "Exactly one of texts, images, or inputs"),
+        ({"texts": ["x"], "embedding_types": ["int4"]}, "embedding_types"),
+    ):
+        response = httpx.post(f"{url}/v2/embed", json={"model": "embed", **bad})
+        assert response.status_code == 400 and fragment in response.json()["error"]["message"], response.text
+
+
 def test_float_base64_and_bytes_encode_the_same_vectors(url):
     body = {"model": "embed", "input": TEXTS[:2]}
     floats = np.array([d["embedding"] for d in post(url, "/v1/embeddings", body)["data"]], np.float32)
