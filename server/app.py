@@ -279,24 +279,19 @@ def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
         async def rerank(body: RerankRequest, raw: Request) -> Response:
             return await _serve(raw, body, "pooling", "Rerank API", "score", create_rerank, _scores)
 
-        for path in ("/score", "/v1/score"):
-            app.add_api_route(
-                path,
-                score,
-                methods=["POST"],
-                dependencies=JSON_BODY,
-                operation_id=f"score{path}",
-                responses=ok(ListResponse),
-            )
-        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-            app.add_api_route(
-                path,
-                rerank,
-                methods=["POST"],
-                dependencies=JSON_BODY,
-                operation_id=f"rerank{path}",
-                responses=ok(RerankResponse),
-            )
+        for handler, paths, answer in (
+            (score, ("/score", "/v1/score"), ListResponse),
+            (rerank, ("/rerank", "/v1/rerank", "/v2/rerank"), RerankResponse),
+        ):
+            for path in paths:
+                app.add_api_route(
+                    path,
+                    handler,
+                    methods=["POST"],
+                    dependencies=JSON_BODY,
+                    operation_id=f"{handler.__name__}{path}",
+                    responses=ok(answer),
+                )
 
 
 INVOCATION_RESPONSES = ok(
