@@ -23,6 +23,7 @@ _EXPORTS = {
     "RequestOutput": ".outputs",
     "RequestOutputKind": ".sampling_params",
     "SamplingParams": ".sampling_params",
+    "StructuredOutputsParams": ".sampling_params",
 }
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
     from .outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
     from .pooling_engine import PoolingEngine
     from .pooling_params import PoolingParams
-    from .sampling_params import RequestOutputKind, SamplingParams
+    from .sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

@@ -124,6 +124,11 @@ class EngineConfig:
         None,
         'JSON pooler overrides, e.g. \'{"pooling_type": "MEAN", "use_activation": false, "dimensions": 256}\'',
     )
+    structured_outputs_config: dict[str, Any] | None = flag(
+        None,
+        'JSON options of structured outputs, as vLLM\'s: {"backend": "guidance" (llguidance, the one there is), '
+        '"disable_any_whitespace": true, "disable_additional_properties": true} apply to every request',
+    )
     seed: int = flag(0, "seed for requests that bring none (default 0)")
     attention_backend: str = flag(
         "auto",

@@ -30,12 +30,13 @@ from .models.registry import create_causal_lm
 from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
 from .outputs import RequestOutput, RequestStateStats
 from .request import EngineRequest
-from .runner import ModelRunner, RunnerShape
+from .runner import ModelRunner, RunnerShape, StepInputs, StepRows
 from .sampler import NUM_BIAS_SLOTS
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 from .sequence import Sequence, SequenceStatus
 from .stats import EngineStats
+from .structured_outputs import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ class LLMEngine(EngineCore):
             self.page_pool,
         )
         self._requests: dict[str, list[Sequence]] = {}  # the core's: each request's samples still running
+        self.grammar_compiler = GrammarCompiler(
+            self.tokenizer.hf, self.vocab_size, self.eos_token_ids, config.structured_outputs_config
+        )
+        self._constrained: set[Sequence] = set()  # sequences held to a grammar, until they finish
         self.output_processor = OutputProcessor(self.tokenizer)  # for callers of step(); AsyncEngine has its own
         self._seq_ids = itertools.count()
         logger.info(
@@ -145,9 +150,14 @@ class LLMEngine(EngineCore):
             clamp = clamped(params, len(prompt_token_ids), self.max_model_len)
             return EngineRequest(request_id, list(prompt_token_ids), clamp, prompt, priority, cache_salt)
         max_tokens = self._validate(prompt_token_ids, params, priority)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammar_compiler.compile(params.structured_outputs)
         if not params.ignore_eos:
             params = params.clone(stop_token_ids=params.stop_token_ids + self.extra_eos_token_ids)
-        return EngineRequest(request_id, list(prompt_token_ids), params, prompt, priority, cache_salt, max_tokens)
+        return EngineRequest(
+            request_id, list(prompt_token_ids), params, prompt, priority, cache_salt, max_tokens, grammar=grammar
+        )
 
     def add_engine_request(self, request: EngineRequest) -> None:
         """Queue a processed request in the engine core only: `core_step()` returns its token-level outputs,
@@ -179,6 +189,10 @@ class LLMEngine(EngineCore):
         ]
         for seq in seqs[1:]:
             seq.leader = seqs[0]
+        if request.grammar is not None:
+            for seq in seqs:
+                seq.matcher = self.grammar_compiler.matcher(request.grammar)
+            self._constrained.update(seqs)
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -279,9 +293,17 @@ class LLMEngine(EngineCore):
     def _schedule(self) -> StepPlan | None:
         return self.scheduler.schedule()
 
+    def _needs_previous_tokens(self) -> bool:
+        """A constrained sequence's next bitmask needs its last token on the host: with one in flight, the next
+        step waits for it (under async scheduling the steps of constrained requests do not overlap)."""
+        if not self._constrained:
+            return False
+        self._constrained = {seq for seq in self._constrained if seq.status is not SequenceStatus.FINISHED}
+        return any(seq.num_pending_tokens for seq in self._constrained)
+
     def _dispatch(self, plan: StepPlan) -> InFlight:
         inputs, rows = self.runner.prepare(plan, self._step_biases(plan))
-        step = InFlight(plan, self.runner.dispatch(inputs), rows)
+        step = InFlight(plan, self.runner.dispatch(inputs, self._grammar_bitmask(plan, rows, inputs)), rows)
         self.scheduler.commit(plan)
         self.iteration_tokens.observe(plan.num_tokens)
         return step
@@ -319,6 +341,10 @@ class LLMEngine(EngineCore):
             if row is not None:
                 output.new_logprobs.append(row)
             stop = self._stop(seq, token)
+            if seq.matcher is not None:
+                seq.matcher.accept(token)
+                if stop is None and seq.matcher.is_terminated:  # the grammar is complete: nothing more may follow
+                    stop, output.grammar_complete = ("stop", None), True
             if stop is not None:
                 output.finish_reason, output.stop_reason = stop
                 self._finish(seq)
@@ -342,6 +368,21 @@ class LLMEngine(EngineCore):
         seqs = self._requests.get(seq.request_id)
         if seqs is not None and all(s.status is SequenceStatus.FINISHED for s in seqs):
             del self._requests[seq.request_id]
+
+    def _grammar_bitmask(self, plan: StepPlan, rows: StepRows, inputs: StepInputs) -> np.ndarray | None:
+        """The tokens each constrained sampling row of the step may sample (None: no row is constrained)."""
+        if not self._constrained:
+            return None
+        constrained = [
+            (seq.matcher, r)
+            for r, (chunk_index, is_sample) in enumerate(zip(rows.chunk_index.tolist(), rows.is_sample.tolist()))
+            if is_sample and (seq := plan.chunks[chunk_index].seq).matcher is not None
+        ]
+        if not constrained:
+            return None
+        bitmask = self.runner.unconstrained(len(inputs.logits_indices))
+        self.grammar_compiler.fill_bitmask(constrained, bitmask)
+        return bitmask
 
     def _step_biases(self, plan) -> dict[int, list[tuple[int, float]]]:
         """Each sampling row's sparse logit biases: the request's `logit_bias`, and while a sequence has fewer

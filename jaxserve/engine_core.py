@@ -116,13 +116,21 @@ class EngineCore(abc.ABC):
 
     def _core_step(self) -> list:
         """Schedule and dispatch a step; then process a step's outputs: this one's, or under async scheduling the
-        previous one's, while this one runs on the device."""
+        previous one's, while this one runs on the device. A step that cannot be planned before the previous
+        one's tokens are on the host (`_needs_previous_tokens`) waits for them first."""
+        drained = []
+        if self._in_flight is not None and self._needs_previous_tokens():
+            drained, self._in_flight = self._process(self._in_flight), None
         plan = self._schedule()
         dispatched = self._dispatch(plan) if plan is not None else None
         if not self.async_scheduling:
-            return self._process(dispatched) if dispatched is not None else []
+            return drained + (self._process(dispatched) if dispatched is not None else [])
         previous, self._in_flight = self._in_flight, dispatched
-        return self._process(previous) if previous is not None else []
+        return drained + (self._process(previous) if previous is not None else [])
+
+    def _needs_previous_tokens(self) -> bool:
+        """Whether the next step's inputs depend on tokens still in flight in a way the device cannot resolve."""
+        return False
 
     @abc.abstractmethod
     def _schedule(self) -> Any | None:

@@ -47,6 +47,7 @@ class EngineCoreOutput:
     new_prompt_logprobs: list[RowResult] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "length", "stop" (EOS or a stop token) or "abort"
     stop_reason: int | None = None  # the stop token id, if one ended it
+    grammar_complete: bool = False  # "stop" because its structured output is complete (its last token is text)
     num_cached_tokens: int | None = None  # prompt tokens that came from the prefix cache
     stats: RequestStateStats | None = None  # the request's timeline in the core (shared, updated by the core)
     timestamp: float | None = None  # when the step's tokens reached the host (time.monotonic())
@@ -172,8 +173,8 @@ class RequestState:
             sample.cumulative_logprob += row.logprob
         if ended is not None:
             sample.finish_reason, sample.stop_reason = ended.finish_reason, ended.stop_reason
-        if sample.finish_reason == "stop" and not params.include_stop_str_in_output:
-            return  # the EOS or stop token's text is not shown
+            if ended.finish_reason == "stop" and not ended.grammar_complete and not params.include_stop_str_in_output:
+                return  # the EOS or stop token's text is not shown
         new_text = sample.detokenizer.step(token)
         sample.text += new_text
         if params.stop and len(sample.token_ids) > params.min_tokens:

@@ -18,5 +18,6 @@ class EngineRequest:
     priority: int = 0  # lower runs first under --scheduling-policy priority
     cache_salt: str | None = None  # only requests with the same salt share prefix pages
     max_tokens: int | None = None  # generation: the output cap, clamped to what the context leaves
+    grammar: str | None = None  # generation: the checked grammar of `params.structured_outputs`
     token_type_ids: list[int] | None = None  # pooling: the segments of a text pair
     start_offset: int = 0  # pooling: leading prompt tokens left out of the pool

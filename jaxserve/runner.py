@@ -1,5 +1,5 @@
-"""The model runner: turns a `StepPlan` into fixed-shape host arrays, dispatches the compiled step for its
-bucket without waiting for it, and copies the sampled rows back when asked (the step's one device-to-host
+"""The model runner: turns a `StepPlan` into fixed-shape host arrays (and the constrained rows' grammar bitmask),
+dispatches the compiled step for its bucket without waiting for it, and copies the sampled rows back when asked (the step's one device-to-host
 transfer, started as soon as the step is dispatched). The KV pages, the token histories and each sequence
 slot's last sampled token are donated to each step and live on the device: a decode token sampled by one step
 is read there by the next (`StepInputs.from_last`), so a step can be dispatched before the previous one's
@@ -21,6 +21,7 @@ from .kernels_pallas import kv_cache_shape
 from .models.batch import RaggedBatch
 from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
 from .scheduler import StepPlan
+from .structured_outputs import bitmask_width
 
 
 @jax.tree_util.register_dataclass
@@ -208,8 +209,11 @@ class ModelRunner(BucketRunner):
 
         self.state = jax.eval_shape(initial_state) if compile_only else initial_state()
         self.staging = StagingBuffers(shape)
+        self._all_allowed_cache: dict[int, jax.Array] = {}
 
-    def _step_fn(self, params, state: DeviceState, inputs: StepInputs) -> tuple[DeviceState, SampleOutput]:
+    def _step_fn(
+        self, params, state: DeviceState, inputs: StepInputs, bitmask: jax.Array
+    ) -> tuple[DeviceState, SampleOutput]:
         model = nnx.merge(self.graphdef, params)
         num_slots = self.shape.max_num_seqs
         last = state.last_tokens[jnp.minimum(inputs.token_slots, num_slots - 1)]
@@ -218,20 +222,35 @@ class ModelRunner(BucketRunner):
         history = state.history.update(batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots)
         logits = model.logits(hidden[inputs.logits_indices])
         smp = inputs.sampling
-        out = sample(logits, smp, history, self.shape.num_top_logprobs)
+        out = sample(logits, smp, history, bitmask, self.shape.num_top_logprobs)
         sampled_slots = jnp.where(smp.targets < 0, smp.slots, num_slots)  # prompt-logprob rows sample nothing
         last_tokens = state.last_tokens.at[sampled_slots].set(out.tokens, mode="drop")
         return DeviceState(kv_pages, history, last_tokens), out
 
     def example_args(self, rung: int) -> tuple:
-        return self.state, empty_inputs(self.shape, rung)
+        inputs = empty_inputs(self.shape, rung)
+        return self.state, inputs, self.unconstrained(len(inputs.logits_indices))
+
+    def unconstrained(self, rows: int) -> np.ndarray:
+        """A grammar bitmask that allows every token in each of `rows` rows."""
+        return np.full((rows, bitmask_width(self.shape.vocab_size)), -1, np.int32)
+
+    def _all_allowed(self, rows: int) -> jax.Array:
+        """`unconstrained(rows)` kept on the device, so that a step without a constrained row moves no mask."""
+        if rows not in self._all_allowed_cache:
+            self._all_allowed_cache[rows] = jax.device_put(self.unconstrained(rows))
+        return self._all_allowed_cache[rows]
 
     def prepare(self, plan: StepPlan, bias: dict[int, list[tuple[int, float]]]) -> tuple[StepInputs, StepRows]:
         """The plan in the staging buffers of its bucket."""
         inputs = self.staging.take(self.programs.rung_for(plan.num_tokens))
         return inputs, fill_step(plan, bias, inputs)
 
-    def dispatch(self, inputs: StepInputs) -> SampleOutput:
-        """Start the step and the copy of its sampled rows to the host; returns without waiting for either."""
-        self.state, out = self.launch(inputs.batch.token_ids.shape[0], self.state, inputs)
+    def dispatch(self, inputs: StepInputs, bitmask: np.ndarray | None = None) -> SampleOutput:
+        """Start the step and the copy of its sampled rows to the host; returns without waiting for either.
+        `bitmask` (`unconstrained(rows)` with the constrained rows filled in) holds the sampling rows to their
+        grammars; without one every token is allowed."""
+        if bitmask is None:
+            bitmask = self._all_allowed(len(inputs.logits_indices))
+        self.state, out = self.launch(inputs.batch.token_ids.shape[0], self.state, inputs, bitmask)
         return self.start_copy(out)

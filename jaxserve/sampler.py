@@ -1,8 +1,8 @@
 """Sampling on the device, one row per logits row of the step, in vLLM's order:
 
     raw logits ─ logprobs (raw, as vLLM reports them)
-               └ bias (min_tokens bans) → penalties → greedy argmax
-                                                    └ temperature → min_p → top_k → top_p → Gumbel-max draw
+               └ bias (min_tokens bans) → penalties → grammar bitmask → greedy argmax
+                                                                      └ temperature → min_p → top_k → top_p → Gumbel-max draw
 
 Penalties read per-sequence token histories that live on the device (`TokenHistory`, one row per sequence
 slot) and are updated from the step's own input tokens, so no histogram crosses PCIe. Each row draws from
@@ -148,6 +148,14 @@ def _apply_penalties(logits: jax.Array, batch: SamplingBatch, history: TokenHist
     return logits - batch.presence_penalty[:, None] * (counts > 0)
 
 
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """logits [R, V] with the tokens `bitmask` [R, ceil(V / 32)] int32 forbids at -inf (bit j of word i allows
+    token 32 i + j; a row of all ones, -1, allows everything: structured_outputs.py)."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
+    return jnp.where(allowed == 1, logits, -jnp.inf)
+
+
 def _when(flag: jax.Array, fn, logits: jax.Array, *args) -> jax.Array:
     return jax.lax.cond(flag, lambda x: fn(x, *args), lambda x: x, logits)
 
@@ -188,8 +196,11 @@ def _score(raw_logprobs: jax.Array, chosen: jax.Array, wants: jax.Array, num_top
     return jax.lax.cond(jnp.any(wants), ranked, skipped, raw_logprobs)
 
 
-def sample(logits: jax.Array, batch: SamplingBatch, history: TokenHistory, num_top: int) -> SampleOutput:
-    """logits [R, V] float32 → one token per row, with raw logprobs and the top `num_top` alternatives."""
+def sample(
+    logits: jax.Array, batch: SamplingBatch, history: TokenHistory, bitmask: jax.Array, num_top: int
+) -> SampleOutput:
+    """logits [R, V] float32 → one token per row, with raw logprobs and the top `num_top` alternatives; rows whose
+    `bitmask` [R, ceil(V / 32)] is not all ones sample only the tokens it allows."""
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     rows = jnp.arange(logits.shape[0])[:, None]
     logits = logits.at[rows, batch.bias_ids].add(batch.bias_values, mode="drop")
@@ -197,6 +208,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, history: TokenHistory, num_t
         (batch.repetition_penalty != 1) | (batch.presence_penalty != 0) | (batch.frequency_penalty != 0)
     )
     logits = _when(penalized, _apply_penalties, logits, batch, history)
+    logits = _when(jnp.any(bitmask != -1), apply_token_bitmask, logits, bitmask)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = batch.temperature > 0
     drawn = jax.lax.cond(jnp.any(sampling), _draw, lambda l, b: greedy, logits, batch)

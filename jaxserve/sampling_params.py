@@ -11,6 +11,39 @@ GREEDY_EPS = 1e-5  # temperatures below this sample greedily
 MIN_TEMPERATURE = 1e-2  # smaller positive temperatures are raised to this, as in vLLM
 
 
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Output held to a JSON schema, a regex, a list of choices, a grammar (Lark or GBNF/EBNF) or structural tags:
+    exactly one of them, with vLLM's field names; the options shape JSON. `structured_outputs.py` enforces it."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"You can only use one kind of structured outputs constraint but multiple are specified: {given}"
+            )
+        if not given:
+            raise ValueError("You must use one kind of structured outputs constraint but none are specified.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint it is."""
+        return next(name for name in CONSTRAINTS if getattr(self, name) is not None)
+
+
 class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # every output carries everything generated so far
     DELTA = 1  # every output carries only what is new
@@ -40,6 +73,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < MIN_TEMPERATURE:

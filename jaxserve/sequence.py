@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import TYPE_CHECKING
 
 from .outputs import RequestStateStats
 from .pooling_params import PoolingParams
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured_outputs import Matcher
 
 
 class SequenceStatus(enum.Enum):
@@ -48,6 +52,7 @@ class Sequence:
     page_hashes: list[int] = dataclasses.field(default_factory=list)  # of the full pages of token_ids
     num_registered_pages: int = 0  # pages offered to the prefix cache since the sequence (re)started
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first scheduled
+    matcher: Matcher | None = None  # structured outputs: where its output stands in its grammar
     # the request's timeline (queued, first scheduled) and preemptions, shared by its samples
     stats: RequestStateStats = dataclasses.field(default_factory=RequestStateStats)
 

@@ -17,11 +17,11 @@ from jaxserve import truncation
 from jaxserve.beam_search import BeamSearchParams
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import EngineRequest
-from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 from .context import RequestContext
 from .errors import APIError, error_body, from_exception
-from .protocol import GenerationRequest, UsageInfo
+from .protocol import GenerationRequest, ResponseFormat, UsageInfo
 from .served_models import ServedModel
 
 SYSTEM_FINGERPRINT = "jaxserve"
@@ -37,7 +37,15 @@ OPENAI_DEFAULTS = {
 UNSUPPORTED = {
     "allowed_token_ids": "allowed_token_ids",
     "bad_words": "bad_words",
-    "structured_outputs": "Structured outputs",
+}
+STRUCTURED_FIELDS = tuple(field.name for field in dataclasses.fields(StructuredOutputsParams))
+# the fields of vLLM's older guided decoding, still honoured: field → StructuredOutputsParams field
+GUIDED_ALIASES = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "guided_whitespace_pattern": "whitespace_pattern",
 }
 
 
@@ -59,13 +67,14 @@ def sampling_params(
     for field, what in UNSUPPORTED.items():
         if getattr(request, field):
             raise APIError(f"{what} is not supported by jaxserve.", param=field)
-    if request.response_format and request.response_format.get("type", "text") != "text":
-        raise APIError("Only response_format type 'text' is supported by jaxserve.", param="response_format")
+    constraint = structured_outputs(request)
     if request.cache_salt is not None and not request.cache_salt:
         raise APIError("Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
     if request.stream_options is not None and not request.stream:
         raise APIError("Stream options can only be defined when `stream=True`.", param="stream_options")
     if request.use_beam_search:
+        if constraint is not None:
+            raise APIError("Structured outputs are not supported with beam search.", param="use_beam_search")
         return _beam_search_params(request, model, max_tokens, logprobs, prompt_logprobs)
     defaults = model.sampling_defaults
     values = {
@@ -94,8 +103,43 @@ def sampling_params(
         skip_special_tokens=skip_special_tokens,
         spaces_between_special_tokens=request.spaces_between_special_tokens,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=constraint,
         **values,
     )
+
+
+def structured_outputs(request: GenerationRequest) -> StructuredOutputsParams | None:
+    """The request's output constraint, as vLLM reads it: `structured_outputs`, else `response_format`
+    (`json_object`, `json_schema`, `structural_tag`; `text` is none), else the older `guided_*` fields."""
+    try:
+        if request.structured_outputs is not None:
+            given = request.structured_outputs.model_dump(by_alias=True, exclude_unset=True)
+            return StructuredOutputsParams(**{key: given[key] for key in STRUCTURED_FIELDS if key in given})
+        if request.response_format is not None:
+            return _from_response_format(request.response_format)
+        guided = {
+            name: getattr(request, alias, None)
+            for alias, name in GUIDED_ALIASES.items()
+            if getattr(request, alias, None) is not None
+        }
+        if set(guided) - {"whitespace_pattern"}:
+            return StructuredOutputsParams(**guided)
+    except (TypeError, ValueError) as exc:
+        raise APIError(str(exc), param="structured_outputs") from None
+    return None
+
+
+def _from_response_format(response_format: ResponseFormat) -> StructuredOutputsParams | None:
+    kind = response_format.type
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.json_schema is None:
+            raise APIError("response_format of type json_schema needs `json_schema.schema`.", param="response_format")
+        return StructuredOutputsParams(json=response_format.json_schema.json_schema)
+    if kind == "structural_tag":
+        return StructuredOutputsParams(structural_tag=json.dumps(response_format.model_dump(exclude={"json_schema"})))
+    return None
 
 
 def _beam_search_params(

@@ -1,6 +1,6 @@
 """Request and response bodies of the generation and utility routes, with vLLM's field names and defaults
 (docs/architecture.md §8; docs/server.md). Unknown request fields are accepted and ignored, as vLLM
-does with fields it has dropped (`best_of`, `guided_*`)."""
+does with fields it has dropped (`best_of`); the older `guided_*` fields still constrain the output."""
 
 from __future__ import annotations
 
@@ -59,6 +59,36 @@ ChatMessages = Annotated[
 ]
 
 
+class StructuredOutputs(RequestBody):
+    """vLLM's `structured_outputs`: one constraint (json, regex, choice, grammar, json_object, structural_tag) and
+    the options for JSON."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+
+class JsonSchemaFormat(RequestBody):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestBody):
+    """OpenAI's `response_format`: text, json_object, json_schema (`json_schema.schema`), or vLLM's structural_tag
+    (`structures` and `triggers`, kept as extra fields)."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(RequestBody):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
@@ -97,8 +127,13 @@ class GenerationRequest(RequestBody):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool = False
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: str | dict[str, Any] | None = None  # the older guided_* spellings of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
     request_id: str | None = None
     priority: int = 0
     cache_salt: str | None = None
@@ -233,6 +268,31 @@ class ChatLogProbs(ResponseBody):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCallBody(ResponseBody):
+    name: str
+    arguments: str  # a JSON object
+
+
+class ToolCall(ResponseBody):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
+class DeltaFunctionCall(ResponseBody):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(ResponseBody):
+    """A streamed piece of a tool call: its index, id, type and name first, then fragments of its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatMessage(ResponseBody):
     role: str
     content: str | None = None
@@ -240,6 +300,7 @@ class ChatMessage(ResponseBody):
     annotations: list[dict[str, Any]] | None = None
     audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
     reasoning: str | None = None
 
 
@@ -260,6 +321,7 @@ class ChatCompletionChoice(ChatChoiceOutcome):
 class DeltaMessage(ResponseBody):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(ChatChoiceOutcome):

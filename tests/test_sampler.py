@@ -17,6 +17,7 @@ from jaxserve.sampler import (
     _apply_top_p,
     sample,
 )
+from jaxserve.structured_outputs import bitmask_width
 
 V = 97
 ROWS = 6
@@ -33,6 +34,11 @@ def batch(rows: int = ROWS, **fields) -> SamplingBatch:
     return base
 
 
+def free(rows: int, vocab: int = V) -> np.ndarray:
+    """A grammar bitmask that allows every token."""
+    return np.full((rows, bitmask_width(vocab)), -1, np.int32)
+
+
 @pytest.fixture
 def logits():
     return np.random.default_rng(0).normal(0, 3, size=(ROWS, V)).astype(np.float32)
@@ -46,9 +52,8 @@ def test_penalties_follow_vllm(logits):
     rep = np.array([1.0, 1.5, 0.7, 2.0, 1.0, 1.2], np.float32)
     pres = np.array([0.0, 0.5, -0.5, 1.0, 2.0, 0.0], np.float32)
     freq = np.array([0.0, 0.3, 0.0, -1.0, 0.5, 2.0], np.float32)
-    out = sample(
-        jnp.asarray(logits), batch(repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq), history, 4
-    )
+    params = batch(repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq)
+    out = sample(jnp.asarray(logits), params, history, free(ROWS), 4)
 
     expected = logits.astype(np.float64).copy()
     seen = prompt | (counts > 0)
@@ -65,7 +70,7 @@ def test_bias_bans_tokens(logits):
     top2 = np.argsort(-logits, axis=-1)[:, :2]
     ids[:, :2], values[:, :2] = top2, -np.inf
     history = TokenHistory.zeros(ROWS, V)
-    out = sample(jnp.asarray(logits), batch(bias_ids=ids, bias_values=values), history, 4)
+    out = sample(jnp.asarray(logits), batch(bias_ids=ids, bias_values=values), history, free(ROWS), 4)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.argsort(-logits, axis=-1)[:, 2])
 
 
@@ -110,7 +115,7 @@ def test_draws_follow_the_tempered_distribution():
         bias_ids=np.full((rows, NUM_BIAS_SLOTS), 5),
         wants_logprobs=np.zeros(rows),
     )
-    tokens = np.asarray(sample(jnp.asarray(logits), params, TokenHistory.zeros(1, 5), 2).tokens)
+    tokens = np.asarray(sample(jnp.asarray(logits), params, TokenHistory.zeros(1, 5), free(rows, 5), 2).tokens)
     expected = np.exp(row_logits / temperature)
     expected /= expected.sum()
     observed = np.bincount(tokens, minlength=5) / rows
@@ -119,7 +124,7 @@ def test_draws_follow_the_tempered_distribution():
 
 def test_logprobs_are_raw_and_ranked(logits):
     targets = np.array([-1, 3, -1, 7, -1, 0], np.int32)
-    out = sample(jnp.asarray(logits), batch(targets=targets), TokenHistory.zeros(ROWS, V), 5)
+    out = sample(jnp.asarray(logits), batch(targets=targets), TokenHistory.zeros(ROWS, V), free(ROWS), 5)
     raw = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     tokens = np.asarray(out.tokens)
     np.testing.assert_array_equal(tokens, np.where(targets >= 0, targets, logits.argmax(-1)))
@@ -128,3 +133,21 @@ def test_logprobs_are_raw_and_ranked(logits):
     np.testing.assert_array_equal(np.asarray(out.ranks), ranks)
     np.testing.assert_array_equal(np.asarray(out.top_ids), np.argsort(-raw, axis=-1)[:, :5])
     np.testing.assert_allclose(np.asarray(out.top_logprobs), -np.sort(-raw, axis=-1)[:, :5], atol=1e-5)
+
+
+def test_a_grammar_bitmask_limits_its_rows_to_the_tokens_it_allows(logits):
+    rng = np.random.default_rng(2)
+    allowed = rng.random((ROWS, V)) < 0.1
+    allowed[:, 96] = True  # the last word's first bit, past the end of a whole word
+    allowed[0] = True  # row 0 is free
+    bits = np.zeros((ROWS, bitmask_width(V) * 32), np.uint32)
+    bits[:, :V] = allowed
+    bitmask = (bits.reshape(ROWS, -1, 32) << np.arange(32, dtype=np.uint32)).sum(-1).astype(np.uint32).view(np.int32)
+    history = TokenHistory.zeros(ROWS, V)
+    greedy = np.asarray(sample(jnp.asarray(logits), batch(), history, bitmask, 3).tokens)
+    np.testing.assert_array_equal(greedy, np.where(allowed, logits, -np.inf).argmax(-1))
+    assert greedy[0] == logits[0].argmax() and (greedy[1:] != logits[1:].argmax(-1)).any()
+    drawn = sample(jnp.asarray(logits), batch(temperature=np.full(ROWS, 2.0)), history, bitmask, 3)
+    assert allowed[np.arange(ROWS), np.asarray(drawn.tokens)].all()
+    raw = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # logprobs stay those of the raw logits
+    np.testing.assert_allclose(np.asarray(drawn.logprobs), raw[np.arange(ROWS), np.asarray(drawn.tokens)], atol=1e-5)
