@@ -131,6 +131,8 @@ def served_names(models: list[str], served_model_name: list[str] | None) -> list
 def server_settings(args: argparse.Namespace):
     from .server.settings import ServerSettings
 
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("error: --enable-auto-tool-choice requires --tool-call-parser (the model's tool-call format).")
     api_keys = args.api_key or [
         key for key in (os.environ.get("VLLM_API_KEY"), os.environ.get("JAXSERVE_API_KEY")) if key
     ]
@@ -152,6 +154,8 @@ def server_settings(args: argparse.Namespace):
         request_body_timeout=args.request_body_timeout or None,
         response_role=args.response_role,
         trust_request_chat_template=args.trust_request_chat_template,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
         enable_force_include_usage=args.enable_force_include_usage,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
@@ -160,6 +164,8 @@ def server_settings(args: argparse.Namespace):
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
+    from .server.tool_parsers import TOOL_PARSERS
+
     group = parser.add_argument_group("server")
     group.add_argument("--host", help="address to listen on (default: all interfaces)")
     group.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -194,6 +200,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--trust-request-chat-template",
         action="store_true",
         help="let requests bring their own chat_template (refused otherwise)",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let chats with tools use tool_choice "auto": the --tool-call-parser finds the calls in the output',
+    )
+    group.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        help="the model family's tool-call format (hermes: Qwen2.5/3, Hermes, SmolLM3; llama3_json: Llama 3.1/3.2; "
+        "mistral; pythonic: Llama 3.2/4, ToolACE)",
     )
     group.add_argument("--response-role", default="assistant", help="role of chat replies (default assistant)")
     group.add_argument(

@@ -10,7 +10,9 @@ from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
 
+from jaxserve.beam_search import BeamSearchParams
 from jaxserve.request import EngineRequest
+from jaxserve.sampling_params import SamplingParams
 
 from .chat_utils import last_message_text, prepare_messages
 from .context import RequestContext
@@ -39,6 +41,7 @@ from .protocol import (
     DeltaMessage,
 )
 from .served_models import ServedModel
+from .tool_calls import ToolCalling
 
 # template arguments set by top-level request fields, which win over chat_template_kwargs
 TOP_LEVEL_TEMPLATE_ARGS = ("add_generation_prompt", "continue_final_message", "tools", "documents", "chat_template")
@@ -72,22 +75,8 @@ def check_template_trust(chat_template: str | None, trusted: bool) -> None:
         )
 
 
-def _check_tools(request: ChatCompletionRequest) -> None:
-    if request.tools is not None and not request.tools:
-        raise APIError("`tools` must not be an empty list; leave it out instead.", param="tools")
-    choice = request.tool_choice
-    if choice is not None and choice != "none" and not request.tools:
-        raise APIError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
-    if request.tools and choice != "none":
-        raise APIError(
-            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set; jaxserve does '
-            'not parse tool calls yet, so send tools with tool_choice "none".',
-            param="tool_choice",
-        )
-
-
 async def create_chat_completion(request: ChatCompletionRequest, model: ServedModel, ctx: RequestContext) -> Response:
-    _check_tools(request)
+    calling = ToolCalling.of(request, ctx.settings, model.tokenizer.hf)
     check_template_trust(request.chat_template, ctx.settings.trust_request_chat_template)
     if request.top_logprobs and not request.logprobs:
         raise APIError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
@@ -102,16 +91,31 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
     num_top = request.top_logprobs or 0
     logprobs = num_top if request.logprobs else None
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    params = sampling_params(request, model, max_tokens, logprobs)
+    params = _with_tool_constraint(sampling_params(request, model, max_tokens, logprobs), calling)
     (engine_request,) = engine_requests(model, [prompt], params, request, ctx)
     role = ctx.settings.response_role if request.add_generation_prompt else request.messages[-1].get("role", "user")
     echo = ""
     if request.echo and request.messages[-1].get("role") == role:
         echo = last_message_text(request.messages)
-    chat = _Chat(request, model, prompt, engine_request, ctx, role, echo, logprobs)
+    chat = _Chat(request, model, prompt, engine_request, ctx, role, echo, logprobs, calling)
     if request.stream:
         return StreamingResponse(sse_stream(chat.stream()), media_type="text/event-stream")
     return json_response(await chat.whole())
+
+
+def _with_tool_constraint(params: SamplingParams | BeamSearchParams, calling: ToolCalling):
+    """`params` holding the output to the tools' schemas, for tool_choice "required" or a named function."""
+    constraint = calling.constraint()
+    if constraint is None:
+        return params
+    if isinstance(params, BeamSearchParams):
+        raise APIError('tool_choice "required" or a named function is not supported with beam search.')
+    if params.structured_outputs is not None:
+        raise APIError(
+            'tool_choice "required" or a named function cannot be combined with structured outputs or response_format.',
+            param="tool_choice",
+        )
+    return params.clone(structured_outputs=constraint)
 
 
 @dataclasses.dataclass
@@ -124,6 +128,7 @@ class _Chat:
     role: str
     echo: str
     num_top: int | None
+    calling: ToolCalling
 
     def _logprobs(self, token_ids, entries):
         if self.num_top is None:
@@ -148,17 +153,21 @@ class _Chat:
                 token_ids[out.index] += out.token_ids
                 entries[out.index] += out.logprobs or []
                 finish[out.index] = (out.finish_reason, out.stop_reason)
-        choices = [
-            ChatCompletionChoice(
-                index=i,
-                message=ChatMessage(role=self.role, content=self.echo + texts[i]),
-                logprobs=self._logprobs(token_ids[i], entries[i]),
-                finish_reason=finish[i][0],
-                stop_reason=finish[i][1],
-                token_ids=token_ids[i] if self.request.return_token_ids else None,
+        choices = []
+        for i in range(n):
+            content, tool_calls = self.calling.whole(texts[i])
+            if self.echo:
+                content = self.echo + (content or "")
+            choices.append(
+                ChatCompletionChoice(
+                    index=i,
+                    message=ChatMessage(role=self.role, content=content, tool_calls=tool_calls),
+                    logprobs=self._logprobs(token_ids[i], entries[i]),
+                    finish_reason=self.calling.finish_reason(finish[i][0], bool(tool_calls)),
+                    stop_reason=finish[i][1],
+                    token_ids=token_ids[i] if self.request.return_token_ids else None,
+                )
             )
-            for i in range(n)
-        ]
         return ChatCompletionResponse(
             id=self.ctx.response_id,
             created=self.ctx.created,
@@ -186,6 +195,7 @@ class _Chat:
             return {"usage": usage(num_prompt, num_generated)} if continuous else {}
 
         prompt_ids = {"prompt_token_ids": self.prompt.token_ids} if self.request.return_token_ids else {}
+        tool_streams = [self.calling.stream() for _ in range(self.request.n)]
         for i in range(self.request.n):
             delta = DeltaMessage(role=self.role, content="")
             yield self._chunk(
@@ -201,14 +211,19 @@ class _Chat:
                 cached[0] = output.num_cached_tokens
             for out in output.outputs:
                 num_generated += len(out.token_ids)
+                tools = tool_streams[out.index]
+                content, tool_deltas = tools.feed(out.text, final=out.finish_reason is not None)
                 carries_tokens = out.token_ids and (self.num_top is not None or self.request.return_token_ids)
-                if not out.text and not carries_tokens and out.finish_reason is None:
+                if not content and not tool_deltas and not carries_tokens and out.finish_reason is None:
                     continue
+                delta = DeltaMessage(tool_calls=tool_deltas) if tool_deltas else DeltaMessage(content=content)
+                if tool_deltas and content:
+                    delta.content = content
                 choice = ChatCompletionStreamChoice(
                     index=out.index,
-                    delta=DeltaMessage(content=out.text),
+                    delta=delta,
                     logprobs=self._logprobs(out.token_ids, out.logprobs or []),
-                    finish_reason=out.finish_reason,
+                    finish_reason=self.calling.finish_reason(out.finish_reason, tools.num_calls > 0),
                 )
                 if out.finish_reason is not None:
                     choice.stop_reason = out.stop_reason

@@ -27,6 +27,8 @@ class ServerSettings:
     request_body_timeout: float | None = 60.0  # seconds to send its body once the headers are in, else 408
     response_role: str = "assistant"
     trust_request_chat_template: bool = False
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": the parser below finds the calls in the output
+    tool_call_parser: str | None = None  # a name in tool_parsers.TOOL_PARSERS
     default_chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     enable_force_include_usage: bool = False
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (it shows the chat template)

@@ -1,7 +1,11 @@
-"""Structured outputs in the engine: every constrained output parses and validates (jsonschema for JSON,
-re.fullmatch for regex, membership for choice, the grammar's own language for grammars), greedy and seeded, in
-batches that mix constrained and free rows, under preemption, with async scheduling on and off; a free row's
-tokens do not change because a constrained row shares its step; a bad constraint is refused before any step."""
+"""Structured outputs and tool calling. In the engine: every constrained output parses and validates (jsonschema
+for JSON, re.fullmatch for regex, membership for choice, the grammar's own language for grammars), greedy and
+seeded, in a batch that mixes constrained and free rows, under preemption and async scheduling; a free row's
+tokens do not change because a constrained row shares its step; a bad constraint is refused before any step.
+Over HTTP, with the official `openai` client: response_format, parse(), structured_outputs and the guided_*
+aliases; tool_choice "required" and a named function give tool calls whose arguments validate against the tool's
+schema, whole and streamed (the deltas reassemble to the whole answer); the tools and a history of calls reach a
+Hermes-style chat template; "auto" without the flags and bad constraints are 400s."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import pytest
 from jaxserve import AsyncEngine, SamplingParams, StructuredOutputsParams
 from jaxserve.server.launch import background_server
 from jaxserve.server.served_models import ServedModel
+from jaxserve.server.settings import ServerSettings
 
 from .conftest import TINY_ENGINE
 
@@ -34,15 +39,56 @@ REGEX = r"[A-Z][a-z]{1,5}-\d{2,3}"
 CHOICES = ["alpha", "beta", "gamma delta"]
 GBNF = 'root ::= ("yes" | "no") " " [0-9] [0-9]?'  # EBNF as llama.cpp writes it
 LARK = 'start: "(" NUMBER ("," NUMBER)* ")"\nNUMBER: /[0-9]{1,3}/'
-# one engine for the module: a pool small enough to preempt, and JSON without optional whitespace (vLLM's
-# --structured-outputs-config option), so that the random tiny model finishes its objects
+# a Hermes-style ChatML template (as Qwen2.5's, with the tools written short to fit the tiny context): the tools
+# in the system turn, calls in <tool_call> tags, results in <tool_response> tags
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}{{ tool.function.name }}"
+    "({{ tool.function.parameters.properties | list | join(',') }}) {% endfor %}</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}<|im_start|>user\n<tool_response>{{ message.content }}</tool_response>"
+    "<|im_end|>\n{%- elif message.tool_calls %}<|im_start|>assistant\n{% for call in message.tool_calls %}"
+    '<tool_call>{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# one engine for the module: a pool small enough to preempt, JSON without optional whitespace or properties beyond
+# the schema's (vLLM's --structured-outputs-config options) so that the random tiny model finishes its objects,
+# and the Hermes template
 ENGINE = dict(
-    max_model_len=128,
+    max_model_len=256,
     max_num_seqs=8,
     max_num_batched_tokens=32,
     num_kv_pages=16,
-    structured_outputs_config={"disable_any_whitespace": True},
+    structured_outputs_config={"disable_any_whitespace": True, "disable_additional_properties": True},
+    chat_template=HERMES_TEMPLATE,
 )
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["CET", "UTC", "PST"]}},
+            "required": ["zone"],
+        },
+    },
+}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 
 
 def constraints() -> list[tuple[StructuredOutputsParams, callable]]:
@@ -105,11 +151,12 @@ def test_a_bad_constraint_is_refused_before_any_step(tiny_models, make_llm):
 
 
 @pytest.fixture(scope="module")
-def url(tiny_models, llm_cache):
+def server(tiny_models, llm_cache):
     llm = llm_cache(tiny_models["tiny-llama"], TINY_ENGINE, **ENGINE)
     served = [ServedModel.from_engine(["llama"], "llama", AsyncEngine(llm.engine), "auto")]
-    with background_server(served) as base:
-        yield base
+    settings = ServerSettings(enable_auto_tool_choice=True, tool_call_parser="hermes")
+    with background_server(served, settings) as base:
+        yield base, served
     served[0].engine.shutdown()
 
 
@@ -118,7 +165,8 @@ class Person(pydantic.BaseModel):
     age: int = pydantic.Field(ge=0, le=120)
 
 
-def test_openai_clients_get_outputs_that_validate(url):
+def test_openai_clients_get_outputs_that_validate(server):
+    url, _ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Who are you? Answer in JSON."}]
     schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
@@ -164,8 +212,95 @@ def test_openai_clients_get_outputs_that_validate(url):
         ({"structured_outputs": {"choice": ["a"]}, "use_beam_search": True, "n": 2}, "beam search"),
     ],
 )
-def test_a_bad_constraint_is_a_400(url, extra, fragment):
+def test_a_bad_constraint_is_a_400(server, extra, fragment):
+    url, _ = server
     body = {"model": "llama", "prompt": "hi", "max_tokens": 4, **extra}
     response = httpx.post(f"{url}/v1/completions", json=body)
     assert response.status_code == 400 and fragment in response.json()["error"]["message"], response.text
     assert httpx.post(f"{url}/v1/completions", json={"model": "llama", "prompt": "hi", "max_tokens": 2}).is_success
+
+
+def _reassembled(stream) -> tuple[list[dict], str | None]:
+    """The tool calls of a streamed chat, put back together from their deltas, and its finish reason."""
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        for delta in choice.delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+            if delta.id:
+                assert call["id"] is None, "the id comes once, first"
+                call["id"] = delta.id
+            if delta.function and delta.function.name:
+                call["name"] += delta.function.name
+            if delta.function and delta.function.arguments:
+                call["arguments"] += delta.function.arguments
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def test_required_and_named_tool_choice_give_calls_that_validate(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    ask = dict(model="llama", messages=messages, tools=TOOLS, max_tokens=150, temperature=0, parallel_tool_calls=False)
+    required = client.chat.completions.create(tool_choice="required", **ask)
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+    for call in choice.message.tool_calls:
+        assert call.id.startswith("chatcmpl-tool-") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    streamed, finish = _reassembled(client.chat.completions.create(tool_choice="required", stream=True, **ask))
+    assert finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
+
+    named = {"type": "function", "function": {"name": "get_time"}}
+    whole = client.chat.completions.create(tool_choice=named, **ask).choices[0]
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "get_time" and whole.message.content is None
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["get_time"])
+    streamed, _ = _reassembled(client.chat.completions.create(tool_choice=named, stream=True, **ask))
+    assert [(c["name"], c["arguments"]) for c in streamed] == [("get_time", call.function.arguments)]
+
+
+def test_auto_tool_choice_and_a_history_of_calls_reach_the_template(server):
+    url, served = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    history = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "-3 C"},
+    ]
+    rendered = httpx.post(f"{url}/tokenize", json={"model": "llama", "messages": history, "tools": TOOLS}).json()[
+        "tokens"
+    ]
+    text = served[0].tokenizer.decode(rendered)
+    assert "<tools>get_weather(city,unit) get_time(zone) </tools>" in text
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"' in text
+    assert "<tool_response>-3 C</tool_response>" in text
+    answer = client.chat.completions.create(model="llama", messages=history, tools=TOOLS, max_tokens=8, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")  # parsed by the hermes parser
+
+    with background_server(served) as plain:  # without --enable-auto-tool-choice
+        refused = httpx.post(
+            f"{plain}/v1/chat/completions", json={"model": "llama", "messages": history, "tools": TOOLS}
+        )
+        assert refused.status_code == 400
+        assert "--enable-auto-tool-choice" in refused.json()["error"]["message"]
+        unknown = {"type": "function", "function": {"name": "nope"}}
+        body = {"model": "llama", "messages": history, "tools": TOOLS, "tool_choice": unknown}
+        assert "has not been passed" in httpx.post(f"{plain}/v1/chat/completions", json=body).json()["error"]["message"]
