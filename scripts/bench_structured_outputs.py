@@ -51,13 +51,14 @@ TOPICS = ["a lighthouse", "a lost key", "the first snow", "a robot cook", "an ol
 
 def prompts(llm: LLM, count: int) -> list[list[int]]:
     tokenizer = llm.get_tokenizer()
-    return [
-        tokenizer.apply_chat_template(
+    texts = [
+        tokenizer.render_chat(
             [{"role": "user", "content": f"Tell story {i} about {TOPICS[i % len(TOPICS)]} as JSON."}],
             add_generation_prompt=True,
         )
         for i in range(count)
     ]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
 
 
 def time_steps(llm: LLM, batch: list[list[int]], constrained: list[bool], steps: int) -> tuple[float, list[str]]:
