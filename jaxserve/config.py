@@ -129,6 +129,12 @@ class EngineConfig:
         'JSON options of structured outputs, as vLLM\'s: {"backend": "guidance" (llguidance, the one there is), '
         '"disable_any_whitespace": true, "disable_additional_properties": true} apply to every request',
     )
+    reasoning_parser: str | None = flag(
+        None,
+        "split a reasoning model's <think> part into the chat message's `reasoning`, and hold structured outputs "
+        "back until it ends (deepseek_r1: the template opens it; qwen3: the output does)",
+        choices=["deepseek_r1", "qwen3"],
+    )
     seed: int = flag(0, "seed for requests that bring none (default 0)")
     attention_backend: str = flag(
         "auto",

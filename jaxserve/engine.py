@@ -20,6 +20,7 @@ import time
 import numpy as np
 from flax import nnx
 
+from . import reasoning
 from .beam_search import BeamSearch, BeamSearchParams, clamped, step_params
 from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
 from .config import EngineConfig, sampling_defaults
@@ -95,6 +96,10 @@ class LLMEngine(EngineCore):
             self.tokenizer.hf, self.vocab_size, self.eos_token_ids, config.structured_outputs_config
         )
         self._constrained: set[Sequence] = set()  # sequences held to a grammar, until they finish
+        # a reasoning model's grammar starts after its thinking: these tokens end it
+        self._reasoning_end = (
+            self.tokenizer.encode(reasoning.END, add_special_tokens=False) if config.reasoning_parser else None
+        )
         self.output_processor = OutputProcessor(self.tokenizer)  # for callers of step(); AsyncEngine has its own
         self._seq_ids = itertools.count()
         logger.info(
@@ -190,8 +195,10 @@ class LLMEngine(EngineCore):
         for seq in seqs[1:]:
             seq.leader = seqs[0]
         if request.grammar is not None:
+            end = self._reasoning_end
+            thinking = end is not None and not _contains(request.prompt_token_ids, end)
             for seq in seqs:
-                seq.matcher = self.grammar_compiler.matcher(request.grammar)
+                seq.matcher = self.grammar_compiler.matcher(request.grammar, waits_for=end if thinking else None)
             self._constrained.update(seqs)
         self._requests[request_id] = seqs
         for seq in seqs:
@@ -376,7 +383,7 @@ class LLMEngine(EngineCore):
         constrained = [
             (seq.matcher, r)
             for r, (chunk_index, is_sample) in enumerate(zip(rows.chunk_index.tolist(), rows.is_sample.tolist()))
-            if is_sample and (seq := plan.chunks[chunk_index].seq).matcher is not None
+            if is_sample and (seq := plan.chunks[chunk_index].seq).matcher is not None and seq.matcher.active
         ]
         if not constrained:
             return None
@@ -412,3 +419,9 @@ class LLMEngine(EngineCore):
         if primary is None and configured:
             primary = configured[0]
         return primary, [t for t in configured if t != primary]
+
+
+def _contains(tokens: list[int], part: list[int]) -> bool:
+    """Whether `part` occurs in `tokens` (a reasoning prompt that already closed its thinking)."""
+    n = len(part)
+    return any(tokens[i : i + n] == part for i in range(len(tokens) - n + 1))

@@ -136,8 +136,8 @@ class GrammarCompiler:
             raise ValueError(f"Invalid structured outputs {params.kind}: {error.strip()}")
         return grammar
 
-    def matcher(self, grammar: str) -> Matcher:
-        return Matcher(llguidance.LLMatcher(self._tokenizer, grammar, log_level=0))
+    def matcher(self, grammar: str, waits_for: list[int] | None = None) -> Matcher:
+        return Matcher(llguidance.LLMatcher(self._tokenizer, grammar, log_level=0), waits_for)
 
     @functools.cached_property
     def _executor(self) -> llguidance.LLExecutor:
@@ -149,19 +149,32 @@ class GrammarCompiler:
 
 
 class Matcher:
-    """A constrained sequence's place in its grammar."""
+    """A constrained sequence's place in its grammar. With `waits_for` (a reasoning model's end of thinking, as
+    token ids) the grammar starts only once those tokens have been generated: until then every token is allowed."""
 
-    def __init__(self, matcher: llguidance.LLMatcher):
+    def __init__(self, matcher: llguidance.LLMatcher, waits_for: list[int] | None = None):
         self._matcher = matcher
+        self._waits_for = waits_for or None
+        self._recent: list[int] = []
+
+    @property
+    def active(self) -> bool:
+        """The grammar holds the next token."""
+        return self._waits_for is None
 
     def accept(self, token: int) -> None:
         """Advance past a sampled token (the mask allowed it; a matcher in error allows only EOS from then on)."""
+        if self._waits_for is not None:
+            self._recent = [*self._recent, token][-len(self._waits_for) :]
+            if self._recent == self._waits_for:
+                self._waits_for = None
+            return
         self._matcher.consume_token(token)
 
     @property
     def is_terminated(self) -> bool:
         """Nothing more may follow: the grammar is complete (or the matcher failed)."""
-        return self._matcher.is_stopped()
+        return self.active and self._matcher.is_stopped()
 
     @property
     def error(self) -> str | None:

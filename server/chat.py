@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 
 from jaxserve.beam_search import BeamSearchParams
+from jaxserve.reasoning import ReasoningParser
 from jaxserve.request import EngineRequest
 from jaxserve.sampling_params import SamplingParams
 
@@ -97,7 +98,7 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
     echo = ""
     if request.echo and request.messages[-1].get("role") == role:
         echo = last_message_text(request.messages)
-    chat = _Chat(request, model, prompt, engine_request, ctx, role, echo, logprobs, calling)
+    chat = _Chat(request, model, prompt, engine_request, ctx, role, echo, logprobs, calling, model.reasoning_parser)
     if request.stream:
         return StreamingResponse(sse_stream(chat.stream()), media_type="text/event-stream")
     return json_response(await chat.whole())
@@ -118,6 +119,33 @@ def _with_tool_constraint(params: SamplingParams | BeamSearchParams, calling: To
     return params.clone(structured_outputs=constraint)
 
 
+class _ChoiceSplit:
+    """One streamed choice: its reasoning (with a reasoning parser) apart, then its content and tool calls."""
+
+    def __init__(self, reasoner: ReasoningParser | None, calling: ToolCalling):
+        self.reasoning = reasoner.stream() if reasoner is not None else None
+        self.tools = calling.stream()
+
+    def feed(self, text: str, final: bool) -> DeltaMessage:
+        reasoning = ""
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.feed(text)
+            if final:
+                more_reasoning, more_text = self.reasoning.finish()
+                reasoning, text = reasoning + more_reasoning, text + more_text
+        content, tool_calls = self.tools.feed(text, final=final)
+        return DeltaMessage(reasoning=reasoning or None, content=content, tool_calls=tool_calls or None)
+
+
+def _only_set(delta: DeltaMessage) -> DeltaMessage:
+    """The delta as sent: reasoning and tool calls only when there are some, content unless tool calls came
+    alone."""
+    fields = delta.model_dump(exclude_none=True)
+    if fields.get("content") == "" and ("tool_calls" in fields or "reasoning" in fields):
+        del fields["content"]
+    return DeltaMessage(**{key: getattr(delta, key) for key in fields})
+
+
 @dataclasses.dataclass
 class _Chat:
     request: ChatCompletionRequest
@@ -129,6 +157,7 @@ class _Chat:
     echo: str
     num_top: int | None
     calling: ToolCalling
+    reasoner: ReasoningParser | None
 
     def _logprobs(self, token_ids, entries):
         if self.num_top is None:
@@ -155,13 +184,19 @@ class _Chat:
                 finish[out.index] = (out.finish_reason, out.stop_reason)
         choices = []
         for i in range(n):
-            content, tool_calls = self.calling.whole(texts[i])
+            reasoning, text = self.reasoner.split(texts[i]) if self.reasoner is not None else (None, texts[i])
+            content, tool_calls = self.calling.whole(text) if text is not None else (None, [])
             if self.echo:
                 content = self.echo + (content or "")
             choices.append(
                 ChatCompletionChoice(
                     index=i,
-                    message=ChatMessage(role=self.role, content=content, tool_calls=tool_calls),
+                    message=ChatMessage(
+                        role=self.role,
+                        content=content,
+                        tool_calls=tool_calls,
+                        reasoning=reasoning if self.request.include_reasoning else None,
+                    ),
                     logprobs=self._logprobs(token_ids[i], entries[i]),
                     finish_reason=self.calling.finish_reason(finish[i][0], bool(tool_calls)),
                     stop_reason=finish[i][1],
@@ -195,7 +230,7 @@ class _Chat:
             return {"usage": usage(num_prompt, num_generated)} if continuous else {}
 
         prompt_ids = {"prompt_token_ids": self.prompt.token_ids} if self.request.return_token_ids else {}
-        tool_streams = [self.calling.stream() for _ in range(self.request.n)]
+        splits = [_ChoiceSplit(self.reasoner, self.calling) for _ in range(self.request.n)]
         for i in range(self.request.n):
             delta = DeltaMessage(role=self.role, content="")
             yield self._chunk(
@@ -211,19 +246,19 @@ class _Chat:
                 cached[0] = output.num_cached_tokens
             for out in output.outputs:
                 num_generated += len(out.token_ids)
-                tools = tool_streams[out.index]
-                content, tool_deltas = tools.feed(out.text, final=out.finish_reason is not None)
+                split = splits[out.index]
+                delta = split.feed(out.text, final=out.finish_reason is not None)
+                if not self.request.include_reasoning:
+                    delta.reasoning = None
                 carries_tokens = out.token_ids and (self.num_top is not None or self.request.return_token_ids)
-                if not content and not tool_deltas and not carries_tokens and out.finish_reason is None:
+                says_something = delta.content or delta.reasoning or delta.tool_calls
+                if not says_something and not carries_tokens and out.finish_reason is None:
                     continue
-                delta = DeltaMessage(tool_calls=tool_deltas) if tool_deltas else DeltaMessage(content=content)
-                if tool_deltas and content:
-                    delta.content = content
                 choice = ChatCompletionStreamChoice(
                     index=out.index,
-                    delta=delta,
+                    delta=_only_set(delta),
                     logprobs=self._logprobs(out.token_ids, out.logprobs or []),
-                    finish_reason=self.calling.finish_reason(out.finish_reason, tools.num_calls > 0),
+                    finish_reason=self.calling.finish_reason(out.finish_reason, split.tools.num_calls > 0),
                 )
                 if out.finish_reason is not None:
                     choice.stop_reason = out.stop_reason

@@ -179,6 +179,7 @@ class ChatCompletionRequest(ChatTemplateFields, GenerationRequest):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = True
     reasoning_effort: str | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: send the thinking in `reasoning`
     echo: bool = False
 
 
@@ -321,6 +322,7 @@ class ChatCompletionChoice(ChatChoiceOutcome):
 class DeltaMessage(ResponseBody):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+from jaxserve.reasoning import REASONING_PARSERS, ReasoningParser
+
 from .chat_utils import ContentFormat, resolve_content_format
 from .errors import APIError, busy, not_found
 
@@ -34,6 +36,7 @@ class ServedModel:
     id2label: dict[int, str] = dataclasses.field(default_factory=dict)
     num_labels: int = 0
     input_type_prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # Cohere input_type → prefix
+    reasoning_parser: ReasoningParser | None = None  # --reasoning-parser: the <think> part of chat outputs apart
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # requests admitted and not yet answered in full
 
@@ -62,6 +65,7 @@ class ServedModel:
             id2label={} if generative else _labels(core.hf_config),
             num_labels=0 if generative else core.spec.num_labels,
             input_type_prompts={} if generative else _input_type_prompts(core),
+            reasoning_parser=REASONING_PARSERS.get(core.config.reasoning_parser or ""),
         )
 
     @property

@@ -19,6 +19,7 @@ import pydantic
 import pytest
 
 from jaxserve import AsyncEngine, SamplingParams, StructuredOutputsParams
+from jaxserve.reasoning import REASONING_PARSERS
 from jaxserve.server.launch import background_server
 from jaxserve.server.served_models import ServedModel
 from jaxserve.server.settings import ServerSettings
@@ -147,6 +148,23 @@ def test_a_bad_constraint_is_refused_before_any_step(tiny_models, make_llm):
         StructuredOutputsParams(regex="a", choice=["a"])
 
 
+def test_a_reasoning_model_is_held_to_its_grammar_only_after_its_thinking(tiny_models, make_llm):
+    llm = make_llm(tiny_models["tiny-llama"], reasoning_parser="deepseek_r1", **ENGINE)
+    tokenizer = llm.get_tokenizer()
+    digits = SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex="[0-9]{12}"))
+    thinking, answered = llm.generate(["Think about it:", "<think>done</think>Answer:"], digits, use_tqdm=False)
+    assert not re.fullmatch("[0-9]*", thinking.outputs[0].text)  # still thinking: not held (no </think> came)
+    assert re.fullmatch("[0-9]{12}", answered.outputs[0].text)  # the prompt closed the thinking: held from the start
+    matcher = llm.engine.grammar_compiler.matcher(
+        llm.engine.grammar_compiler.compile(StructuredOutputsParams(regex="[0-9]+")),
+        waits_for=tokenizer.encode("</think>", add_special_tokens=False),
+    )
+    for token in tokenizer.encode("some thoughts</think>", add_special_tokens=False):
+        assert not matcher.active
+        matcher.accept(token)
+    assert matcher.active
+
+
 # --- over HTTP -------------------------------------------------------------------------------------------------
 
 
@@ -154,6 +172,8 @@ def test_a_bad_constraint_is_refused_before_any_step(tiny_models, make_llm):
 def server(tiny_models, llm_cache):
     llm = llm_cache(tiny_models["tiny-llama"], TINY_ENGINE, **ENGINE)
     served = [ServedModel.from_engine(["llama"], "llama", AsyncEngine(llm.engine), "auto")]
+    # the server side of --reasoning-parser qwen3 (the engine's side, holding a grammar back, is tested above)
+    served[0].reasoning_parser = REASONING_PARSERS["qwen3"]
     settings = ServerSettings(enable_auto_tool_choice=True, tool_call_parser="hermes")
     with background_server(served, settings) as base:
         yield base, served
@@ -304,3 +324,18 @@ def test_auto_tool_choice_and_a_history_of_calls_reach_the_template(server):
         unknown = {"type": "function", "function": {"name": "nope"}}
         body = {"model": "llama", "messages": history, "tools": TOOLS, "tool_choice": unknown}
         assert "has not been passed" in httpx.post(f"{plain}/v1/chat/completions", json=body).json()["error"]["message"]
+
+
+def test_a_reasoning_parser_splits_the_thinking_whole_and_streamed(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    shaped = {"structured_outputs": {"regex": "<think>[a-z]{2,6}</think>[A-Z][a-z]{2,6}"}}  # a thinking model's form
+    ask = dict(model="llama", messages=[{"role": "user", "content": "Think, then answer."}], max_tokens=40)
+    whole = client.chat.completions.create(temperature=0, extra_body=shaped, **ask).choices[0].message
+    assert re.fullmatch("[a-z]{2,6}", whole.reasoning) and re.fullmatch("[A-Z][a-z]{2,6}", whole.content)
+    chunks = list(client.chat.completions.create(temperature=0, extra_body=shaped, stream=True, **ask))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == whole.reasoning
+    assert "".join(d.content or "" for d in deltas) == whole.content
+    hidden = client.chat.completions.create(temperature=0, extra_body={**shaped, "include_reasoning": False}, **ask)
+    assert hidden.choices[0].message.reasoning is None and hidden.choices[0].message.content == whole.content

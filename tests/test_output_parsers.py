@@ -1,5 +1,7 @@
-"""Each tool-call parser on recorded outputs in its format: the right calls and content, plain content for
-broken calls, and streamed in small pieces the same content and calls as whole (each call sent once, whole)."""
+"""The output parsers on recorded outputs. Each tool-call parser in its format: the right calls and content,
+plain content for broken calls, and streamed in small pieces the same content and calls as whole (each call sent
+once, whole). Each reasoning parser: thinking and answer apart, a truncated thinking, an answer without any, and
+streamed in pieces of every size the same split as whole."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 
 import pytest
 
+from jaxserve.reasoning import REASONING_PARSERS
 from jaxserve.server.tool_parsers import TOOL_PARSERS, FunctionCall, ToolCallStream
 
 WEATHER = FunctionCall("get_weather", json.dumps({"city": "Paris", "unit": "celsius"}))
@@ -92,3 +95,37 @@ def test_whole_and_streamed_outputs_give_the_same_content_and_calls(name, text, 
 
 def test_every_parser_is_registered():
     assert {"hermes", "llama3_json", "mistral", "pythonic"} <= set(TOOL_PARSERS)
+
+
+# parser: [(recorded output, expected reasoning, expected content)]
+REASONING_CASES = {
+    "deepseek_r1": [
+        (
+            "The user wants a number.\nI pick 7.\n</think>\n\nSeven.",
+            "The user wants a number.\nI pick 7.\n",
+            "\n\nSeven.",
+        ),
+        ("<think>Short.</think>Answer", "Short.", "Answer"),
+        ("Still thinking when the tokens ran out <", "Still thinking when the tokens ran out <", None),
+    ],
+    "qwen3": [
+        ("<think>\nPlan: add.\n</think>\n\n2 + 2 = 4.", "\nPlan: add.\n", "\n\n2 + 2 = 4."),
+        ("No thinking here (enable_thinking false).", None, "No thinking here (enable_thinking false)."),
+        ("<think>cut off", "cut off", None),
+        ("<thin", None, "<thin"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "name, text, reasoning, content",
+    [(name, *case) for name, cases in REASONING_CASES.items() for case in cases],
+    ids=[f"{name}-{i}" for name, cases in REASONING_CASES.items() for i in range(len(cases))],
+)
+def test_reasoning_splits_the_same_whole_and_streamed(name, text, reasoning, content):
+    parser = REASONING_PARSERS[name]
+    assert parser.split(text) == (reasoning, content)
+    for size in (1, 2, 5):
+        stream = parser.stream()
+        pieces = [stream.feed(text[i : i + size]) for i in range(0, len(text), size)] + [stream.finish()]
+        assert "".join(p[0] for p in pieces) == (reasoning or "") and "".join(p[1] for p in pieces) == (content or "")
