@@ -136,7 +136,8 @@ def _from_response_format(response_format: ResponseFormat) -> StructuredOutputsP
     if kind == "json_schema":
         if response_format.json_schema is None or response_format.json_schema.json_schema is None:
             raise APIError("response_format of type json_schema needs `json_schema.schema`.", param="response_format")
-        return StructuredOutputsParams(json=response_format.json_schema.json_schema)
+        schema = response_format.json_schema
+        return StructuredOutputsParams(json=schema.json_schema, disable_additional_properties=schema.strict is True)
     if kind == "structural_tag":
         return StructuredOutputsParams(structural_tag=json.dumps(response_format.model_dump(exclude={"json_schema"})))
     return None

@@ -83,7 +83,7 @@ class ToolCalling:
         """The structured output of "required" and of a named function."""
         if self.mode == "named":
             tool = next(_function(t) for t in self.tools if _function(t).get("name") == self.function)
-            return StructuredOutputsParams(json=_parameters(tool))
+            return StructuredOutputsParams(json=_parameters(tool), disable_additional_properties=_strict(tool))
         if self.mode == "required":
             options = [
                 {
@@ -95,7 +95,10 @@ class ToolCalling:
                 for t in self.tools
             ]
             calls = {"type": "array", "minItems": 1, "items": {"anyOf": options}}
-            return StructuredOutputsParams(json=calls if self.parallel else {**calls, "maxItems": 1})
+            strict = all(_strict(_function(t)) for t in self.tools)
+            return StructuredOutputsParams(
+                json=calls if self.parallel else {**calls, "maxItems": 1}, disable_additional_properties=strict
+            )
         return None
 
     def whole(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -148,6 +151,11 @@ class ChoiceToolStream:
 
 def _function(tool: dict[str, Any]) -> dict[str, Any]:
     return tool.get("function", tool) if isinstance(tool, dict) else {}
+
+
+def _strict(function: dict[str, Any]) -> bool:
+    """OpenAI's `strict` function: no properties beyond its schema's."""
+    return function.get("strict") is True
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
