@@ -159,6 +159,7 @@ def server_settings(args: argparse.Namespace):
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
         enable_force_include_usage=args.enable_force_include_usage,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        max_stored_responses=args.max_stored_responses,
         launched_at=args.launched_at,
     )
 
@@ -213,6 +214,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "mistral; pythonic: Llama 3.2/4, ToolACE)",
     )
     group.add_argument("--response-role", default="assistant", help="role of chat replies (default assistant)")
+    group.add_argument(
+        "--max-stored-responses",
+        type=int,
+        default=1000,
+        help="/v1/responses kept in memory for previous_response_id and GET /v1/responses/{id}; past it the "
+        "oldest go (default 1000)",
+    )
     group.add_argument(
         "--max-num-queued-reqs",
         type=int,

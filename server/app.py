@@ -2,6 +2,7 @@
 
 build_app(ModelRegistry, ServerSettings) → FastAPI
   /v1/completions, /v1/chat/completions        → completions.py, chat.py (generation models)
+  /v1/responses (and GET .../{id})              → responses.py (generation models, through chat.py)
   /v1/embeddings, /pooling, /classify, /score, /rerank → pooling.py (pooling models)
   /tokenize, /detokenize, /v1/models            → here (every model)
   /health, /ping, /version, /load, /metrics     → here
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,6 +66,8 @@ from .protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from .responses import ResponseStore, create_response
+from .responses_protocol import ResponsesRequest, ResponsesResponse
 from .served_models import ModelRegistry, Runner, ServedModel
 from .settings import ServerSettings
 
@@ -83,6 +87,7 @@ class ServerState:
     registry: ModelRegistry
     settings: ServerSettings
     metrics: ServerMetrics
+    responses: ResponseStore  # what /v1/responses stored
 
 
 def state_of(raw: Request) -> ServerState:
@@ -127,7 +132,7 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
         yield
 
     app = FastAPI(title="jaxserve", version=jaxserve_version(), lifespan=lifespan)
-    app.state.server = ServerState(registry, settings, metrics)
+    app.state.server = ServerState(registry, settings, metrics, ResponseStore(settings.max_stored_responses))
     install_error_handlers(app)
     install_openapi(app, stream_models=(CompletionStreamResponse, ChatCompletionStreamResponse))
     if registry.any(_is_generative):
@@ -237,6 +242,20 @@ def _add_generation_routes(app: FastAPI) -> None:
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await _serve(raw, body, "generate", "Completions API", "cmpl", create_completion)
 
+    @app.post("/v1/responses", dependencies=JSON_BODY, responses=RESPONSES_API_RESPONSES)
+    async def responses(body: ResponsesRequest, raw: Request) -> Response:
+        create = functools.partial(create_response, store=state_of(raw).responses)
+        return await _serve(raw, body, "generate", "Responses API", "resp", create)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, raw: Request) -> ResponsesResponse:
+        return state_of(raw).responses.get(response_id).response
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str, raw: Request) -> ResponsesResponse:
+        state_of(raw).responses.get(response_id)  # 404 for an unknown id
+        raise APIError("Cannot cancel a synchronous response.", param="response_id")
+
     @app.post(
         "/v1/chat/completions",
         dependencies=JSON_BODY,
@@ -294,6 +313,25 @@ def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
                 )
 
 
+# the Responses API streams typed events (`event: <type>` and a JSON `data`), not chunks of one model
+RESPONSES_API_RESPONSES = {
+    200: {
+        "model": ResponsesResponse,
+        "description": "Successful Response",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                }
+            }
+        },
+    }
+}
 INVOCATION_RESPONSES = ok(
     CompletionResponse,
     ChatCompletionResponse,

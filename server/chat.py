@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 
 from jaxserve.beam_search import BeamSearchParams
+from jaxserve.outputs import CompletionOutput
 from jaxserve.reasoning import ReasoningParser
 from jaxserve.request import EngineRequest
 from jaxserve.sampling_params import SamplingParams
@@ -77,6 +78,15 @@ def check_template_trust(chat_template: str | None, trusted: bool) -> None:
 
 
 async def create_chat_completion(request: ChatCompletionRequest, model: ServedModel, ctx: RequestContext) -> Response:
+    chat = await prepare_chat(request, model, ctx)
+    if request.stream:
+        return StreamingResponse(sse_stream(chat.stream()), media_type="text/event-stream")
+    return json_response(await chat.whole())
+
+
+async def prepare_chat(request: ChatCompletionRequest, model: ServedModel, ctx: RequestContext) -> ChatGeneration:
+    """A chat checked, rendered and made into its engine request (the Responses API runs its requests as these);
+    400 for what cannot be served."""
     calling = ToolCalling.of(request, ctx.settings, model.tokenizer.hf)
     check_template_trust(request.chat_template, ctx.settings.trust_request_chat_template)
     if request.top_logprobs and not request.logprobs:
@@ -98,10 +108,9 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
     echo = ""
     if request.echo and request.messages[-1].get("role") == role:
         echo = last_message_text(request.messages)
-    chat = _Chat(request, model, prompt, engine_request, ctx, role, echo, logprobs, calling, model.reasoning_parser)
-    if request.stream:
-        return StreamingResponse(sse_stream(chat.stream()), media_type="text/event-stream")
-    return json_response(await chat.whole())
+    return ChatGeneration(
+        request, model, prompt, engine_request, params, ctx, role, echo, logprobs, calling, model.reasoning_parser
+    )
 
 
 def _with_tool_constraint(params: SamplingParams | BeamSearchParams, calling: ToolCalling):
@@ -147,17 +156,23 @@ def _only_set(delta: DeltaMessage) -> DeltaMessage:
 
 
 @dataclasses.dataclass
-class _Chat:
+class ChatGeneration:
+    """One chat's generation: whole (`whole`), as chat chunks (`stream`), or as each choice's parsed deltas
+    (`events`, which the streamed Responses API reads)."""
+
     request: ChatCompletionRequest
     model: ServedModel
     prompt: Prompt
     engine_request: EngineRequest
+    params: SamplingParams | BeamSearchParams
     ctx: RequestContext
     role: str
     echo: str
     num_top: int | None
     calling: ToolCalling
     reasoner: ReasoningParser | None
+    num_generated: int = 0  # output tokens so far, over all choices
+    cached: dict[int, int] = dataclasses.field(default_factory=dict)  # prompt tokens the prefix cache served
 
     def _logprobs(self, token_ids, entries):
         if self.num_top is None:
@@ -172,14 +187,15 @@ class _Chat:
         n = self.request.n
         texts, token_ids, entries = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
-        prompt_logprobs, cached = None, {}
+        prompt_logprobs = None
         async for _, output in self._outputs():
             prompt_logprobs = output.prompt_logprobs or prompt_logprobs
             if output.num_cached_tokens is not None:
-                cached[0] = output.num_cached_tokens
+                self.cached[0] = output.num_cached_tokens
             for out in output.outputs:
                 texts[out.index] += out.text
                 token_ids[out.index] += out.token_ids
+                self.num_generated += len(out.token_ids)
                 entries[out.index] += out.logprobs or []
                 finish[out.index] = (out.finish_reason, out.stop_reason)
         choices = []
@@ -209,7 +225,7 @@ class _Chat:
             model=self.model.name,
             choices=choices,
             system_fingerprint=SYSTEM_FINGERPRINT,
-            usage=usage(len(self.prompt.token_ids), sum(len(t) for t in token_ids), self.ctx.cached_tokens(cached)),
+            usage=usage(len(self.prompt.token_ids), self.num_generated, self.ctx.cached_tokens(self.cached)),
             prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
             prompt_token_ids=self.prompt.token_ids if self.request.return_token_ids else None,
         )
@@ -220,17 +236,29 @@ class _Chat:
         )
         return sse(chunk)
 
+    async def events(self) -> AsyncIterator[tuple[CompletionOutput, DeltaMessage, bool]]:
+        """Each engine output of each choice with what it adds once parsed: reasoning (with a reasoning parser),
+        content and tool-call deltas; and whether the choice has made tool calls so far."""
+        splits = [_ChoiceSplit(self.reasoner, self.calling) for _ in range(self.request.n)]
+        async for _, output in self._outputs():
+            if output.num_cached_tokens is not None:
+                self.cached[0] = output.num_cached_tokens
+            for out in output.outputs:
+                self.num_generated += len(out.token_ids)
+                split = splits[out.index]
+                delta = split.feed(out.text, final=out.finish_reason is not None)
+                if not self.request.include_reasoning:
+                    delta.reasoning = None
+                yield out, delta, split.tools.num_calls > 0
+
     async def stream(self) -> AsyncIterator[str]:
         include_usage, continuous = self.ctx.usage_options(self.request.stream_options)
         num_prompt = len(self.prompt.token_ids)
-        num_generated = 0
-        cached: dict[int, int] = {}
 
         def running_usage() -> dict:
-            return {"usage": usage(num_prompt, num_generated)} if continuous else {}
+            return {"usage": usage(num_prompt, self.num_generated)} if continuous else {}
 
         prompt_ids = {"prompt_token_ids": self.prompt.token_ids} if self.request.return_token_ids else {}
-        splits = [_ChoiceSplit(self.reasoner, self.calling) for _ in range(self.request.n)]
         for i in range(self.request.n):
             delta = DeltaMessage(role=self.role, content="")
             yield self._chunk(
@@ -241,36 +269,28 @@ class _Chat:
             if self.echo:
                 echo = ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=self.echo), logprobs=None)
                 yield self._chunk(echo, **running_usage())
-        async for _, output in self._outputs():
-            if output.num_cached_tokens is not None:
-                cached[0] = output.num_cached_tokens
-            for out in output.outputs:
-                num_generated += len(out.token_ids)
-                split = splits[out.index]
-                delta = split.feed(out.text, final=out.finish_reason is not None)
-                if not self.request.include_reasoning:
-                    delta.reasoning = None
-                carries_tokens = out.token_ids and (self.num_top is not None or self.request.return_token_ids)
-                says_something = delta.content or delta.reasoning or delta.tool_calls
-                if not says_something and not carries_tokens and out.finish_reason is None:
-                    continue
-                choice = ChatCompletionStreamChoice(
-                    index=out.index,
-                    delta=_only_set(delta),
-                    logprobs=self._logprobs(out.token_ids, out.logprobs or []),
-                    finish_reason=self.calling.finish_reason(out.finish_reason, split.tools.num_calls > 0),
-                )
-                if out.finish_reason is not None:
-                    choice.stop_reason = out.stop_reason
-                if self.request.return_token_ids:
-                    choice.token_ids = out.token_ids
-                yield self._chunk(choice, **running_usage())
+        async for out, delta, called in self.events():
+            carries_tokens = out.token_ids and (self.num_top is not None or self.request.return_token_ids)
+            says_something = delta.content or delta.reasoning or delta.tool_calls
+            if not says_something and not carries_tokens and out.finish_reason is None:
+                continue
+            choice = ChatCompletionStreamChoice(
+                index=out.index,
+                delta=_only_set(delta),
+                logprobs=self._logprobs(out.token_ids, out.logprobs or []),
+                finish_reason=self.calling.finish_reason(out.finish_reason, called),
+            )
+            if out.finish_reason is not None:
+                choice.stop_reason = out.stop_reason
+            if self.request.return_token_ids:
+                choice.token_ids = out.token_ids
+            yield self._chunk(choice, **running_usage())
         if include_usage:
             final = ChatCompletionStreamResponse(
                 id=self.ctx.response_id,
                 created=self.ctx.created,
                 model=self.model.name,
                 choices=[],
-                usage=usage(num_prompt, num_generated, self.ctx.cached_tokens(cached)),
+                usage=usage(num_prompt, self.num_generated, self.ctx.cached_tokens(self.cached)),
             )
             yield sse(final)

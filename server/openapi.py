@@ -97,6 +97,9 @@ def _corrected(spec: dict[str, Any], stream_models: tuple[type[BaseModel], ...])
             if method == "post":
                 for status, text in POST_ERRORS.items():
                     responses[status] = {"description": text, "content": {"application/json": {"schema": error_ref}}}
+            elif "{" in path:  # a GET of something by id
+                text = "Nothing has that id."
+                responses["404"] = {"description": text, "content": {"application/json": {"schema": error_ref}}}
             if path in EMPTY_BODIES:
                 responses["200"] = {"description": EMPTY_BODIES[path]}
             elif path == "/metrics":

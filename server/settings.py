@@ -32,4 +32,5 @@ class ServerSettings:
     default_chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     enable_force_include_usage: bool = False
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (it shows the chat template)
+    max_stored_responses: int = 1000  # /v1/responses kept for previous_response_id; the oldest go first
     launched_at: float | None = None  # time.time() when the server was launched: start-up is measured from it

@@ -1,11 +1,15 @@
-"""Structured outputs and tool calling. In the engine: every constrained output parses and validates (jsonschema
-for JSON, re.fullmatch for regex, membership for choice, the grammar's own language for grammars), greedy and
-seeded, in a batch that mixes constrained and free rows, under preemption and async scheduling; a free row's
-tokens do not change because a constrained row shares its step; a bad constraint is refused before any step.
-Over HTTP, with the official `openai` client: response_format, parse(), structured_outputs and the guided_*
-aliases; tool_choice "required" and a named function give tool calls whose arguments validate against the tool's
-schema, whole and streamed (the deltas reassemble to the whole answer); the tools and a history of calls reach a
-Hermes-style chat template; "auto" without the flags and bad constraints are 400s."""
+"""What agent frameworks send: structured outputs, tool calling, reasoning and the Responses API.
+
+In the engine: every constrained output parses and validates (jsonschema for JSON, re.fullmatch for regex,
+membership for choice, the grammar's own language for grammars), greedy and seeded, in a batch that mixes
+constrained and free rows, under preemption and async scheduling; a free row's tokens do not change because a
+constrained row shares its step; a bad constraint is refused before any step; a reasoning model's grammar starts
+after its thinking. Over HTTP, with the official `openai` client: response_format, parse(), structured_outputs and
+the guided_* aliases; tool_choice "required" and a named function give tool calls whose arguments validate
+against the tool's schema, whole and streamed (the deltas reassemble to the whole answer); the tools and a
+history of calls reach a Hermes-style chat template; reasoning apart from content, whole and streamed; the
+Responses API whole, parsed, streamed as its typed events, with function calls, previous_response_id and stored
+responses; "auto" without the flags, bad constraints and unsupported Responses fields are 4xx."""
 
 from __future__ import annotations
 
@@ -339,3 +343,98 @@ def test_a_reasoning_parser_splits_the_thinking_whole_and_streamed(server):
     assert "".join(d.content or "" for d in deltas) == whole.content
     hidden = client.chat.completions.create(temperature=0, extra_body={**shaped, "include_reasoning": False}, **ask)
     assert hidden.choices[0].message.reasoning is None and hidden.choices[0].message.content == whole.content
+
+
+# --- the Responses API ---------------------------------------------------------------------------------------
+
+
+def test_responses_create_parse_and_stream(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    plain = client.responses.create(model="llama", input="Say hi.", max_output_tokens=12, temperature=0)
+    assert plain.status in ("completed", "incomplete") and plain.output_text
+    assert plain.usage.input_tokens > 0 and 0 < plain.usage.output_tokens <= 12
+    assert [item.type for item in plain.output] == ["message"]
+
+    parsed = client.responses.parse(
+        model="llama", input="Who are you? Answer in JSON.", text_format=Person, max_output_tokens=80, temperature=0
+    )
+    assert isinstance(parsed.output_parsed, Person)
+
+    events = list(
+        client.responses.create(model="llama", input="Say hi.", max_output_tokens=12, temperature=0, stream=True)
+    )
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    streamed = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert streamed == events[-1].response.output_text == plain.output_text  # greedy: the same text
+
+
+def test_responses_call_tools_and_continue_from_a_stored_response(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    tools = [{"type": "function", **tool["function"]} for tool in TOOLS]
+    first = client.responses.create(
+        model="llama",
+        input="What time is it in Berlin?",
+        instructions="Use the tools.",
+        tools=tools,
+        tool_choice={"type": "function", "name": "get_time"},
+        max_output_tokens=60,
+        temperature=0,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_time" and call.call_id.startswith("chatcmpl-tool-")
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS["get_time"])
+    assert client.responses.retrieve(first.id).output[0].call_id == call.call_id
+
+    follow_up = client.responses.create(
+        model="llama",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "09:00"}],
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert follow_up.previous_response_id == first.id
+    assert follow_up.usage.input_tokens > first.usage.input_tokens  # the stored conversation came before it
+
+    streamed = list(
+        client.responses.create(
+            model="llama",
+            input="Weather?",
+            tools=tools,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_output_tokens=150,
+            temperature=0,
+            stream=True,
+        )
+    )
+    done = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert len(done) == 1 and done[0].name in SCHEMAS
+    deltas = "".join(e.delta for e in streamed if e.type == "response.function_call_arguments.delta")
+    assert deltas == done[0].arguments
+    jsonschema.validate(json.loads(done[0].arguments), SCHEMAS[done[0].name])
+
+
+def test_responses_reasoning_items_and_errors(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    shaped = {"structured_outputs": {"regex": "<think>[a-z]{2,6}</think>[A-Z][a-z]{2,6}"}}
+    answer = client.responses.create(
+        model="llama", input="Think.", max_output_tokens=40, temperature=0, extra_body=shaped
+    )
+    assert [item.type for item in answer.output] == ["reasoning", "message"]
+    assert re.fullmatch("[a-z]{2,6}", answer.output[0].content[0].text)
+    for method, path, body, status in (
+        ("get", "/v1/responses/resp_unknown", None, 404),
+        ("post", f"/v1/responses/{answer.id}/cancel", None, 400),
+        ("post", "/v1/responses", {"model": "llama", "input": "x", "background": True}, 400),
+        ("post", "/v1/responses", {"model": "llama", "input": "x", "tools": [{"type": "web_search"}]}, 400),
+        ("post", "/v1/responses", {"model": "llama", "input": "x", "previous_response_id": "resp_gone"}, 404),
+    ):
+        response = httpx.request(method, f"{url}{path}", json=body)
+        assert response.status_code == status and response.json()["error"]["code"] == status, response.text
