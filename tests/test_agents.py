@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Literal
 
 import httpx
 import jsonschema
@@ -150,6 +151,23 @@ def test_a_bad_constraint_is_refused_before_any_step(tiny_models, make_llm):
     assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="only use one kind"):
         StructuredOutputsParams(regex="a", choice=["a"])
+
+
+def test_a_structural_tag_holds_only_the_tagged_part(tiny_models, make_llm):
+    llm = make_llm(tiny_models["tiny-llama"], **ENGINE)
+    compiler, tokenizer = llm.engine.grammar_compiler, llm.get_tokenizer()
+    structure = {"begin": "<function=get_time>", "schema": SCHEMAS["get_time"], "end": "</function>"}
+    tag = json.dumps({"structures": [structure], "triggers": ["<function="]})
+    grammar = compiler.compile(StructuredOutputsParams(structural_tag=tag))
+
+    def allowed(text: str) -> bool:
+        matcher = compiler.matcher(grammar)
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            matcher.accept(token)
+        return matcher.error is None
+
+    assert allowed('Sure, let me look. <function=get_time>{"zone": "CET"}</function> Done.')
+    assert not allowed('Sure. <function=get_time>{"zone": "MARS"}</function>')
 
 
 def test_a_reasoning_model_is_held_to_its_grammar_only_after_its_thinking(tiny_models, make_llm):
@@ -438,3 +456,28 @@ def test_responses_reasoning_items_and_errors(server):
     ):
         response = httpx.request(method, f"{url}{path}", json=body)
         assert response.status_code == status and response.json()["error"]["code"] == status, response.text
+
+
+def test_langchain_structured_output_tools_and_responses(server):
+    """LangChain's ChatOpenAI, as agent code uses it: with_structured_output both ways, bind_tools whole and
+    streamed, and the Responses API."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.tools import tool
+
+    @tool
+    def get_time(zone: Literal["CET", "UTC"]) -> str:
+        """The time in a zone."""
+        return "09:00"
+
+    url, _ = server
+    settings = dict(base_url=f"{url}/v1", api_key="unused", model="llama", temperature=0, max_tokens=120)
+    llm = langchain_openai.ChatOpenAI(**settings)
+    for method in ("json_schema", "function_calling"):
+        assert isinstance(llm.with_structured_output(Person, method=method).invoke("Who are you?"), Person)
+    bound = llm.bind_tools([get_time], tool_choice="get_time", strict=True)
+    (call,) = bound.invoke("What time is it?").tool_calls
+    assert call["name"] == "get_time" and call["args"]["zone"] in ("CET", "UTC")
+    chunks = list(bound.stream("What time is it?"))
+    assert sum(chunks[1:], chunks[0]).tool_calls[0]["args"] == call["args"]
+    responses = langchain_openai.ChatOpenAI(use_responses_api=True, **settings)
+    assert responses.invoke("Say hi.").text
