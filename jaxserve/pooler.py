@@ -101,7 +101,7 @@ def build_spec(
     elif multi_vector:
         tasks = ("embed", "token_embed", "token_classify")
     elif hasattr(model_class, "token_classify"):
-        tasks = ("token_classify",)  # reward models: one score per token
+        tasks = ("token_classify",)  # token classifiers (a label per token) and reward models (a score per token)
     else:
         tasks = ("embed", "token_embed")
 
@@ -114,7 +114,8 @@ def build_spec(
     if default_task not in tasks:
         raise ValueError(f"Unsupported task: {default_task!r} Supported tasks: {tasks}")
     matryoshka = getattr(hf_config, "matryoshka_dimensions", None)
-    activation_name = classification_activation(hf_config) if classifies else "identity"
+    labels = classifies or getattr(model_class, "TOKEN_LABELS", False)
+    activation_name = classification_activation(hf_config) if labels else "identity"
     return PoolerSpec(
         tasks=tasks,
         default_task=default_task,
@@ -123,7 +124,7 @@ def build_spec(
         classify_pooling=("last" if decoder else "cls") if classifies else None,
         dense=tuple((d.in_features, d.out_features, d.bias, d.activation) for d in (st.dense if st else ())),
         multi_vector=multi_vector,
-        num_labels=getattr(hf_config, "num_labels", 1) if classifies else 1,
+        num_labels=getattr(hf_config, "num_labels", 1) if labels else 1,
         classify_activation=activation_name,
         token_classify_activation=activation_name,
         include_prompt=st.include_prompt if st else True,

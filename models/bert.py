@@ -1,4 +1,5 @@
-"""BERT, RoBERTa and XLM-RoBERTa encoders as Flax NNX modules, with their sequence-classification heads.
+"""BERT, RoBERTa and XLM-RoBERTa encoders as Flax NNX modules, with their sequence- and token-classification
+heads.
 
 Sequences arrive packed, with no padding between them (`PackedBatch`); attention is block-diagonal and
 bidirectional through `kernels_pallas.varlen_attention`. RoBERTa-style models number positions from
@@ -7,6 +8,7 @@ tensor names (`embeddings.word_embeddings.weight`, `encoder.layer.0.attention.se
 
     model.encode(batch) -> hidden [T, H]
     model.classify(rows [S, H]) -> logits [S, num_labels]       (the *ForSequenceClassification heads)
+    model.token_classify(hidden [T, H]) -> logits [T, num_labels]
 """
 
 from __future__ import annotations
@@ -244,3 +246,28 @@ class RobertaForSequenceClassification(nnx.Module):
         return self.classifier(rows).astype(jnp.float32)
 
     token_classify = classify
+
+
+class EncoderForTokenClassification(nnx.Module):
+    """BertForTokenClassification, RobertaForTokenClassification, XLMRobertaForTokenClassification: a label per
+    token (NER-style), the classifier on every hidden state. Checkpoints name the encoder `bert.` or `roberta.`."""
+
+    CHECKPOINT_ALIASES = {"model.": ("bert.", "roberta.")}
+    TOKEN_LABELS = True  # its token_classify is a classifier: softmax over num_labels (not a reward score)
+
+    def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = EncoderModel(cfg, dtype=dtype, rngs=rngs, with_pooler=False)
+        self.classifier = Linear(cfg.hidden_size, cfg.num_labels, bias=True, dtype=dtype, rngs=rngs)
+
+    @classmethod
+    def from_hf_config(
+        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
+    ) -> EncoderForTokenClassification:
+        return cls(EncoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
+
+    def encode(self, batch: PackedBatch) -> jax.Array:
+        return self.model(batch)
+
+    def token_classify(self, hidden: jax.Array) -> jax.Array:
+        return self.classifier(hidden).astype(jnp.float32)

@@ -7,7 +7,12 @@ from flax import nnx
 
 from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
 
-from .bert import BertForSequenceClassification, EncoderForEmbedding, RobertaForSequenceClassification
+from .bert import (
+    BertForSequenceClassification,
+    EncoderForEmbedding,
+    EncoderForTokenClassification,
+    RobertaForSequenceClassification,
+)
 from .internlm2 import InternLM2ForRewardModel
 from .llama import LlamaForCausalLM, LlamaForEmbedding, LlamaForSequenceClassification
 
@@ -23,6 +28,9 @@ POOLING_ARCHITECTURES: dict[str, type] = {
     "BertForSequenceClassification": BertForSequenceClassification,
     "RobertaForSequenceClassification": RobertaForSequenceClassification,
     "XLMRobertaForSequenceClassification": RobertaForSequenceClassification,
+    "BertForTokenClassification": EncoderForTokenClassification,
+    "RobertaForTokenClassification": EncoderForTokenClassification,
+    "XLMRobertaForTokenClassification": EncoderForTokenClassification,
     "InternLM2ForRewardModel": InternLM2ForRewardModel,
     **{f"{family}ForSequenceClassification": LlamaForSequenceClassification for family in _DECODER_FAMILIES},
     **{f"{family}Model": LlamaForEmbedding for family in _DECODER_FAMILIES},

@@ -28,6 +28,7 @@ Pooling models (embeddings, scores, classifier logits, rewards):
                               BAAI/bge-reranker ships) that ``sentence_transformers.CrossEncoder``
                               loads with its default sigmoid.
 * ``tiny-bert-classifier``    BertForSequenceClassification, labels negative / neutral / positive.
+* ``tiny-bert-ner``           BertForTokenClassification, a label per token (O, B-PER, I-PER, B-LOC, I-LOC).
 * ``tiny-qwen2-classifier``   Qwen2ForSequenceClassification, labels no / yes, the ChatML tokenizer.
 * ``tiny-internlm2-reward``   InternLM2ForRewardModel (remote code in the real checkpoints, so written
                               by hand: InternLM2 tensor names, packed ``wqkv``, a ``v_head``);
@@ -830,6 +831,13 @@ BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = 
         tokenizer="bert",
         seed=15,
         config=_label_config(["negative", "neutral", "positive"]) | {"problem_type": "single_label_classification"},
+    ),
+    "tiny-bert-ner": EncoderBuilder(
+        model_class="BertForTokenClassification",
+        config_class="BertConfig",
+        tokenizer="bert",
+        seed=19,
+        config=_label_config(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]),
     ),
     "tiny-qwen2-classifier": DecoderBuilder(
         model_class="Qwen2ForSequenceClassification",

@@ -109,6 +109,23 @@ def test_classifier_probabilities_and_labels_match_hf(tiny_models, make_pooling_
     assert np.ptp(logits) > 1.0
 
 
+def test_token_classifier_labels_every_token_as_hf(tiny_models, make_pooling_llm):
+    folder = tiny_models["tiny-bert-ner"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForTokenClassification.from_pretrained(folder).eval()
+    llm = make_pooling_llm(folder)
+    assert llm.engine.spec.tasks == ("token_classify",)
+    outputs = llm.encode(TEXTS, task="token_classify", use_tqdm=False)
+    for text, output in zip(TEXTS, outputs):
+        with torch.no_grad():
+            logits = model(**tokenizer(text, return_tensors="pt")).logits[0].numpy()
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        assert output.outputs.data.shape == (len(output.prompt_token_ids), 5)
+        np.testing.assert_allclose(output.outputs.data, probs, atol=1e-5)
+    assert len({int(i) for o in outputs for i in o.outputs.data.argmax(-1)}) > 1  # the labels differ by token
+
+
 def test_reward_model_scores_every_token(tiny_models, make_pooling_llm):
     folder = tiny_models["tiny-internlm2-reward"]
     llm = make_pooling_llm(folder)
