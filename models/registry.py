@@ -13,6 +13,7 @@ from .bert import (
     EncoderForTokenClassification,
     RobertaForSequenceClassification,
 )
+from .distilbert import DistilBertForEmbedding, DistilBertForSequenceClassification
 from .internlm2 import InternLM2ForRewardModel
 from .llama import LlamaForCausalLM, LlamaForEmbedding, LlamaForSequenceClassification
 
@@ -28,6 +29,8 @@ POOLING_ARCHITECTURES: dict[str, type] = {
     "BertForSequenceClassification": BertForSequenceClassification,
     "RobertaForSequenceClassification": RobertaForSequenceClassification,
     "XLMRobertaForSequenceClassification": RobertaForSequenceClassification,
+    "DistilBertModel": DistilBertForEmbedding,
+    "DistilBertForSequenceClassification": DistilBertForSequenceClassification,
     "BertForTokenClassification": EncoderForTokenClassification,
     "RobertaForTokenClassification": EncoderForTokenClassification,
     "XLMRobertaForTokenClassification": EncoderForTokenClassification,

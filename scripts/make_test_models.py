@@ -28,6 +28,8 @@ Pooling models (embeddings, scores, classifier logits, rewards):
                               BAAI/bge-reranker ships) that ``sentence_transformers.CrossEncoder``
                               loads with its default sigmoid.
 * ``tiny-bert-classifier``    BertForSequenceClassification, labels negative / neutral / positive.
+* ``tiny-distilbert-sst2``    DistilBertForSequenceClassification (DistilBERT's own tensor names, no token
+                              types), labels NEGATIVE / POSITIVE as distilbert-base-uncased-finetuned-sst-2.
 * ``tiny-bert-ner``           BertForTokenClassification, a label per token (O, B-PER, I-PER, B-LOC, I-LOC).
 * ``tiny-qwen2-classifier``   Qwen2ForSequenceClassification, labels no / yes, the ChatML tokenizer.
 * ``tiny-internlm2-reward``   InternLM2ForRewardModel (remote code in the real checkpoints, so written
@@ -387,7 +389,7 @@ def _decorrelate_encoder(model: Any) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("position_embeddings.weight", "token_type_embeddings.weight")):
                 param.mul_(POSITION_EMBEDDING_SCALE)
-            elif re.search(r"layer\.\d+\.output\.dense\.weight$", name):  # the FFN's down projection
+            elif re.search(r"layer\.\d+\.(output\.dense|ffn\.lin2)\.weight$", name):  # the FFN's down projection
                 param.sub_(param.mean(dim=1, keepdim=True))
 
 
@@ -831,6 +833,13 @@ BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = 
         tokenizer="bert",
         seed=15,
         config=_label_config(["negative", "neutral", "positive"]) | {"problem_type": "single_label_classification"},
+    ),
+    "tiny-distilbert-sst2": EncoderBuilder(
+        model_class="DistilBertForSequenceClassification",
+        config_class="DistilBertConfig",
+        tokenizer="bert",
+        seed=20,
+        config=_label_config(["NEGATIVE", "POSITIVE"]) | {"hidden_dim": 64, "activation": "gelu"},
     ),
     "tiny-bert-ner": EncoderBuilder(
         model_class="BertForTokenClassification",

@@ -91,7 +91,7 @@ def test_cross_encoder_scores_match_crossencoder_predict(tiny_models, make_pooli
     assert np.ptp(expected) > 0.05
 
 
-@pytest.mark.parametrize("name", ["tiny-bert-classifier", "tiny-qwen2-classifier"])
+@pytest.mark.parametrize("name", ["tiny-bert-classifier", "tiny-distilbert-sst2", "tiny-qwen2-classifier"])
 def test_classifier_probabilities_and_labels_match_hf(tiny_models, make_pooling_llm, name):
     folder = tiny_models[name]
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
