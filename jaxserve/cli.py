@@ -437,9 +437,48 @@ def _bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def dotted_json_args(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """vLLM's dotted form of JSON flags: `--pooler-config.task=token_classify` (or `... .task token_classify`)
+    sets one key, nested keys as `--hf-overrides.text_config.vocab_size=4`; a value is read as JSON when it
+    parses, else as a string. Keys merge over the flag's own JSON, if given."""
+    merged: dict[str, dict] = {}
+    rest: list[str] = []
+    items = iter(argv)
+    for arg in items:
+        flag, dot, path = arg.partition(".")
+        if not dot or flag not in flags:
+            rest.append(arg)
+            continue
+        path, eq, value = path.partition("=")
+        if not eq:
+            value = next(items, "")
+        target = merged.setdefault(flag, {})
+        *parents, key = path.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        try:
+            target[key] = json.loads(value)
+        except json.JSONDecodeError:
+            target[key] = value
+    for flag, values in merged.items():
+        if flag in rest:  # merge over `--flag JSON`
+            index = rest.index(flag)
+            values = {**json.loads(rest.pop(index + 1)), **values}
+            rest.pop(index)
+        rest += [flag, json.dumps(values)]
+    return rest
+
+
+def json_flags() -> tuple[str, ...]:
+    hints = typing.get_type_hints(EngineConfig)
+    dicts = [f for f in engine_flags() if any(typing.get_origin(t) is dict for t in typing.get_args(hints[f.name]))]
+    return (*("--" + f.name.replace("_", "-") for f in dicts), "--default-chat-template-kwargs")
+
+
 def main(argv: list[str] | None = None) -> int:
     launched_at = time.time()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = dotted_json_args(sys.argv[1:] if argv is None else list(argv), json_flags())
     args = build_parser().parse_args(argv)
     args.launched_at = launched_at
     return args.run(args)

@@ -32,6 +32,36 @@ from .st_config import SentenceTransformersConfig, cross_encoder_activation
 from .torch_pickle import load_torch_state_dict
 
 BGE_M3_HEADS = ("colbert_linear", "sparse_linear")
+# --pooler-config keys vLLM accepts; those jaxserve does not implement yet are refused rather than ignored
+POOLER_CONFIG_KEYS = (
+    "task", "pooling_type", "seq_pooling_type", "tok_pooling_type", "use_activation", "normalize", "dimensions",
+    "logit_mean", "logit_sigma", "enable_chunked_processing", "max_embed_len", "step_tag_id", "returned_token_ids",
+)  # fmt: skip
+NOT_YET = ("enable_chunked_processing", "max_embed_len", "step_tag_id", "returned_token_ids")
+
+
+def resolve_pooler_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """`--pooler-config` as vLLM reads it, in one spelling: `normalize` (the older name) → `use_activation`,
+    `seq_pooling_type` → `pooling_type`; `tok_pooling_type` may only be ALL (every token). ValueError for keys
+    vLLM does not have, and for the ones jaxserve does not do yet."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(POOLER_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown pooler_config keys {unknown}; the known ones: {', '.join(POOLER_CONFIG_KEYS)}.")
+    missing = [key for key in NOT_YET if config.get(key) not in (None, False)]
+    if missing:
+        raise ValueError(f"pooler_config {missing} are not supported by jaxserve yet.")
+    if "normalize" in config:
+        normalize = config.pop("normalize")
+        config.setdefault("use_activation", normalize)
+    if "seq_pooling_type" in config:
+        config.setdefault("pooling_type", config.pop("seq_pooling_type"))
+    token_pooling = config.pop("tok_pooling_type", None)
+    if token_pooling not in (None, "ALL"):
+        raise ValueError(f"tok_pooling_type {token_pooling!r} is not supported (ALL is).")
+    if config.get("pooling_type") == "ALL":  # vLLM's pooling_type also names the token pooling
+        config.pop("pooling_type")
+    return {key: value for key, value in config.items() if key not in NOT_YET}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +81,8 @@ class PoolerSpec:
     include_prompt: bool
     matryoshka_dimensions: tuple[int, ...] | None
     is_matryoshka: bool
+    logit_mean: float | None = None  # --pooler-config: classification logits become (logits - mean) / sigma
+    logit_sigma: float | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -92,7 +124,7 @@ def build_spec(
     model_class: type, hf_config, folder: Path, st: SentenceTransformersConfig | None, pooler_config: dict[str, Any]
 ) -> PoolerSpec:
     """The heads of a pooling model, from its class, its config, its sentence-transformers files and
-    `--pooler-config` (pooling_type, task)."""
+    `--pooler-config` (`resolve_pooler_config`'s: pooling_type, task, logit_mean, logit_sigma)."""
     multi_vector = all((folder / f"{name}.pt").is_file() for name in BGE_M3_HEADS)
     classifies = hasattr(model_class, "classify")
     decoder = hasattr(hf_config, "rms_norm_eps")
@@ -130,6 +162,8 @@ def build_spec(
         include_prompt=st.include_prompt if st else True,
         matryoshka_dimensions=tuple(matryoshka) if matryoshka else None,
         is_matryoshka=bool(matryoshka or getattr(hf_config, "is_matryoshka", False)),
+        logit_mean=pooler_config.get("logit_mean"),
+        logit_sigma=pooler_config.get("logit_sigma"),
     )
 
 
@@ -232,6 +266,10 @@ class PoolingModel(nnx.Module):
         b = inputs.batch
         rows = self.segment_pool(hidden, b.cu_seqlens, b.num_seqs, mode=self.spec.classify_pooling)
         logits = self.backbone.classify(rows.astype(hidden.dtype))
+        if self.spec.logit_mean is not None:
+            logits = logits - self.spec.logit_mean
+        if self.spec.logit_sigma is not None:
+            logits = logits / self.spec.logit_sigma
         return jnp.where(inputs.activate[:, None], _activate(self.spec.classify_activation, logits), logits)
 
     def _token_embed(self, hidden: jax.Array, inputs: PoolingInputs) -> jax.Array:

@@ -29,7 +29,7 @@ from .models.batch import PackedBatch
 from .models.registry import pooling_model_class
 from .outputs import PoolingOutput, PoolingRequestOutput, RequestStateStats
 from .paged_pooling import PagedPoolingBatches, PagedPoolingRunner, PagedPoolingShape, PooledSequence
-from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors
+from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors, resolve_pooler_config
 from .pooling_params import TASKS, PoolingParams, PoolingPrompt
 from .request import EngineRequest
 from .scheduler import SchedulerConfig, StepPlan
@@ -116,12 +116,12 @@ class PoolingEngine(EngineCore):
         super().__init__(config)
         model_class = pooling_model_class(self.hf_config)
         self.st_config = read_st_config(self.model_folder)
+        pooler_config = resolve_pooler_config(config.pooler_config)
         self.spec: PoolerSpec = build_spec(
-            model_class, self.hf_config, self.model_folder, self.st_config, config.pooler_config or {}
+            model_class, self.hf_config, self.model_folder, self.st_config, pooler_config
         )
         self.default_params = PoolingParams(
-            use_activation=(config.pooler_config or {}).get("use_activation"),
-            dimensions=(config.pooler_config or {}).get("dimensions"),
+            use_activation=pooler_config.get("use_activation"), dimensions=pooler_config.get("dimensions")
         )
 
         def build():

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from jaxserve.cli import build_parser, engine_kwargs, main, parse_bytes
+from jaxserve.cli import build_parser, dotted_json_args, engine_kwargs, json_flags, main, parse_bytes
 
 
 def test_generate_prints_each_prompt_and_its_completion(tiny_models, capsys):
@@ -42,6 +42,17 @@ def test_pooling_flags_reach_the_engine_config():
     assert kwargs["runner"] == "pooling"
     assert kwargs["pooler_config"] == {"pooling_type": "MEAN", "dimensions": 16}
     assert kwargs["hf_overrides"] == {"matryoshka_dimensions": [16, 32]}
+
+
+def test_json_flags_take_vllms_dotted_form():
+    argv = dotted_json_args(
+        ["generate", "x", "--pooler-config", '{"dimensions": 16}', "--pooler-config.task=token_classify",
+         "--pooler-config.normalize", "false", "--hf-overrides.text_config.vocab_size=4"],
+        json_flags(),
+    )  # fmt: skip
+    kwargs = engine_kwargs(build_parser().parse_args(argv))
+    assert kwargs["pooler_config"] == {"dimensions": 16, "task": "token_classify", "normalize": False}
+    assert kwargs["hf_overrides"] == {"text_config": {"vocab_size": 4}}
 
 
 @pytest.mark.parametrize("text, value", [("1024", 1024), ("2GiB", 2 << 30), ("512M", 512 << 20), ("1.5k", 1536)])

@@ -4,10 +4,13 @@ references, scores vs NumPy, and packing invariance."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from jaxserve import PoolingParams
+from jaxserve.pooler import resolve_pooler_config
 from scripts.make_test_models import bge_m3_reference, internlm2_reward_reference
 
 torch = pytest.importorskip("torch")
@@ -107,6 +110,28 @@ def test_classifier_probabilities_and_labels_match_hf(tiny_models, make_pooling_
     raw = llm.classify(TEXTS, pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
     np.testing.assert_allclose([o.outputs.probs for o in raw], logits, atol=1e-4)
     assert np.ptp(logits) > 1.0
+
+
+def test_pooler_config_as_vllm_reads_it(tiny_models, make_pooling_llm):
+    assert resolve_pooler_config({"normalize": False, "seq_pooling_type": "MEAN", "tok_pooling_type": "ALL"}) == {
+        "use_activation": False,
+        "pooling_type": "MEAN",
+    }
+    for config, fragment in (
+        ({"pooling_typ": "MEAN"}, "Unknown pooler_config keys ['pooling_typ']"),
+        ({"enable_chunked_processing": True}, "not supported by jaxserve yet"),
+        ({"tok_pooling_type": "STEP"}, "tok_pooling_type 'STEP'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            resolve_pooler_config(config)
+    folder = tiny_models["tiny-bert-classifier"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = np.stack([model(**tokenizer(t, return_tensors="pt")).logits[0].numpy() for t in TEXTS])
+    shifted = make_pooling_llm(folder, pooler_config={"logit_mean": 0.5, "logit_sigma": 2.0, "normalize": False})
+    got = [o.outputs.probs for o in shifted.classify(TEXTS, use_tqdm=False)]  # raw by default: normalize false
+    np.testing.assert_allclose(got, (logits - 0.5) / 2.0, atol=1e-4)
 
 
 def test_token_classifier_labels_every_token_as_hf(tiny_models, make_pooling_llm):

@@ -200,7 +200,8 @@ def test_pooling_gives_token_matrices_rewards_or_sequence_outputs(url, llms):
     offline = llms["embed"].encode(TEXTS, task="token_embed", use_tqdm=False)
     for item, want in zip(matrices, offline):
         assert item["object"] == "pooling"
-        np.testing.assert_allclose(np.array(item["data"]), want.outputs.data, atol=1e-6)
+        # the server may pack the texts into other steps (buckets) than the offline call: float32 noise, ~1e-6
+        np.testing.assert_allclose(np.array(item["data"]), want.outputs.data, atol=1e-5)
     assert len({len(item["data"]) for item in matrices}) > 1  # one row per token of each text
 
     rewards = post(url, "/pooling", {"model": "reward", "input": TEXTS[0]})["data"][0]["data"]
