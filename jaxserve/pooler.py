@@ -37,7 +37,8 @@ POOLER_CONFIG_KEYS = (
     "task", "pooling_type", "seq_pooling_type", "tok_pooling_type", "use_activation", "normalize", "dimensions",
     "logit_mean", "logit_sigma", "enable_chunked_processing", "max_embed_len", "step_tag_id", "returned_token_ids",
 )  # fmt: skip
-NOT_YET = ("enable_chunked_processing", "max_embed_len", "step_tag_id", "returned_token_ids")
+NOT_YET = ("step_tag_id", "returned_token_ids")
+ENGINE_SIDE = ("enable_chunked_processing", "max_embed_len")  # read by the engine, not the heads
 
 
 def resolve_pooler_config(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -61,6 +62,8 @@ def resolve_pooler_config(config: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"tok_pooling_type {token_pooling!r} is not supported (ALL is).")
     if config.get("pooling_type") == "ALL":  # vLLM's pooling_type also names the token pooling
         config.pop("pooling_type")
+    if config.get("max_embed_len") is not None and not config.get("enable_chunked_processing"):
+        raise ValueError("pooler_config max_embed_len needs enable_chunked_processing.")
     return {key: value for key, value in config.items() if key not in NOT_YET}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from collections import deque
 
@@ -123,6 +124,13 @@ class PoolingEngine(EngineCore):
         self.default_params = PoolingParams(
             use_activation=pooler_config.get("use_activation"), dimensions=pooler_config.get("dimensions")
         )
+        # --pooler-config enable_chunked_processing: embedding inputs longer than the model's window are embedded in
+        # windows and averaged (by the server, as vLLM's embeddings route does), up to this many tokens
+        self.chunked_embed_len: int | None = None
+        if pooler_config.get("enable_chunked_processing"):
+            if "embed" not in self.spec.tasks:
+                raise ValueError(f"enable_chunked_processing is for embedding models; this one does {self.spec.tasks}.")
+            self.chunked_embed_len = pooler_config.get("max_embed_len") or sys.maxsize
 
         def build():
             rngs = nnx.Rngs(config.seed)

@@ -193,8 +193,41 @@ async def create_embedding(request: EmbeddingRequest, model: ServedModel, ctx: R
     model.check_task(task)
     params = PoolingParams(task=task, dimensions=request.dimensions, use_activation=request.activation)
     prompts = await _inputs(request, model, ctx)
-    arrays = await _pool(model, prompts, params, ctx)
+    if task == "embed" and model.chunked_embed_len is not None:
+        arrays = await _pool_in_windows(model, prompts, params, ctx)
+    else:
+        arrays = await _pool(model, prompts, params, ctx)
     return _list_response(ctx, model, prompts, arrays, request, lambda i, e: EmbeddingData(index=i, embedding=e))
+
+
+async def _pool_in_windows(
+    model: ServedModel, prompts: list[PoolingPrompt], params: PoolingParams, ctx: RequestContext
+) -> list[np.ndarray]:
+    """vLLM's chunked processing (`--pooler-config` enable_chunked_processing): each input in consecutive windows
+    of the model's length, each window embedded as an input of its own, and the input's embedding the windows'
+    mean weighted by their token counts (not normalized again)."""
+    windows, owners = [], []
+    for index, prompt in enumerate(prompts):
+        ids = prompt.token_ids
+        if len(ids) > model.chunked_embed_len:
+            raise APIError(
+                f"This model's maximum embedding input length is {model.chunked_embed_len} tokens. However, you "
+                f"requested {len(ids)} tokens in the input for embedding generation. Please reduce the length of "
+                "the input.",
+                param="input",
+            )
+        for start in range(0, max(len(ids), 1), model.max_model_len):
+            end = start + model.max_model_len
+            types = prompt.token_type_ids[start:end] if prompt.token_type_ids is not None else None
+            windows.append(PoolingPrompt(ids[start:end], types, max(0, prompt.start_offset - start)))
+            owners.append(index)
+    pooled = await _pool(model, windows, params, ctx)
+    sums = [np.zeros_like(pooled[0], dtype=np.float64) for _ in prompts]
+    counts = [0] * len(prompts)
+    for owner, window, vector in zip(owners, windows, pooled):
+        sums[owner] += vector.astype(np.float64) * len(window.token_ids)
+        counts[owner] += len(window.token_ids)
+    return [(total / count).astype(np.float32) for total, count in zip(sums, counts)]
 
 
 def default_pooling_task(model: ServedModel) -> str:

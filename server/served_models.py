@@ -37,6 +37,7 @@ class ServedModel:
     num_labels: int = 0
     input_type_prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # Cohere input_type → prefix
     reasoning_parser: ReasoningParser | None = None  # --reasoning-parser: the <think> part of chat outputs apart
+    chunked_embed_len: int | None = None  # --pooler-config enable_chunked_processing: longest input embedded in windows
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # requests admitted and not yet answered in full
 
@@ -66,6 +67,7 @@ class ServedModel:
             num_labels=0 if generative else core.spec.num_labels,
             input_type_prompts={} if generative else _input_type_prompts(core),
             reasoning_parser=REASONING_PARSERS.get(core.config.reasoning_parser or ""),
+            chunked_embed_len=getattr(core, "chunked_embed_len", None),
         )
 
     @property

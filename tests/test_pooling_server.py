@@ -33,6 +33,7 @@ MODELS = {  # served name: (test model, engine arguments beyond TINY_POOLING)
     "reward": ("tiny-internlm2-reward", {}),
     "m3": ("tiny-bge-m3", {}),
     "colbert": ("tiny-bge-m3", {"pooler_config": {"task": "token_embed"}}),
+    "long": ("tiny-bert-mean", {"pooler_config": {"enable_chunked_processing": True, "max_embed_len": 200}}),
 }
 
 
@@ -119,6 +120,23 @@ def test_cohere_embed_equals_sentence_transformers_with_the_prompt_of_its_input_
     ):
         response = httpx.post(f"{url}/v2/embed", json={"model": "embed", **bad})
         assert response.status_code == 400 and fragment in response.json()["error"]["message"], response.text
+
+
+def test_long_inputs_are_embedded_in_windows_and_averaged(url, llms):
+    """vLLM's chunked processing: windows of the model's 64 tokens, each embedded, averaged by token count."""
+    llm = llms["long"]
+    text = " ".join(f"word{i % 17} and more" for i in range(24))
+    ids = llm.engine.prepare(text).token_ids
+    assert 128 < len(ids) <= 200
+    windows = [ids[start : start + 64] for start in range(0, len(ids), 64)]
+    vectors = offline_embeddings(llm, windows)
+    expected = sum(v * len(w) for v, w in zip(vectors, windows)) / len(ids)
+    got = post(url, "/v1/embeddings", {"model": "long", "input": [text, "short text"]})["data"]
+    np.testing.assert_allclose(got[0]["embedding"], expected, atol=1e-5)
+    np.testing.assert_allclose(got[1]["embedding"], offline_embeddings(llm, ["short text"])[0], atol=1e-5)
+    assert not np.allclose(expected, vectors[0], atol=1e-2)  # the later windows count
+    too_long = httpx.post(f"{url}/v1/embeddings", json={"model": "long", "input": text * 2})
+    assert too_long.status_code == 400 and "maximum embedding input length is 200" in too_long.text
 
 
 def test_float_base64_and_bytes_encode_the_same_vectors(url):
