@@ -92,9 +92,10 @@ def resolve_model(name: str | os.PathLike) -> Path:
 
 def load_hf_config(folder: Path, overrides: dict | None = None) -> PretrainedConfig:
     """config.json as transformers reads it, with `--hf-overrides` merged in. Architectures transformers
-    only knows as remote code (InternLM2) are read as a plain config: jaxserve reimplements them."""
+    only knows as remote code (InternLM2) are read as a plain config: jaxserve reimplements them. Remote code is
+    refused outright (`trust_remote_code=False`), so transformers never stops to ask on standard input."""
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError):
         config = PretrainedConfig.from_pretrained(folder)
     config.update(overrides or {})

@@ -38,7 +38,9 @@ def load_chat_template(template: str | Path | None) -> str | None:
 
 class Tokenizer:
     def __init__(self, folder: Path, chat_template: str | None = None):
-        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folder)
+        # never the folder's own code: a tokenizer only remote code defines (InternLM2's, over a SentencePiece
+        # tokenizer.model) is built by transformers from the model file, without asking on standard input
+        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         self.chat_template = chat_template or self.hf.chat_template
         self._backend = self.hf.backend_tokenizer
         self._truncation_lock = threading.Lock()

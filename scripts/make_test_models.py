@@ -35,6 +35,8 @@ Pooling models (embeddings, scores, classifier logits, rewards):
 * ``tiny-internlm2-reward``   InternLM2ForRewardModel (remote code in the real checkpoints, so written
                               by hand: InternLM2 tensor names, packed ``wqkv``, a ``v_head``);
                               ``internlm2_reward_reference`` runs it through ``transformers.LlamaModel``.
+* ``tiny-internlm2-reward-published`` the same architecture laid out as ``internlm/internlm2-1_8b-reward``:
+                              ``auto_map`` to remote code, only a SentencePiece ``tokenizer.model``.
 * ``tiny-bge-m3``             XLMRobertaModel as a SentenceTransformer (CLS pooling, Normalize) with
                               BGE-M3's ``colbert_linear.pt`` / ``sparse_linear.pt`` heads and its
                               legacy-format ST files; ``bge_m3_reference`` computes dense / ColBERT /
@@ -647,6 +649,52 @@ _LEGACY_POOLING_ORDER = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_le
 _LEGACY_POOLING_FLAGS = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens"}
 
 
+SPM_VOCAB_SIZE = 400
+SPM_USER_SYMBOLS = ["<|im_start|>", "<|im_end|>"]
+INTERNLM2_AUTO_MAP = {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModel": "modeling_internlm2.InternLM2ForRewardModel",
+}
+
+
+def _write_internlm2_sentencepiece(folder: Path) -> int:
+    """A SentencePiece BPE model (byte fallback, <unk> <s> </s> first, the ChatML markers as user-defined pieces)
+    saved as `tokenizer.model`, with a tokenizer_config.json whose tokenizer is remote code; returns its size."""
+    import tempfile
+
+    import sentencepiece
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(training_corpus()))
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(Path(tmp) / "m"), vocab_size=SPM_VOCAB_SIZE, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            user_defined_symbols=SPM_USER_SYMBOLS, split_digits=True, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2,
+        )  # fmt: skip
+        (folder / "tokenizer.model").write_bytes((Path(tmp) / "m.model").read_bytes())
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
+    added = {
+        str(3 + i): {"content": piece, "special": True, "normalized": False}  # after <unk> <s> </s>
+        for i, piece in enumerate(SPM_USER_SYMBOLS)
+    }
+    _write_json(
+        folder / "tokenizer_config.json",
+        specials
+        | {
+            "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+            "tokenizer_class": "InternLM2Tokenizer",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "added_tokens_decoder": added,
+            "chat_template": CHATML_TEMPLATE,
+            "model_max_length": 1000000000000000019884624838656,
+        },
+    )
+    return SPM_VOCAB_SIZE
+
+
 INTERNLM2_CONFIG: dict[str, Any] = {
     "architectures": ["InternLM2ForRewardModel"],
     "model_type": "internlm2",
@@ -706,17 +754,23 @@ def unpack_wqkv(wqkv: Any, num_heads: int, num_kv_heads: int) -> tuple[Any, Any,
 
 @dataclass(frozen=True)
 class InternLM2RewardBuilder:
-    """A hand-written InternLM2ForRewardModel folder (the architecture is remote code, not in transformers)."""
+    """A hand-written InternLM2ForRewardModel folder (the architecture is remote code, not in transformers).
+    With `published_layout`, laid out as `internlm/internlm2-1_8b-reward` is: `auto_map` entries pointing at remote
+    code in config.json and tokenizer_config.json, and only a SentencePiece `tokenizer.model` (BOS added, no EOS),
+    which only the remote code's InternLM2Tokenizer reads."""
 
     seed: int
     config: dict[str, Any] = field(default_factory=dict)
+    published_layout: bool = False
 
     def spec(self) -> dict[str, Any]:
+        tokenizer = {"kind": "sentencepiece", "corpus": training_corpus(), "vocab_size": SPM_VOCAB_SIZE}
         return {
             "seed": self.seed,
             "config": INTERNLM2_CONFIG | self.config,
             "init": {"std": INIT_STD, "norm_std": NORM_STD},
-            "tokenizer": tokenizer_spec("chatml"),
+            "tokenizer": tokenizer if self.published_layout else tokenizer_spec("chatml"),
+            "published_layout": self.published_layout,
         }
 
     def tensor_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -741,16 +795,21 @@ class InternLM2RewardBuilder:
         import torch
         from safetensors.torch import save_file
 
-        tokenizer = chatml_tokenizer()
-        n_tokens = len(tokenizer)
-        config = INTERNLM2_CONFIG | {"vocab_size": padded_vocab_size(n_tokens)} | self.config
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.published_layout:
+            n_tokens = _write_internlm2_sentencepiece(folder)
+            config = INTERNLM2_CONFIG | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+            config |= {"auto_map": INTERNLM2_AUTO_MAP, "vocab_size": padded_vocab_size(n_tokens)} | self.config
+        else:
+            tokenizer = chatml_tokenizer()
+            n_tokens = len(tokenizer)
+            config = INTERNLM2_CONFIG | {"vocab_size": padded_vocab_size(n_tokens)} | self.config
+            tokenizer.save_pretrained(folder)
         generator = torch.Generator().manual_seed(self.seed)
         tensors = {name: _noise(name, shape, generator) for name, shape in sorted(self.tensor_shapes(config).items())}
         tensors["model.tok_embeddings.weight"][n_tokens:] = 0.0
-        folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / "config.json", config)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        tokenizer.save_pretrained(folder)
 
     def stats(self, folder: Path) -> dict[str, float]:
         """``--check`` statistics of the built folder."""
@@ -856,6 +915,7 @@ BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = 
         generation=None,
     ),
     "tiny-internlm2-reward": InternLM2RewardBuilder(seed=17),
+    "tiny-internlm2-reward-published": InternLM2RewardBuilder(seed=21, published_layout=True),
     "tiny-bge-m3": EncoderBuilder(
         model_class="XLMRobertaModel",
         config_class="XLMRobertaConfig",

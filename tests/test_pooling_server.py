@@ -20,6 +20,7 @@ from jaxserve import AsyncEngine, PoolingParams
 from jaxserve.model_source import DEFAULT_POOLING_MODEL, ROLE_CONTENT_TEMPLATE, resolve_model
 from jaxserve.server.launch import background_server
 from jaxserve.server.served_models import ServedModel
+from scripts.make_test_models import internlm2_reward_reference
 
 from .conftest import TINY_ENGINE, TINY_POOLING
 
@@ -33,6 +34,7 @@ MODELS = {  # served name: (test model, engine arguments beyond TINY_POOLING)
     "reward": ("tiny-internlm2-reward", {}),
     "m3": ("tiny-bge-m3", {}),
     "colbert": ("tiny-bge-m3", {"pooler_config": {"task": "token_embed"}}),
+    "published": ("tiny-internlm2-reward-published", {}),
     "long": ("tiny-bert-mean", {"pooler_config": {"enable_chunked_processing": True, "max_embed_len": 200}}),
 }
 
@@ -137,6 +139,21 @@ def test_long_inputs_are_embedded_in_windows_and_averaged(url, llms):
     assert not np.allclose(expected, vectors[0], atol=1e-2)  # the later windows count
     too_long = httpx.post(f"{url}/v1/embeddings", json={"model": "long", "input": text * 2})
     assert too_long.status_code == 400 and "maximum embedding input length is 200" in too_long.text
+
+
+def test_the_seed_reward_model_as_published_over_pooling(url, llms, tiny_models):
+    """The seed's pooling client against a folder laid out like internlm/internlm2-1_8b-reward (remote-code
+    tokenizer, SentencePiece model): completion-style and chat-style input give per-token rewards."""
+    folder = tiny_models["tiny-internlm2-reward-published"]
+    tokenizer = llms["published"].get_tokenizer()
+    whole = post(url, "/pooling", {"model": "published", "input": "vLLM is great!"})["data"][0]["data"]
+    ids = tokenizer.encode("vLLM is great!")
+    assert ids[0] == 1 and len(whole) == len(ids)  # BOS first, one reward per token
+    np.testing.assert_allclose(np.array(whole)[:, 0], internlm2_reward_reference(folder, ids), atol=1e-4)
+    messages = [{"role": "user", "content": "vLLM is great!"}]
+    chat = post(url, "/pooling", {"model": "published", "messages": messages})["data"][0]["data"]
+    ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=False), add_special_tokens=False)
+    np.testing.assert_allclose(np.array(chat)[:, 0], internlm2_reward_reference(folder, ids), atol=1e-4)
 
 
 def test_float_base64_and_bytes_encode_the_same_vectors(url):

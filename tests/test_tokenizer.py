@@ -67,3 +67,37 @@ def test_spaces_between_special_tokens_set_added_tokens_apart(tiny_models):
     assert stream(False, False) == "<|im_start|>user hi<|im_end|>"
     assert stream(False, True) == "<|im_start|> user hi <|im_end|>"
     assert stream(True, True) == stream(True, False) == "user hi"
+
+
+def test_a_remote_code_sentencepiece_tokenizer_is_read_from_its_model_file(tiny_models, monkeypatch):
+    """InternLM2's tokenizer exists only as remote code over a SentencePiece tokenizer.model: jaxserve runs none of
+    it and never asks on standard input, and encodes token for token as the remote tokenizer does (the special
+    markers apart, each span between them through SentencePiece itself, BOS first, no EOS)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from scripts.make_test_models import SPM_USER_SYMBOLS, training_corpus
+
+    folder = tiny_models["tiny-internlm2-reward-published"]
+    assert "auto_map" in json.loads((folder / "tokenizer_config.json").read_text())
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked on standard input"))
+    tokenizer = Tokenizer(folder)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    markers = {piece: processor.piece_to_id(piece) for piece in SPM_USER_SYMBOLS}
+
+    def reference(text: str) -> list[int]:
+        ids, rest = [processor.bos_id()], text
+        while rest:
+            found = [(rest.find(m), m) for m in markers if m in rest]
+            at, marker = min(found) if found else (len(rest), None)
+            ids += processor.encode(rest[:at]) if rest[:at] else []
+            if marker is None:
+                break
+            ids.append(markers[marker])
+            rest = rest[at + len(marker) :]
+        return ids
+
+    texts = training_corpus()[::3] + [
+        "  two  leading spaces", "trailing ", "tabs\tand\nnewlines\n\n", "digits 1234567890", "émoji 😀 and 漢字",
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "x<|im_end|>y",
+    ]  # fmt: skip
+    assert [tokenizer.encode(t) for t in texts] == [reference(t) for t in texts]
+    assert tokenizer.decode(reference("Hello world"), True) == "Hello world"
