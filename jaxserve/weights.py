@@ -1,4 +1,5 @@
-"""Streaming safetensors checkpoints (single file or sharded with an index) into an NNX model skeleton.
+"""Streaming checkpoints into an NNX model skeleton: safetensors (single file or sharded with an index), or
+PyTorch `.bin` files (single or sharded), read without PyTorch (`torch_pickle.py`).
 
 The model is built with `nnx.eval_shape`, so no memory is allocated for random weights; each tensor is read
 from its file, cast on the host to the model dtype and placed on the device, one at a time. Module state
@@ -20,23 +21,48 @@ from flax import nnx
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .torch_pickle import load_torch_state_dict
+
 logger = logging.getLogger(__name__)
 
 
 def tensor_index(folder: Path) -> dict[str, Path]:
-    """Tensor name → the safetensors file that holds it."""
-    index_file = folder / "model.safetensors.index.json"
-    if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
+    """Tensor name → the file that holds it: safetensors, else PyTorch `.bin` (an index file maps shards)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = folder / index_name
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            return {name: folder / file for name, file in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"No *.safetensors weights in {folder}.")
+        raise FileNotFoundError(f"No *.safetensors (or pytorch_model*.bin) weights in {folder}.")
     index: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _open(file) as f:
             index.update({name: file for name in f.keys()})
     return index
+
+
+class _TorchFile:
+    """A PyTorch `.bin` checkpoint with safetensors' reader interface (read whole: pickles are not indexed)."""
+
+    def __init__(self, path: Path):
+        self._tensors = load_torch_state_dict(path)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    if path.suffix == ".bin":
+        yield _TorchFile(path)
+    else:
+        with safe_open(path, framework="numpy") as reader:
+            yield reader
 
 
 def checkpoint_names(name: str, aliases: Mapping[str, tuple[str, ...]]) -> list[str]:
@@ -59,7 +85,7 @@ def load_weights(
 ) -> nnx.Module:
     """Fill an abstract model (from `nnx.eval_shape`) with the checkpoint in `folder`, cast to `dtype`.
 
-    `extra` holds tensors from outside the safetensors files (heads shipped as .pt, sentence-transformers
+    `extra` holds tensors from outside the checkpoint files (heads shipped as .pt, sentence-transformers
     Dense layers); `aliases` maps a module path prefix to the prefixes the checkpoint may use instead."""
     graphdef, state = nnx.split(skeleton)
     params = nnx.to_flat_state(state)
@@ -85,7 +111,7 @@ def load_weights(
     with tqdm(total=len(params), desc=f"Loading {folder.name}", unit="tensor", disable=not progress) as bar:
         for file, positions in by_file.items():
             with contextlib.ExitStack() as stack:
-                reader = stack.enter_context(safe_open(file, framework="numpy")) if file else None
+                reader = stack.enter_context(_open(file)) if file else None
                 for i in positions:
                     path, var = params[i]
                     array = extra[sources[i]] if file is None else reader.get_tensor(sources[i])

@@ -4,7 +4,9 @@ references, scores vs NumPy, and packing invariance."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -265,3 +267,23 @@ def test_pallas_kernels_in_interpret_mode_give_the_reference_results(tiny_models
         got = pallas.encode(texts, task=task, use_tqdm=False)
         for w, g in zip(want, got):
             np.testing.assert_allclose(g.outputs.data, w.outputs.data, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_pytorch_bin_weights_load_as_the_safetensors_do(tiny_models, make_pooling_llm, tmp_path):
+    """Weights as published in `.bin` shards with an index (read without PyTorch) give the same rewards."""
+    from safetensors.numpy import load_file
+
+    source = tiny_models["tiny-internlm2-reward-published"]
+    folder = tmp_path / "bin-shards"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", ".complete"))
+    tensors = load_file(source / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, shard in shards.items():
+        torch.save({name: torch.from_numpy(tensors[name]) for name in shard}, folder / file)
+    weight_map = {name: file for file, shard in shards.items() for name in shard}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    from_bin = make_pooling_llm(folder).reward(TEXTS[:2], use_tqdm=False)
+    from_safetensors = make_pooling_llm(source).reward(TEXTS[:2], use_tqdm=False)
+    for a, b in zip(from_bin, from_safetensors):
+        np.testing.assert_allclose(a.outputs.data, b.outputs.data, atol=1e-6)
