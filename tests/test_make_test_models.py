@@ -52,12 +52,16 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_builds_every_registered_model(model_dirs: dict[str, Path]) -> None:
     assert sorted(model_dirs) == NAMES
     assert DECODERS == ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
-    assert sorted(set(NAMES) - set(DECODERS)) == sorted([*ST_MODELS, *CLASSIFIERS, "tiny-internlm2-reward",
-                                                          "tiny-xlmr-cross-encoder"])  # fmt: skip
+    # checked against their references in test_pooling.py / test_tokenizer.py
+    others = ["tiny-internlm2-reward", "tiny-internlm2-reward-published", "tiny-xlmr-cross-encoder",
+              "tiny-distilbert-sst2", "tiny-bert-ner"]  # fmt: skip
+    assert sorted(set(NAMES) - set(DECODERS)) == sorted([*ST_MODELS, *CLASSIFIERS, *others])
     for name, folder in model_dirs.items():
         assert folder.name == name
         assert (folder / make_test_models.STAMP_FILE).is_file()
-        assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+        # as published, InternLM2's tokenizer is only its SentencePiece model (read by remote code)
+        tokenizer_file = "tokenizer.model" if name.endswith("-published") else "tokenizer.json"
+        assert (folder / "config.json").is_file() and (folder / tokenizer_file).is_file()
     out_dir = next(iter(model_dirs.values())).parent
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
