@@ -97,6 +97,21 @@ class ToolParser(abc.ABC):
         return ExtractedToolCalls(text[:start] or None, calls)
 
 
+class WholeOutputToolParser(ToolParser):
+    """A format whose calls are the whole output, opening (after whitespace) with one of `openers`."""
+
+    openers: ClassVar[tuple[str, ...]]
+
+    def call_start(self, text: str) -> int | None:
+        stripped = text.lstrip()
+        return len(text) - len(stripped) if stripped.startswith(self.openers) else None
+
+    def holdback(self, text: str) -> int:
+        """All of it while it is blank or could still become an opener."""
+        stripped = text.lstrip()
+        return len(text) if any(opener.startswith(stripped) for opener in self.openers) else 0
+
+
 class ToolCallStream:
     """One streamed output through a parser: `feed` each text delta and send what it returns (new content, new
     complete calls); `finish` once the output is done, for the rest."""

@@ -4,24 +4,15 @@
 from __future__ import annotations
 
 from . import register
-from .base import FunctionCall, ToolParser, call_from_json, json_values
+from .base import FunctionCall, WholeOutputToolParser, call_from_json, json_values
 
 PYTHON_TAG = "<|python_tag|>"
 
 
 @register
-class Llama3JsonToolParser(ToolParser):
+class Llama3JsonToolParser(WholeOutputToolParser):
     name = "llama3_json"
-
-    def call_start(self, text: str) -> int | None:
-        stripped = text.lstrip()
-        if stripped.startswith((PYTHON_TAG, "{")):
-            return len(text) - len(stripped)
-        return None
-
-    def holdback(self, text: str) -> int:
-        stripped = text.lstrip()
-        return len(text) if not stripped or PYTHON_TAG.startswith(stripped) else 0
+    openers = (PYTHON_TAG, "{")
 
     def parse_calls(self, text: str, final: bool) -> list[FunctionCall] | None:
         values = json_values(text.lstrip().removeprefix(PYTHON_TAG), final)

@@ -6,24 +6,15 @@ from __future__ import annotations
 import ast
 
 from . import register
-from .base import FunctionCall, ToolParser, arguments_json
+from .base import FunctionCall, WholeOutputToolParser, arguments_json
 
 PYTHON_TAG = "<|python_start|>"
 
 
 @register
-class PythonicToolParser(ToolParser):
+class PythonicToolParser(WholeOutputToolParser):
     name = "pythonic"
-
-    def call_start(self, text: str) -> int | None:
-        stripped = text.lstrip()
-        if stripped.startswith(("[", PYTHON_TAG)):
-            return len(text) - len(stripped)
-        return None
-
-    def holdback(self, text: str) -> int:
-        stripped = text.lstrip()
-        return len(text) if not stripped or PYTHON_TAG.startswith(stripped) else 0
+    openers = ("[", PYTHON_TAG)
 
     def parse_calls(self, text: str, final: bool) -> list[FunctionCall] | None:
         source = text.strip().removeprefix(PYTHON_TAG).removesuffix("<|python_end|>").strip()
