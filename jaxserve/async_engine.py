@@ -180,8 +180,10 @@ class AsyncEngine:
         """A pooling input from a text (or text pair, `text_pair=`) or token ids: `PoolingEngine.prepare`."""
         return self._engine_for(PoolingEngine, "pooling").prepare(prompt, **options)
 
-    def plan_scores(self, pairs: list[tuple[str, str]], truncate_prompt_tokens: int | None = None) -> ScorePlan:
-        return plan_scores(self._engine_for(PoolingEngine, "pooling"), pairs, truncate_prompt_tokens)
+    def plan_scores(
+        self, pairs: list[tuple[str, str]], truncate_prompt_tokens: int | None = None, instruction: str | None = None
+    ) -> ScorePlan:
+        return plan_scores(self._engine_for(PoolingEngine, "pooling"), pairs, truncate_prompt_tokens, instruction)
 
     def reset_prefix_cache(self) -> None:
         """Empty the engine's prefix cache, between two steps (an engine without a KV cache has none)."""

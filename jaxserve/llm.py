@@ -268,15 +268,17 @@ class LLM:
         *,
         pooling_params: PoolingParams | None = None,
         truncate_prompt_tokens: int | None = None,
+        instruction: str | None = None,
         use_tqdm: bool = True,
     ) -> list[ScoringRequestOutput]:
         """Relevance of each (query, document) pair, paired 1:1, 1:N or N:N. A cross-encoder scores each pair
-        jointly; an embedding model gives the cosine of the two embeddings; a token-embedding model MaxSim."""
+        jointly (through its score template, with `instruction`, when it has one); an embedding model gives the
+        cosine of the two embeddings; a token-embedding model MaxSim."""
         engine = self._pooler("score")
         truncate_prompt_tokens = _first(
             truncate_prompt_tokens, pooling_params and pooling_params.truncate_prompt_tokens
         )
-        plan = plan_scores(engine, pair_up(queries, documents), truncate_prompt_tokens)
+        plan = plan_scores(engine, pair_up(queries, documents), truncate_prompt_tokens, instruction)
         outputs = self._pool(plan.prompts, (pooling_params or PoolingParams()).clone(task=plan.task), use_tqdm)
         scores = plan.scores([o.outputs.data for o in outputs])
         return [

@@ -30,6 +30,7 @@ from .models.layers import Linear, activation
 from .pooling_params import TASKS
 from .st_config import SentenceTransformersConfig, cross_encoder_activation
 from .torch_pickle import load_torch_state_dict
+from .weights import read_tensor, tensor_index
 
 BGE_M3_HEADS = ("colbert_linear", "sparse_linear")
 # --pooler-config keys vLLM accepts; those jaxserve does not implement yet are refused rather than ignored
@@ -168,6 +169,25 @@ def build_spec(
         logit_mean=pooler_config.get("logit_mean"),
         logit_sigma=pooler_config.get("logit_sigma"),
     )
+
+
+def classifier_from_tokens(folder: Path, hf_config, tokenizer) -> dict[str, np.ndarray]:
+    """vLLM's `classifier_from_token` (through `--hf-overrides`, with the architecture set to a
+    `*ForSequenceClassification`): a causal LM checkpoint served as a classifier whose head is its LM head's rows
+    of those tokens. Two tokens (Qwen3-Reranker's ["no", "yes"]) make one label, the second's logit less the
+    first's, so its sigmoid is the two-way softmax's probability of the second. Sets `num_labels`; returns the
+    head as `score.weight`."""
+    tokens = list(hf_config.classifier_from_token)
+    ids = [tokenizer.hf.convert_tokens_to_ids(token) for token in tokens]
+    unknown = [t for t, i in zip(tokens, ids) if i is None or i == tokenizer.hf.unk_token_id]
+    if unknown:
+        raise ValueError(f"classifier_from_token: {unknown} are not tokens of the model's vocabulary.")
+    names = tensor_index(folder)
+    head = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"  # tied embeddings
+    rows = read_tensor(folder, head)[ids].astype(np.float32)
+    weight = rows[1:] - rows[:1] if len(ids) == 2 else rows
+    hf_config.num_labels = weight.shape[0]
+    return {"score.weight": weight}
 
 
 def head_tensors(spec: PoolerSpec, folder: Path, st: SentenceTransformersConfig | None) -> dict[str, np.ndarray]:

@@ -30,12 +30,21 @@ from .models.batch import PackedBatch
 from .models.registry import pooling_model_class
 from .outputs import PoolingOutput, PoolingRequestOutput, RequestStateStats
 from .paged_pooling import PagedPoolingBatches, PagedPoolingRunner, PagedPoolingShape, PooledSequence
-from .pooler import PoolerSpec, PoolingInputs, PoolingModel, build_spec, head_tensors, resolve_pooler_config
+from .pooler import (
+    PoolerSpec,
+    PoolingInputs,
+    PoolingModel,
+    build_spec,
+    classifier_from_tokens,
+    head_tensors,
+    resolve_pooler_config,
+)
 from .pooling_params import TASKS, PoolingParams, PoolingPrompt
 from .request import EngineRequest
 from .scheduler import SchedulerConfig, StepPlan
 from .st_config import read_st_config
 from .stats import EngineStats
+from .tokenizer import load_chat_template
 from .truncation import max_length, truncate
 
 logger = logging.getLogger(__name__)
@@ -118,9 +127,15 @@ class PoolingEngine(EngineCore):
         model_class = pooling_model_class(self.hf_config)
         self.st_config = read_st_config(self.model_folder)
         pooler_config = resolve_pooler_config(config.pooler_config)
+        extra = {}
+        if getattr(self.hf_config, "classifier_from_token", None):
+            extra = classifier_from_tokens(self.model_folder, self.hf_config, self.tokenizer)
         self.spec: PoolerSpec = build_spec(
             model_class, self.hf_config, self.model_folder, self.st_config, pooler_config
         )
+        # a classifier's --chat-template formats score pairs (vLLM's score templates: messages with the roles
+        # "query" and "document", and the request's `instruction`)
+        self.score_template = load_chat_template(config.chat_template) if "classify" in self.spec.tasks else None
         self.default_params = PoolingParams(
             use_activation=pooler_config.get("use_activation"), dimensions=pooler_config.get("dimensions")
         )
@@ -139,7 +154,7 @@ class PoolingEngine(EngineCore):
 
         model = self.load_model(
             build,
-            extra=head_tensors(self.spec, self.model_folder, self.st_config),
+            extra=head_tensors(self.spec, self.model_folder, self.st_config) | extra,
             aliases=lambda m: m.checkpoint_aliases,
         )
         load_seconds = time.perf_counter() - began
@@ -246,6 +261,19 @@ class PoolingEngine(EngineCore):
         prefix, start_offset = self._st_prompt(prompt_name)
         ids, type_ids = self.tokenizer.encode_pooling(prefix + prompt, text_pair, keep, truncation_side)
         return PoolingPrompt(ids, type_ids, start_offset)
+
+    def score_prompt(
+        self, query: str, document: str, instruction: str | None = None, truncate_prompt_tokens: int | None = None
+    ) -> PoolingPrompt:
+        """A (query, document) pair through the score template."""
+        text = self.tokenizer.render_chat(
+            [{"role": "query", "content": query}, {"role": "document", "content": document}],
+            chat_template=self.score_template,
+            add_generation_prompt=False,
+            chat_template_kwargs={"instruction": instruction} if instruction else None,
+        )
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.prepare(ids, truncate_prompt_tokens=truncate_prompt_tokens)
 
     def _st_prompt(self, name: str | None) -> tuple[str, int]:
         """(prompt text, tokens of it that the pool leaves out) for a sentence-transformers prompt name."""

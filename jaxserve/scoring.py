@@ -61,13 +61,20 @@ class ScorePlan:
         return sum(len(p.token_ids) for p in self.prompts)
 
 
-def plan_scores(engine, pairs: list[tuple[str, str]], truncate_prompt_tokens: int | None = None) -> ScorePlan:
-    """The plan for `engine` (a PoolingEngine), by its task. Raises ValueError for a model that cannot score."""
+def plan_scores(
+    engine, pairs: list[tuple[str, str]], truncate_prompt_tokens: int | None = None, instruction: str | None = None
+) -> ScorePlan:
+    """The plan for `engine` (a PoolingEngine), by its task. A cross-encoder with a score template (its
+    `--chat-template`) reads each pair through it, with `instruction`; else as a tokenizer text pair. Raises
+    ValueError for a model that cannot score."""
     task = engine.spec.default_task
     if task == "classify":
         if engine.spec.num_labels != 1:
             raise ValueError("Score API is only enabled for num_labels == 1.")
-        prompts = [engine.prepare(q, text_pair=d, truncate_prompt_tokens=truncate_prompt_tokens) for q, d in pairs]
+        if engine.score_template is not None:
+            prompts = [engine.score_prompt(q, d, instruction, truncate_prompt_tokens) for q, d in pairs]
+        else:
+            prompts = [engine.prepare(q, text_pair=d, truncate_prompt_tokens=truncate_prompt_tokens) for q, d in pairs]
         return ScorePlan(prompts, "classify", [(i, i) for i in range(len(pairs))], None)
     if task not in ("embed", "token_embed"):
         raise ValueError(f"Score API is not supported for a model whose task is {task}.")

@@ -65,6 +65,15 @@ def _open(path: Path):
             yield reader
 
 
+def read_tensor(folder: Path, name: str) -> np.ndarray:
+    """One tensor of the checkpoint in `folder`, as numpy."""
+    index = tensor_index(folder)
+    if name not in index:
+        raise KeyError(f"Checkpoint {folder} has no tensor {name!r}.")
+    with _open(index[name]) as reader:
+        return np.asarray(reader.get_tensor(name))
+
+
 def checkpoint_names(name: str, aliases: Mapping[str, tuple[str, ...]]) -> list[str]:
     """Where a model tensor may sit in a checkpoint: its own name, then each alias of a matching prefix."""
     names = [name]

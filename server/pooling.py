@@ -292,7 +292,7 @@ async def _scores(
         docs = documents
         if request.max_tokens_per_doc:
             docs = [model.tokenizer.truncate_text(d, request.max_tokens_per_doc) for d in documents]
-        return model.engine.plan_scores(pair_up(queries, docs), request.truncate_prompt_tokens)
+        return model.engine.plan_scores(pair_up(queries, docs), request.truncate_prompt_tokens, request.instruction)
 
     score_plan = await asyncio.to_thread(plan)
     params = PoolingParams(task=score_plan.task, use_activation=request.activate)

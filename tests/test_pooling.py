@@ -287,3 +287,56 @@ def test_sharded_pytorch_bin_weights_load_as_the_safetensors_do(tiny_models, mak
     from_safetensors = make_pooling_llm(source).reward(TEXTS[:2], use_tqdm=False)
     for a, b in zip(from_bin, from_safetensors):
         np.testing.assert_allclose(a.outputs.data, b.outputs.data, atol=1e-6)
+
+
+# Qwen3-Reranker's prompt as its model card writes it, and a score template that renders the same (Jinja drops one
+# trailing newline, hence three)
+RERANKER_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+RERANKER_TEMPLATE = (
+    RERANKER_PREFIX
+    + "<Instruct>: {{ instruction | default('"
+    + DEFAULT_INSTRUCTION
+    + "', true) }}\n"
+    + "<Query>: {{ messages[0]['content'] }}\n<Document>: {{ messages[1]['content'] }}"
+    + RERANKER_SUFFIX
+    + "\n"
+)
+
+
+def test_an_llm_reranker_scores_as_its_model_card_does(tiny_models, make_pooling_llm):
+    """Qwen3-Reranker as vLLM serves it: the causal LM with `classifier_from_token` (here the tiny vocabulary's
+    "n" and "y" for "no" and "yes") and a score template; the score is the probability of "yes" against "no" at
+    the last token, as the model card computes it."""
+    folder = tiny_models["tiny-qwen3"]
+    overrides = {
+        "architectures": ["Qwen3ForSequenceClassification"],
+        "classifier_from_token": ["n", "y"],
+        "is_original_qwen3_reranker": True,
+    }
+    llm = make_pooling_llm(folder, hf_overrides=overrides, chat_template=RERANKER_TEMPLATE)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    no, yes = tokenizer.convert_tokens_to_ids(["n", "y"])
+    query, documents = TEXTS[0], TEXTS[1:]
+    for instruction in (None, "Find texts about animals"):
+        margins = []  # the logit of "yes" less that of "no": the score before its sigmoid
+        for document in documents:
+            body = f"<Instruct>: {instruction or DEFAULT_INSTRUCTION}\n<Query>: {query}\n<Document>: {document}"
+            ids = tokenizer(RERANKER_PREFIX + body + RERANKER_SUFFIX, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                logits = model(**ids).logits[0, -1]
+            margins.append((logits[yes] - logits[no]).item())
+        raw = PoolingParams(use_activation=False)
+        got = [
+            o.outputs.score
+            for o in llm.score(query, documents, instruction=instruction, pooling_params=raw, use_tqdm=False)
+        ]
+        np.testing.assert_allclose(got, margins, atol=1e-3)
+        probabilities = [o.outputs.score for o in llm.score(query, documents, instruction=instruction, use_tqdm=False)]
+        np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-np.array(margins))), rtol=1e-3)
+        assert np.ptp(margins) > 0.5
