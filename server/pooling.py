@@ -279,20 +279,24 @@ async def _scores(
             f"classifier with one label; its tasks are: {', '.join(model.pooling_tasks)}).",
             param="model",
         )
-    if request.max_tokens_per_doc is not None and request.max_tokens_per_doc <= 0:
-        raise APIError("max_tokens_per_doc must be a positive integer", param="max_tokens_per_doc")
-    if request.max_tokens_per_doc is not None and request.max_tokens_per_doc >= model.max_model_len:
-        raise APIError(
-            f"max_tokens_per_doc ({request.max_tokens_per_doc}) must be less than max_model_len "
-            f"({model.max_model_len}).",
-            param="max_tokens_per_doc",
-        )
+    for field in ("max_tokens_per_query", "max_tokens_per_doc"):
+        limit = getattr(request, field)
+        if limit is not None and limit <= 0:
+            raise APIError(f"{field} must be a positive integer", param=field)
+        if limit is not None and limit >= model.max_model_len:
+            raise APIError(f"{field} ({limit}) must be less than max_model_len ({model.max_model_len}).", param=field)
+
+    def cut(texts, limit: int | None):
+        """Each text cut to its first `limit` tokens (vLLM's max_tokens_per_query / max_tokens_per_doc)."""
+        if not limit:
+            return texts
+        if isinstance(texts, str):
+            return model.tokenizer.truncate_text(texts, limit)
+        return [model.tokenizer.truncate_text(text, limit) for text in texts]
 
     def plan():
-        docs = documents
-        if request.max_tokens_per_doc:
-            docs = [model.tokenizer.truncate_text(d, request.max_tokens_per_doc) for d in documents]
-        return model.engine.plan_scores(pair_up(queries, docs), request.truncate_prompt_tokens, request.instruction)
+        pairs = pair_up(cut(queries, request.max_tokens_per_query), cut(documents, request.max_tokens_per_doc))
+        return model.engine.plan_scores(pairs, request.truncate_prompt_tokens, request.instruction)
 
     score_plan = await asyncio.to_thread(plan)
     params = PoolingParams(task=score_plan.task, use_activation=request.activate)

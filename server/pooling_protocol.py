@@ -66,6 +66,7 @@ class ScoringFields(RequestBody):
     use_activation: bool | None = None
     activation: bool | None = None  # older spelling
     max_tokens_per_doc: int | None = None
+    max_tokens_per_query: int | None = None
     instruction: str | None = None  # a score template's instruction (Qwen3-Reranker's <Instruct>)
     user: str | None = None
     request_id: str | None = None

@@ -334,7 +334,7 @@ def test_rerank_sorts_and_echoes_documents(url, llms, path):
     assert len(bare["results"]) == 4 and all(r["document"] is None for r in bare["results"])
 
 
-def test_rerank_truncates_documents_to_max_tokens_per_doc(url, llms):
+def test_scores_truncate_queries_and_documents_to_their_token_limits(url, llms):
     tokenizer = llms["m3"].get_tokenizer()
     document = TEXTS[1]
     first_three = tokenizer.truncate_text(document, 3)
@@ -342,6 +342,12 @@ def test_rerank_truncates_documents_to_max_tokens_per_doc(url, llms):
     cut = post(url, "/rerank", {"model": "m3", "query": "q", "documents": [document], "max_tokens_per_doc": 3})
     expected = llms["m3"].score("q", first_three, use_tqdm=False)[0].outputs.score
     assert cut["results"][0]["relevance_score"] == pytest.approx(expected, rel=1e-5)
+    query = TEXTS[2]
+    query_cut = tokenizer.truncate_text(query, 2)
+    body = {"model": "m3", "queries": query, "documents": [document], "max_tokens_per_query": 2}
+    expected = llms["m3"].score(query_cut, document, use_tqdm=False)[0].outputs.score
+    assert post(url, "/score", body)["data"][0]["score"] == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(llms["m3"].score(query, document, use_tqdm=False)[0].outputs.score, rel=1e-3)
 
 
 # --- which routes a server has -------------------------------------------------------------------------------
