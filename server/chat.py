@@ -87,7 +87,7 @@ async def create_chat_completion(request: ChatCompletionRequest, model: ServedMo
 async def prepare_chat(request: ChatCompletionRequest, model: ServedModel, ctx: RequestContext) -> ChatGeneration:
     """A chat checked, rendered and made into its engine request (the Responses API runs its requests as these);
     400 for what cannot be served."""
-    calling = ToolCalling.of(request, ctx.settings, model.tokenizer.hf)
+    calling = ToolCalling.of(request, ctx.settings)
     check_template_trust(request.chat_template, ctx.settings.trust_request_chat_template)
     if request.top_logprobs and not request.logprobs:
         raise APIError("when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")

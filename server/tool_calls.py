@@ -54,7 +54,7 @@ class ToolCalling:
     parallel: bool = True  # "required": several calls may come (OpenAI's parallel_tool_calls)
 
     @classmethod
-    def of(cls, request: ChatCompletionRequest, settings: ServerSettings, tokenizer: Any = None) -> ToolCalling:
+    def of(cls, request: ChatCompletionRequest, settings: ServerSettings) -> ToolCalling:
         """The request's tool mode; 400 for a choice that cannot be served."""
         tools, choice = request.tools, request.tool_choice
         if tools is not None and not tools:
@@ -66,7 +66,7 @@ class ToolCalling:
         if choice in (None, "auto"):
             if not (settings.enable_auto_tool_choice and settings.tool_call_parser):
                 raise APIError(AUTO_NEEDS_FLAGS, param="tool_choice")
-            return cls("auto", tools, TOOL_PARSERS[settings.tool_call_parser](tokenizer))
+            return cls("auto", tools, TOOL_PARSERS[settings.tool_call_parser]())
         if choice == "required":
             return cls("required", tools, RequiredCallsParser(), parallel=request.parallel_tool_calls is not False)
         name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None

@@ -13,8 +13,10 @@ responses; "auto" without the flags, bad constraints and unsupported Responses f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import types
 from typing import Literal
 
 import httpx
@@ -25,9 +27,14 @@ import pytest
 
 from jaxserve import AsyncEngine, SamplingParams, StructuredOutputsParams
 from jaxserve.reasoning import REASONING_PARSERS
+from jaxserve.server.errors import APIError
 from jaxserve.server.launch import background_server
+from jaxserve.server.protocol import ChatCompletionRequest
+from jaxserve.server.responses import ResponseStore, StoredResponse
 from jaxserve.server.served_models import ServedModel
 from jaxserve.server.settings import ServerSettings
+from jaxserve.server.tool_calls import ToolCalling
+from jaxserve.structured_outputs import GrammarCompiler
 
 from .conftest import TINY_ENGINE
 
@@ -168,6 +175,36 @@ def test_a_structural_tag_holds_only_the_tagged_part(tiny_models, make_llm):
 
     assert allowed('Sure, let me look. <function=get_time>{"zone": "CET"}</function> Done.')
     assert not allowed('Sure. <function=get_time>{"zone": "MARS"}</function>')
+
+
+def test_strict_schemas_and_the_server_option_refuse_properties_beyond_the_schema(tiny_models, make_llm):
+    """A strict tool or json_schema (and --structured-outputs-config's disable_additional_properties) closes every
+    object that does not say otherwise; an open schema still takes extra properties."""
+    llm = make_llm(tiny_models["tiny-llama"], **ENGINE)
+    engine = llm.engine
+    open_compiler = GrammarCompiler(engine.tokenizer.hf, engine.vocab_size, engine.eos_token_ids)
+    extra = '{"zone":"CET","note":"x"}'
+
+    def allowed(compiler: GrammarCompiler, params: StructuredOutputsParams, text: str) -> bool:
+        matcher = compiler.matcher(compiler.compile(params))
+        for token in engine.tokenizer.encode(text, add_special_tokens=False):
+            matcher.accept(token)
+        return matcher.error is None
+
+    time_schema = StructuredOutputsParams(json=SCHEMAS["get_time"])  # says nothing of additionalProperties
+    assert allowed(open_compiler, time_schema, extra)
+    assert allowed(open_compiler, time_schema, '{"zone":"CET"}')
+    strict = dataclasses.replace(time_schema, disable_additional_properties=True)
+    assert not allowed(open_compiler, strict, extra)
+    assert allowed(open_compiler, strict, '{"zone":"CET"}')
+    assert not allowed(engine.grammar_compiler, time_schema, extra)  # the module's engine sets the server option
+    strict_tool = {"type": "function", "function": {**TIME_TOOL["function"], "strict": True}}
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for tools, closed in (([TIME_TOOL], False), ([strict_tool], True)):
+        for choice in ("required", named):
+            request = ChatCompletionRequest(model="m", messages=[], tools=tools, tool_choice=choice)
+            constraint = ToolCalling.of(request, ServerSettings()).constraint()
+            assert constraint.disable_additional_properties is closed
 
 
 def test_a_reasoning_model_is_held_to_its_grammar_only_after_its_thinking(tiny_models, make_llm):
@@ -456,6 +493,17 @@ def test_responses_reasoning_items_and_errors(server):
     ):
         response = httpx.request(method, f"{url}{path}", json=body)
         assert response.status_code == status and response.json()["error"]["code"] == status, response.text
+
+
+def test_stored_responses_past_the_capacity_go_oldest_first():
+    """--max-stored-responses bounds the memory the Responses API keeps for previous_response_id."""
+    store = ResponseStore(capacity=2)
+    for name in ("resp_a", "resp_b", "resp_c"):
+        store.put(StoredResponse(types.SimpleNamespace(id=name), messages=[]))
+    assert store.get("resp_c").response.id == "resp_c" and store.get("resp_b").response.id == "resp_b"
+    with pytest.raises(APIError) as gone:
+        store.get("resp_a")
+    assert gone.value.status == 404
 
 
 def test_langchain_structured_output_tools_and_responses(server):

@@ -324,6 +324,9 @@ ERROR_CASES = [
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "NotFoundError", "model", "Valid aliases: llama"),
     ("/v1/completions", {"model": "llama"}, 400, "Bad Request", "body.prompt", "1 validation error"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "temperature": "hot"}, 400, "Bad Request", None, "float"),
+    # strict types, as documented: no coercion of a string to an integer nor of a number to a boolean
+    ("/v1/completions", {"model": "llama", "prompt": "x", "max_tokens": "5"}, 400, "Bad Request", None, "valid integer"),
+    ("/v1/completions", {"model": "llama", "prompt": "x", "echo": 1}, 400, "Bad Request", None, "valid boolean"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "stop": list("abcde")}, 400, "Bad Request", None, "at most 4"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "temperature": 3}, 400, "BadRequestError", None, "[0, 2]"),
     ("/v1/completions", {"model": "llama", "prompt": "x", "n": 2, "temperature": 0}, 400, "BadRequestError", None,

@@ -72,9 +72,6 @@ def _could_continue(tail: str) -> bool:
 class ToolParser(abc.ABC):
     name: ClassVar[str]
 
-    def __init__(self, tokenizer: Any = None):
-        self.tokenizer = tokenizer
-
     @abc.abstractmethod
     def call_start(self, text: str) -> int | None:
         """Where the tool-call part of `text` begins, if it has begun."""
