@@ -27,7 +27,7 @@ from .config import EngineConfig, sampling_defaults
 from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
 from .kv_pages import PagePool
-from .models.registry import create_causal_lm
+from .models.registry import causal_lm_class, create_causal_lm
 from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
 from .outputs import RequestOutput, RequestStateStats
 from .request import EngineRequest
@@ -58,9 +58,14 @@ class LLMEngine(EngineCore):
             positions, f"max_position_embeddings={positions} in model's config.json"
         )
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
+        self.hf_config.max_model_len = self.max_model_len  # longrope picks its factors by it, as vLLM (RopeConfig)
 
+        derive = getattr(causal_lm_class(self.hf_config), "derived_tensors", None)  # tensors transformed (stacked)
         model = self.load_model(
-            lambda: create_causal_lm(self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(config.seed), kernels=self.kernels)
+            lambda: create_causal_lm(
+                self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(config.seed), kernels=self.kernels
+            ),
+            extra=derive(self.model_folder, self.hf_config) if derive else None,
         )
         load_seconds = time.perf_counter() - began
 
@@ -88,7 +93,13 @@ class LLMEngine(EngineCore):
 
         self.page_pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len, config.scheduling_policy),
+            SchedulerConfig(
+                max_num_seqs,
+                max_num_batched_tokens,
+                self.max_model_len,
+                config.scheduling_policy,
+                sliding_window=getattr(model.cfg, "kv_window", None),
+            ),
             self.page_pool,
         )
         self._requests: dict[str, list[Sequence]] = {}  # the core's: each request's samples still running

@@ -83,10 +83,11 @@ class EngineCore(abc.ABC):
         build: Callable[[], nnx.Module],
         extra: Mapping | None = None,
         aliases: Callable[[nnx.Module], Mapping] = lambda model: {},
+        renames: Callable[[nnx.Module], Mapping] = lambda model: {},
     ) -> nnx.Module:
         """`build()` with the checkpoint's weights (or random ones under load_format=dummy; only the shapes
         when compiling for a target). `extra` holds tensors from outside the safetensors; `aliases(skeleton)` the
-        checkpoint prefixes to try."""
+        checkpoint prefixes to try, `renames(skeleton)` its names for parts of a layer (`weights.checkpoint_names`)."""
         if self.target is not None:
             return nnx.eval_shape(build)
         if self.config.load_format == "dummy":
@@ -98,6 +99,7 @@ class EngineCore(abc.ABC):
             self.dtype,
             extra=extra,
             aliases=aliases(skeleton),
+            renames=renames(skeleton),
             progress=self.config.progress,
         )
 

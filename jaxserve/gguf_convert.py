@@ -6,11 +6,19 @@ Why not `transformers`' own GGUF loading: it dequantizes with torch, and torch i
 dependency. Here tensors are dequantized with `gguf`'s numpy code and the tokenizer is rebuilt with the
 torch-free parts of `transformers.integrations.gguf.gguf_tokenizer_mapping`.
 
-Tensors are stored as float32 (the model casts them on load), renamed to HF names, and for the `llama`
-architecture the Q/K rows that llama.cpp permutes for its interleaved RoPE are put back into HF's
-rotate-half order. The folder is keyed by the file's path, size and mtime, written to a temporary sibling
-and renamed into place with a stamp inside, so a later run finds it complete and skips the work, and an
-interrupted run never leaves a half-written folder behind.
+Families: `llama` (Llama; Mistral, told by the file's name; Mixtral, told by its experts), `qwen2`, `qwen3`,
+`qwen2moe`, `qwen3moe`, `gemma`, `gemma2` and `phi3`. Tensors are stored as float32 (the model casts them on
+load) under HF names, with what llama.cpp's `convert_hf_to_gguf.py` did to them undone: the Q/K rows it permutes
+for its interleaved RoPE (`llama`) put back into HF's rotate-half order, Gemma's norm weights stored as 1 + w
+back to w, experts stacked per layer split into HF's per-expert tensors. What it baked into tensors goes back
+into config.json: Llama 3.1's llama3 RoPE scaling (`rope_freqs`, see `llama3_rope_scaling`) and Phi-3's longrope
+factors (`rope_factors_long` / `_short`); linear and yarn scaling come from the `rope.scaling.*` metadata.
+Values llama.cpp derives rather than stores are derived as llama.cpp does (Gemma 2's attention scale, sliding
+layers and soft-caps; the MoE routing renormalisation of each family).
+
+The folder is keyed by the file's path, size and mtime, written to a temporary sibling and renamed into place
+with a stamp inside, so a later run finds it complete and skips the work, and an interrupted run never leaves a
+half-written folder behind.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +49,37 @@ logger = logging.getLogger(__name__)
 CONVERTER_VERSION = 1
 STAMP_FILE = ".complete"
 
-# GGUF architecture → (HF architecture class, HF model_type, whether llama.cpp permuted Q/K rows).
+# Family (a GGUF architecture, or what a `llama` file turns out to be) → (HF architecture class, HF model_type).
 _ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama", True),
-    "mistral": ("MistralForCausalLM", "mistral", True),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "llama": ("LlamaForCausalLM", "llama"),
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "gemma": ("GemmaForCausalLM", "gemma"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
 }
+_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "phi3")
+_PERMUTED = ("llama", "mistral", "mixtral")  # llama.cpp permuted their Q/K rows for its interleaved RoPE
+_NORM_PLUS_ONE = ("gemma", "gemma2")  # llama.cpp stores their norm weights w as 1 + w
 
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+# Read into config.json, not written as tensors: llama3 RoPE factors (Llama 3.1+), longrope factors (Phi-3).
+_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
     "attn_output": "self_attn.o_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
@@ -65,9 +87,48 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+_FAMILY_LAYER_TENSORS = {
+    "gemma2": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},  # gate rows, then up rows, as Phi-3 packs them
+    "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},
+}
+# Experts stacked per layer ([experts, out, in]) → each expert's HF tensor, as `save_pretrained` writes them.
+_EXPERT_TENSORS = {
+    "mixtral": {
+        "ffn_gate_exps": "block_sparse_moe.experts.{}.w1",
+        "ffn_up_exps": "block_sparse_moe.experts.{}.w3",
+        "ffn_down_exps": "block_sparse_moe.experts.{}.w2",
+    },
+    **{
+        family: {
+            "ffn_gate_exps": "mlp.experts.{}.gate_proj",
+            "ffn_up_exps": "mlp.experts.{}.up_proj",
+            "ffn_down_exps": "mlp.experts.{}.down_proj",
+        }
+        for family in ("qwen2moe", "qwen3moe")
+    },
 }
 
 _LAYER_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+# Llama 3.1 / 3.2 / 3.3's llama3 RoPE scaling: factor 8 (32 for 3.2 1B and 3B, read from the tensor), these three
+# fixed.
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_HIGH_FREQ_FACTOR = 4.0
+LLAMA3_ORIGINAL_CONTEXT = 8192
+# How closely inferred llama3 divisors must match a file's: float32 precision, as the float32 base frequencies carry
+# it through (torch's and numpy's float32 powers differ by an ulp, which moves a blended divisor by up to 1.3e-6).
+_LLAMA3_RTOL = 1e-5
 
 _SPECIAL_TOKEN_IDS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
@@ -118,9 +179,11 @@ def _write_folder(gguf_path: Path, folder: Path) -> None:
     reader = GGUFReader(gguf_path)
     metadata = _read_metadata(reader)
     tensor_names = {tensor.name for tensor in reader.tensors}
-    config = hf_config(metadata, tensor_names)
+    rope_tensors = {tensor.name: _dequantized(tensor) for tensor in reader.tensors if tensor.name in _ROPE_TENSORS}
+    family = _family(metadata, tensor_names)
+    config = hf_config(metadata, tensor_names, rope_tensors)
     tokenizer = build_tokenizer(metadata)  # before the tensors, so an unsupported file fails fast
-    tensors = _convert_tensors(reader, config, desc=f"Converting {gguf_path.name}")
+    tensors = _convert_tensors(reader, family, config, desc=f"Converting {gguf_path.name}")
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     _write_json(folder / "config.json", config)
     generation = {key: config[key] for key in ("bos_token_id", "eos_token_id") if config[key] is not None}
@@ -140,32 +203,50 @@ def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
     for key, field in reader.fields.items():
         value = field.contents()
         if field.types == [GGUFValueType.FLOAT32]:
-            value = float(str(np.float32(value)))
+            value = _short_float(value)
         metadata[key] = value
     return metadata
 
 
-def _architecture(metadata: dict[str, Any]) -> str:
-    """The key of `_ARCHITECTURES` this file is; Mistral is stored as `llama` with the name telling."""
+def _short_float(value: float) -> float:
+    """A float32 value as the shortest decimal that is that float32 (8.0, 1.05), as HF configs spell them."""
+    return float(str(np.float32(value)))
+
+
+def _dequantized(tensor) -> np.ndarray:
+    numpy_shape = tuple(int(dim) for dim in reversed(tensor.shape))  # GGUF lists the fastest dim first
+    return dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(numpy_shape)
+
+
+def _family(metadata: dict[str, Any], tensor_names: set[str]) -> str:
+    """The key of `_ARCHITECTURES` this file is. Mistral and Mixtral are stored as `llama`: a Mixtral has experts,
+    a Mistral's name tells."""
     arch = metadata.get("general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
+    if arch not in _GGUF_ARCHITECTURES:
         raise ValueError(
-            f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, qwen3). "
-            "Serve the model's Hugging Face folder instead."
+            f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, mixtral, qwen2, qwen3, "
+            "qwen2moe, qwen3moe, gemma, gemma2, phi3). Serve the model's Hugging Face folder instead."
         )
-    if arch == "llama" and "mistral" in str(metadata.get("general.name", "")).lower():
-        return "mistral"
+    if arch == "llama":
+        if metadata.get("llama.expert_count") or "blk.0.ffn_gate_inp.weight" in tensor_names:
+            return "mixtral"
+        if "mistral" in str(metadata.get("general.name", "")).lower():
+            return "mistral"
     return arch
 
 
-def hf_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
-    """An HF `config.json` for the model a GGUF file's metadata describes."""
-    arch = _architecture(metadata)
+def hf_config(
+    metadata: dict[str, Any], tensor_names: set[str], rope_tensors: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """An HF `config.json` for the model a GGUF file's metadata describes; `rope_tensors` holds the file's
+    `_ROPE_TENSORS`, whose values are RoPE scaling parameters."""
+    family = _family(metadata, tensor_names)
     prefix = metadata["general.architecture"]
-    _reject_rope_scaling(metadata, tensor_names, prefix)
-    architecture, model_type, _ = _ARCHITECTURES[arch]
+    architecture, model_type = _ARCHITECTURES[family]
     hidden = metadata[f"{prefix}.embedding_length"]
     heads = metadata[f"{prefix}.attention.head_count"]
+    head_dim = metadata.get(f"{prefix}.attention.key_length", hidden // heads)
+    rotary_dim = metadata.get(f"{prefix}.rope.dimension_count", head_dim)
     rope_theta = metadata.get(f"{prefix}.rope.freq_base", 10000.0)
     config = {
         "architectures": [architecture],
@@ -176,11 +257,15 @@ def hf_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any
         "num_hidden_layers": metadata[f"{prefix}.block_count"],
         "num_attention_heads": heads,
         "num_key_value_heads": metadata.get(f"{prefix}.attention.head_count_kv", heads),
-        "head_dim": metadata.get(f"{prefix}.attention.key_length", hidden // heads),
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": metadata[f"{prefix}.attention.layer_norm_rms_epsilon"],
         "max_position_embeddings": metadata[f"{prefix}.context_length"],
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": rope_theta,
+            **rope_scaling(metadata, prefix, rope_tensors or {}, rope_theta, rotary_dim),
+        },
         "rope_theta": rope_theta,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "tie_word_embeddings": "output.weight" not in tensor_names,
@@ -190,50 +275,243 @@ def hf_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any
         "torch_dtype": "float32",
         "dtype": "float32",
     }
-    if arch == "mistral":
-        config["sliding_window"] = None  # llama.cpp runs a `llama` file with full attention
+    if rotary_dim != head_dim:
+        config["partial_rotary_factor"] = rotary_dim / head_dim
+    if "original_max_position_embeddings" in config["rope_parameters"] and family == "phi3":
+        # Phi-3 keeps it at the top level
+        config["original_max_position_embeddings"] = config["rope_parameters"]["original_max_position_embeddings"]
+    config.update(_family_config(family, metadata, prefix, tensor_names, config))
     return config
 
 
-def _reject_rope_scaling(metadata: dict[str, Any], tensor_names: set[str], prefix: str) -> None:
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError(
-            "This GGUF bakes RoPE scaling into a `rope_freqs` tensor (Llama 3.1 and later), which the GGUF "
-            "converter does not support yet. Serve the model's Hugging Face folder instead."
-        )
-    scaling = metadata.get(f"{prefix}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ValueError(
-            f"This GGUF uses {scaling!r} RoPE scaling, which the GGUF converter does not support yet. "
-            "Serve the model's Hugging Face folder instead."
-        )
+def _family_config(
+    family: str, metadata: dict[str, Any], prefix: str, tensor_names: set[str], config: dict[str, Any]
+) -> dict[str, Any]:
+    """What a family's HF config adds, from the metadata llama.cpp writes for it, or set as llama.cpp runs it."""
+
+    def key(name: str, default: Any = None) -> Any:
+        return metadata.get(f"{prefix}.{name}", default)
+
+    layers = config["num_hidden_layers"]
+    if family == "mistral":
+        return {"sliding_window": None}  # llama.cpp runs a `llama` file with full attention
+    if family in ("gemma", "gemma2"):
+        extra = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+        if family == "gemma2":
+            extra |= {  # llama.cpp's defaults where a key is absent, and its attention scale: hidden / heads for
+                # the 46-layer 27B, head_dim otherwise (HF's query_pre_attn_scalar; the file does not store it)
+                "sliding_window": key("attention.sliding_window", 4096),
+                "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                "attn_logit_softcapping": key("attn_logit_softcapping", 50.0),
+                "final_logit_softcapping": key("final_logit_softcapping", 30.0),
+                "query_pre_attn_scalar": (
+                    config["hidden_size"] // config["num_attention_heads"] if layers == 46 else config["head_dim"]
+                ),
+            }
+        return extra
+    if family == "phi3":
+        return {"sliding_window": key("attention.sliding_window") or None}  # 0: none (Phi-4-mini)
+    if family not in ("mixtral", "qwen2moe", "qwen3moe"):
+        return {}
+    experts, used = key("expert_count"), key("expert_used_count")
+    if not experts or not used:
+        raise ValueError(f"This {family} GGUF has experts but no {prefix}.expert_count / expert_used_count.")
+    if family == "mixtral":
+        return {"num_local_experts": experts, "num_experts_per_tok": used, "sliding_window": None}
+    # llama.cpp renormalises the top-k routing weights for qwen3moe, never for qwen2moe; a layer without a router
+    # is a dense one (HF's mlp_only_layers)
+    extra = {
+        "num_experts": experts,
+        "num_experts_per_tok": used,
+        "moe_intermediate_size": key("expert_feed_forward_length", config["intermediate_size"] // used),
+        "norm_topk_prob": family == "qwen3moe",
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
+        "use_sliding_window": False,
+    }
+    if family == "qwen2moe":
+        has_shared = "blk.0.ffn_up_shexp.weight" in tensor_names
+        shared = key("expert_shared_feed_forward_length", config["intermediate_size"]) if has_shared else 0
+        extra |= {"shared_expert_intermediate_size": shared, "qkv_bias": config["attention_bias"]}
+        extra["attention_bias"] = False  # Qwen2-MoE has q/k/v biases (qkv_bias) and no output bias
+    return extra
 
 
-def _convert_tensors(reader: GGUFReader, config: dict[str, Any], desc: str) -> dict[str, np.ndarray]:
-    permuted = _ARCHITECTURES[config["model_type"]][2]
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+def rope_scaling(
+    metadata: dict[str, Any], prefix: str, rope_tensors: dict[str, np.ndarray], theta: float, rotary_dim: int
+) -> dict[str, Any]:
+    """HF `rope_parameters` keys (besides `rope_theta`) for the RoPE scaling a GGUF file describes: none; llama3
+    from a `rope_freqs` tensor; longrope from `rope_factors_long` / `_short`; linear or yarn from the
+    `rope.scaling.*` metadata, mapped back as llama.cpp's convert_hf_to_gguf.py wrote it."""
+
+    def key(name: str, default: Any = None) -> Any:
+        return metadata.get(f"{prefix}.rope.{name}", default)
+
+    kind = key("scaling.type", "none")
+    if kind == "none" and key("scale_linear", 1.0) != 1.0:  # older files' spelling of linear scaling
+        kind = "linear"
+    original = key("scaling.original_context_length")
+    if "rope_freqs.weight" in rope_tensors:
+        if kind != "none":
+            raise ValueError(
+                f"This GGUF has both a `rope_freqs` tensor and {kind!r} RoPE scaling metadata, which no Hugging Face "
+                "config expresses. Serve the model's Hugging Face folder instead."
+            )
+        return llama3_rope_scaling(rope_tensors["rope_freqs.weight"], theta, rotary_dim, original)
+    if "rope_factors_long.weight" in rope_tensors or "rope_factors_short.weight" in rope_tensors:
+        return _longrope_scaling(metadata, prefix, rope_tensors, original, rotary_dim)
+    if kind == "none":
+        return {}
+    if kind == "linear":
+        factor = key("scaling.factor", key("scale_linear"))
+        return {"rope_type": "linear", "factor": factor} if factor not in (None, 1.0) else {}
+    if kind == "yarn":
+        unsupported = {
+            "scaling.yarn_ext_factor": key("scaling.yarn_ext_factor", 1.0) not in (1.0, -1.0),  # -1: llama.cpp's 1
+            "scaling.yarn_log_multiplier": key("scaling.yarn_log_multiplier", 0.0) != 0.0,  # DeepSeek's mscale
+        }
+        if any(unsupported.values()) or key("scaling.factor") is None or original is None:
+            raise ValueError(
+                "This GGUF's yarn RoPE scaling ("
+                + ", ".join(name for name, bad in unsupported.items() if bad)
+                + ") has no Hugging Face yarn equivalent here, or lacks its factor / original context length. "
+                "Serve the model's Hugging Face folder instead."
+            )
+        params = {"rope_type": "yarn", "factor": key("scaling.factor"), "original_max_position_embeddings": original}
+        optional = {
+            "beta_fast": "yarn_beta_fast",
+            "beta_slow": "yarn_beta_slow",
+            "attention_factor": "yarn_attn_factor",
+        }
+        return params | {
+            hf: key(f"scaling.{gguf}") for hf, gguf in optional.items() if key(f"scaling.{gguf}") is not None
+        }
+    raise ValueError(
+        f"This GGUF uses {kind!r} RoPE scaling, which the GGUF converter does not support. "
+        "Serve the model's Hugging Face folder instead."
+    )
+
+
+def _longrope_scaling(
+    metadata: dict[str, Any], prefix: str, rope_tensors: dict[str, np.ndarray], original: int | None, rotary_dim: int
+) -> dict[str, Any]:
+    """Phi-3's longrope: the per-frequency factors llama.cpp stores as tensors, the original context length, and
+    the attention factor where it is not HF's default sqrt(1 + ln(scale) / ln(original))."""
+    long, short = rope_tensors.get("rope_factors_long.weight"), rope_tensors.get("rope_factors_short.weight")
+    sizes = {factors.size for factors in (long, short) if factors is not None}
+    if long is None or short is None or original is None or sizes != {rotary_dim // 2}:
+        raise ValueError(
+            "This GGUF's longrope factors are not both `rope_factors_long` and `rope_factors_short` with one value per "
+            "rotary frequency, or it lacks rope.scaling.original_context_length. Serve the model's Hugging Face "
+            "folder instead."
+        )
+    params = {
+        "rope_type": "longrope",
+        "short_factor": [_short_float(f) for f in short.ravel()],
+        "long_factor": [_short_float(f) for f in long.ravel()],
+        "original_max_position_embeddings": original,
+    }
+    scale = metadata[f"{prefix}.context_length"] / original
+    default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    attention = metadata.get(f"{prefix}.rope.scaling.attn_factor")
+    if attention is not None and not math.isclose(attention, default, rel_tol=1e-6):
+        params["attention_factor"] = attention
+    return params
+
+
+def llama3_factors(
+    theta: float, rotary_dim: int, factor: float, low_freq_factor: float, high_freq_factor: float, original: int
+) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's convert_hf_to_gguf.py writes for HF's llama3 RoPE scaling: what each
+    frequency is divided by (1 for wavelengths under original / high_freq_factor, `factor` over
+    original / low_freq_factor, 1 / ((1 - s) / factor + s) between, s rising linearly in original / wavelength).
+    Computed as it does: base frequencies in float32, the rest in float64, stored as float32."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    freqs = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float64)
+    wavelength = 2 * math.pi / freqs
+    smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    long = np.where(wavelength > original / low_freq_factor, factor, blended)
+    return np.where(wavelength < original / high_freq_factor, 1.0, long).astype(np.float32)
+
+
+def llama3_rope_scaling(stored: np.ndarray, theta: float, rotary_dim: int, original: int | None) -> dict[str, Any]:
+    """HF's llama3 `rope_parameters` that reproduce a file's `rope_freqs` tensor to float32 precision. The file
+    keeps only the per-frequency divisors, so the parameters are inferred: `factor` is the largest divisor;
+    low_freq_factor and high_freq_factor are Llama 3.1-3.3's 1 and 4; the original context length is the file's
+    rope.scaling.original_context_length, Llama 3's 8192, or the one the blended frequencies imply. Divisors all
+    1 are no scaling. Raises when no candidate reproduces the tensor (to `_LLAMA3_RTOL`)."""
+    stored = np.asarray(stored, np.float32).ravel()
+    if stored.shape != (rotary_dim // 2,):
+        raise ValueError(
+            f"This GGUF's `rope_freqs` tensor has {stored.size} values, not one per rotary frequency "
+            f"({rotary_dim // 2}). Serve the model's Hugging Face folder instead."
+        )
+    if np.all(stored == 1.0):
+        return {}
+    factor = _short_float(stored.max())
+    low, high = LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR
+    candidates = [original, LLAMA3_ORIGINAL_CONTEXT]
+    if factor > 1.0:  # from each blended frequency's divisor d: s = (1/d - 1/factor) / (1 - 1/factor)
+        exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+        wavelength = 2 * math.pi * np.float32(theta) ** exponents.astype(np.float64)
+        blended = (stored > 1.0) & (stored < np.float32(factor))
+        smooth = (1 / stored[blended] - 1 / factor) / (1 - 1 / factor)
+        candidates += [round(float(w)) for w in wavelength[blended] * (smooth * (high - low) + low)]
+    for candidate in dict.fromkeys(c for c in candidates if c):
+        expected = llama3_factors(theta, rotary_dim, factor, low, high, int(candidate))
+        if np.allclose(expected, stored, rtol=_LLAMA3_RTOL, atol=0):
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": int(candidate),
+            }
+    raise ValueError(
+        f"This GGUF's `rope_freqs` tensor (RoPE frequency divisors, up to {factor}) matches no llama3 RoPE scaling "
+        f"with factor {factor}, low_freq_factor {low}, high_freq_factor {high} and any original context length "
+        f"tried ({', '.join(str(c) for c in dict.fromkeys(c for c in candidates if c))}). "
+        "Serve the model's Hugging Face folder instead."
+    )
+
+
+def _convert_tensors(reader: GGUFReader, family: str, config: dict[str, Any], desc: str) -> dict[str, np.ndarray]:
     tensors = {}
     for tensor in tqdm(reader.tensors, desc=desc, unit="tensor"):
-        name = hf_tensor_name(tensor.name)
-        numpy_shape = tuple(int(dim) for dim in reversed(tensor.shape))  # GGUF lists the fastest dim first
-        value = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(numpy_shape)
-        module = name.split(".")[-2]
-        if permuted and module in heads:
-            value = unpermute_rope_rows(value, heads[module])
-        _check_shape(name, value.shape, config)
-        tensors[name] = np.ascontiguousarray(value)
+        if tensor.name in _ROPE_TENSORS:
+            continue
+        for name, value in hf_tensors(family, tensor.name, _dequantized(tensor), config):
+            tensors[name] = np.ascontiguousarray(_fit_shape(name, value, config))
     return tensors
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """The HF name of a GGUF tensor: `blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`."""
+def hf_tensors(
+    family: str, gguf_name: str, value: np.ndarray, config: dict[str, Any]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The HF tensors of a GGUF tensor: `blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight` (rows
+    un-permuted for the `llama` families), a Gemma norm less 1, stacked experts split one per expert."""
     base, _, kind = gguf_name.rpartition(".")
-    if base in _GLOBAL_TENSORS and kind == "weight":
-        return f"{_GLOBAL_TENSORS[base]}.weight"
     match = _LAYER_TENSOR_NAME.fullmatch(gguf_name)
-    if match is None or match[2] not in _LAYER_TENSORS:
-        raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart this converter knows.")
-    return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
+    if base in _GLOBAL_TENSORS and kind == "weight":
+        name = f"{_GLOBAL_TENSORS[base]}.weight"
+    elif match is not None and match[2] in _EXPERT_TENSORS.get(family, {}):
+        pattern = _EXPERT_TENSORS[family][match[2]]
+        for expert, expert_value in enumerate(value):
+            yield f"model.layers.{match[1]}.{pattern.format(expert)}.{match[3]}", expert_value
+        return
+    else:
+        modules = _LAYER_TENSORS | _FAMILY_LAYER_TENSORS.get(family, {})
+        if match is None or match[2] not in modules:
+            raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart this converter knows.")
+        name = f"model.layers.{match[1]}.{modules[match[2]]}.{match[3]}"
+    module = name.split(".")[-2]
+    if family in _PERMUTED and module in ("q_proj", "k_proj"):
+        heads = config["num_attention_heads"] if module == "q_proj" else config["num_key_value_heads"]
+        value = unpermute_rope_rows(value, heads)
+    if family in _NORM_PLUS_ONE and name.endswith("norm.weight"):
+        value = value - np.float32(1.0)
+    yield name, value
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -245,10 +523,15 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _check_shape(name: str, shape: tuple[int, ...], config: dict[str, Any]) -> None:
+def _fit_shape(name: str, value: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """`value` in the shape the config implies for `name`; dimensions of 1 may differ (Qwen2-MoE's shared expert
+    gate is [1, hidden] in HF and may be a vector in the file)."""
     expected = _expected_shape(name, config)
-    if shape != expected:
-        raise ValueError(f"Converted tensor {name} has shape {shape}, but the config implies {expected}.")
+    if value.shape != expected and [d for d in value.shape if d != 1] == [d for d in expected if d != 1]:
+        value = value.reshape(expected)
+    if value.shape != expected:
+        raise ValueError(f"Converted tensor {name} has shape {value.shape}, but the config implies {expected}.")
+    return value
 
 
 def _expected_shape(name: str, config: dict[str, Any]) -> tuple[int, ...]:
@@ -256,24 +539,33 @@ def _expected_shape(name: str, config: dict[str, Any]) -> tuple[int, ...]:
     q_rows = config["num_attention_heads"] * head_dim
     kv_rows = config["num_key_value_heads"] * head_dim
     inter = config["intermediate_size"]
+    if ".experts." in name:
+        inter = config.get("moe_intermediate_size", inter)  # Mixtral's experts are intermediate_size wide
+    elif ".shared_expert." in name:
+        inter = config["shared_expert_intermediate_size"]
     shapes = {
         "embed_tokens": (vocab, hidden),
         "lm_head": (vocab, hidden),
-        "norm": (hidden,),
-        "input_layernorm": (hidden,),
-        "post_attention_layernorm": (hidden,),
         "q_proj": (q_rows, hidden),
         "k_proj": (kv_rows, hidden),
         "v_proj": (kv_rows, hidden),
+        "qkv_proj": (q_rows + 2 * kv_rows, hidden),
         "o_proj": (hidden, q_rows),
         "q_norm": (head_dim,),
         "k_norm": (head_dim,),
         "gate_proj": (inter, hidden),
         "up_proj": (inter, hidden),
+        "gate_up_proj": (2 * inter, hidden),
         "down_proj": (hidden, inter),
+        "w1": (inter, hidden),
+        "w3": (inter, hidden),
+        "w2": (hidden, inter),
+        "gate": (config.get("num_local_experts") or config.get("num_experts", 0), hidden),
+        "shared_expert_gate": (1, hidden),
     }
     module, kind = name.split(".")[-2:]
-    return shapes[module] if kind == "weight" else shapes[module][:1]
+    shape = (hidden,) if module == "norm" or module.endswith("layernorm") else shapes[module]
+    return shape if kind == "weight" else shape[:1]
 
 
 def build_tokenizer(metadata: dict[str, Any]) -> PreTrainedTokenizerFast:

@@ -98,7 +98,12 @@ def load_hf_config(folder: Path, overrides: dict | None = None) -> PretrainedCon
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError):
         config = PretrainedConfig.from_pretrained(folder)
+    rope_before = dict(getattr(config, "rope_parameters", None) or {})
     config.update(overrides or {})
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("rope_theta") is None and rope_before.get("rope_theta") is not None:
+        # an override of rope_scaling replaces transformers 5's rope_parameters whole: keep the model's base
+        config.rope_parameters = {**rope, "rope_theta": rope_before["rope_theta"]}
     return config
 
 

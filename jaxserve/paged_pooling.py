@@ -198,12 +198,11 @@ class PagedPoolingBatches:
             if not chunk.sample or seq.status is SequenceStatus.FINISHED:
                 continue
             request = self._pooled[seq.seq_id]
+            prompt = seq.token_ids[: seq.num_prompt_tokens]
             if request.task.startswith("token_"):  # computed whole, in this chunk
-                skip = self.spec.token_embed_offset if request.task == "token_embed" else 0
-                data = outputs[request.task][first + skip : offset]
+                data = self.spec.token_rows(request.task, outputs[request.task][first:offset], prompt)
             else:
                 data = outputs[request.task][i, : request.dimensions]
-            prompt = seq.token_ids[: seq.num_prompt_tokens]
             seq.stats.first_token_ts = seq.stats.last_token_ts = now
             results.append(
                 PoolingRequestOutput(seq.request_id, prompt, PoolingOutput(data), request.task, metrics=seq.stats)

@@ -38,14 +38,17 @@ POOLER_CONFIG_KEYS = (
     "task", "pooling_type", "seq_pooling_type", "tok_pooling_type", "use_activation", "normalize", "dimensions",
     "logit_mean", "logit_sigma", "enable_chunked_processing", "max_embed_len", "step_tag_id", "returned_token_ids",
 )  # fmt: skip
-NOT_YET = ("step_tag_id", "returned_token_ids")
+NOT_YET: tuple[str, ...] = ()
+TOKEN_POOLING_TYPES = ("ALL", "STEP")
 ENGINE_SIDE = ("enable_chunked_processing", "max_embed_len")  # read by the engine, not the heads
 
 
-def resolve_pooler_config(config: dict[str, Any] | None) -> dict[str, Any]:
+def resolve_pooler_config(config: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """`--pooler-config` as vLLM reads it, in one spelling: `normalize` (the older name) → `use_activation`,
-    `seq_pooling_type` → `pooling_type`; `tok_pooling_type` may only be ALL (every token). ValueError for keys
-    vLLM does not have, and for the ones jaxserve does not do yet."""
+    `seq_pooling_type` → `pooling_type`, a token pooling (ALL: every token, or STEP) named by `pooling_type` →
+    `tok_pooling_type` (left out when ALL, the default). `defaults` (a model class's `POOLER_DEFAULTS`, what vLLM's
+    per-architecture config classes set) fill the keys the user left unset. ValueError for keys vLLM does not
+    have, and for the ones jaxserve does not do yet."""
     config = dict(config or {})
     unknown = sorted(set(config) - set(POOLER_CONFIG_KEYS))
     if unknown:
@@ -58,11 +61,24 @@ def resolve_pooler_config(config: dict[str, Any] | None) -> dict[str, Any]:
         config.setdefault("use_activation", normalize)
     if "seq_pooling_type" in config:
         config.setdefault("pooling_type", config.pop("seq_pooling_type"))
+    if config.get("pooling_type") in TOKEN_POOLING_TYPES:  # vLLM's pooling_type also names the token pooling
+        config.setdefault("tok_pooling_type", config.pop("pooling_type"))
+    for key, value in (defaults or {}).items():
+        config.setdefault(key, value)
     token_pooling = config.pop("tok_pooling_type", None)
-    if token_pooling not in (None, "ALL"):
-        raise ValueError(f"tok_pooling_type {token_pooling!r} is not supported (ALL is).")
-    if config.get("pooling_type") == "ALL":  # vLLM's pooling_type also names the token pooling
-        config.pop("pooling_type")
+    if token_pooling not in (None, *TOKEN_POOLING_TYPES):
+        raise ValueError(f"tok_pooling_type {token_pooling!r} is not supported (ALL and STEP are).")
+    if token_pooling == "STEP":
+        config["tok_pooling_type"] = token_pooling
+    step_tag = config.get("step_tag_id")
+    if step_tag is not None and (not isinstance(step_tag, int) or isinstance(step_tag, bool)):
+        raise ValueError(f"pooler_config step_tag_id must be a token id, got {step_tag!r}.")
+    returned = config.get("returned_token_ids")
+    if returned is not None and not (
+        isinstance(returned, (list, tuple))
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in returned)
+    ):
+        raise ValueError(f"pooler_config returned_token_ids must be a list of column indices, got {returned!r}.")
     if config.get("max_embed_len") is not None and not config.get("enable_chunked_processing"):
         raise ValueError("pooler_config max_embed_len needs enable_chunked_processing.")
     return {key: value for key, value in config.items() if key not in NOT_YET}
@@ -76,7 +92,7 @@ class PoolerSpec:
     default_task: str
     hidden_size: int
     embed_pooling: str | None  # segment_pool mode of `embed`
-    classify_pooling: str | None  # the row the classifier reads: "cls" or "last"
+    classify_pooling: str | None  # the row the classifier reads (a segment_pool mode): "cls", "last" or "mean"
     dense: tuple[tuple[int, int, bool, str], ...]  # sentence-transformers Dense: (in, out, bias, activation)
     multi_vector: bool  # bge-m3: ColBERT and sparse linears over the token states
     num_labels: int
@@ -87,6 +103,11 @@ class PoolerSpec:
     is_matryoshka: bool
     logit_mean: float | None = None  # --pooler-config: classification logits become (logits - mean) / sigma
     logit_sigma: float | None = None
+    # STEP pooling (--pooler-config, vLLM's StepPool): token tasks keep only the rows of the tokens equal to
+    # `step_tag_id` (None: every row), and token_classify only the head's `returned_token_ids` columns (empty: all),
+    # its activation then taken over those columns
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] = ()
 
     @property
     def embed_dim(self) -> int:
@@ -94,12 +115,21 @@ class PoolerSpec:
 
     @property
     def token_classify_dim(self) -> int:
-        return 1 if self.multi_vector else self.num_labels
+        return 1 if self.multi_vector else len(self.returned_token_ids) or self.num_labels
 
     @property
     def token_embed_offset(self) -> int:
         """Rows left out at the start of each sequence's token embeddings (bge-m3's ColBERT drops [CLS])."""
         return 1 if self.multi_vector else 0
+
+    def token_rows(self, task: str, rows: np.ndarray, token_ids: list[int]) -> np.ndarray:
+        """A sequence's output for a token task from its rows (one per token id): bge-m3's ColBERT leaves out
+        [CLS]; STEP pooling keeps the rows of the step tags only (a [0, dim] array when there is none, as vLLM)."""
+        first = self.token_embed_offset if task == "token_embed" else 0
+        rows = rows[first:]
+        if self.step_tag_id is not None:
+            rows = rows[np.asarray(token_ids[first:]) == self.step_tag_id]
+        return rows
 
     def output_dim(self, task: str) -> int:
         return {
@@ -128,7 +158,8 @@ def build_spec(
     model_class: type, hf_config, folder: Path, st: SentenceTransformersConfig | None, pooler_config: dict[str, Any]
 ) -> PoolerSpec:
     """The heads of a pooling model, from its class, its config, its sentence-transformers files and
-    `--pooler-config` (`resolve_pooler_config`'s: pooling_type, task, logit_mean, logit_sigma)."""
+    `--pooler-config` (`resolve_pooler_config`'s: pooling_type, task, logit_mean, logit_sigma, and STEP pooling's
+    step_tag_id and returned_token_ids, which vLLM ignores unless tok_pooling_type is STEP)."""
     multi_vector = all((folder / f"{name}.pt").is_file() for name in BGE_M3_HEADS)
     classifies = hasattr(model_class, "classify")
     decoder = hasattr(hf_config, "rms_norm_eps")
@@ -151,23 +182,41 @@ def build_spec(
         raise ValueError(f"Unsupported task: {default_task!r} Supported tasks: {tasks}")
     matryoshka = getattr(hf_config, "matryoshka_dimensions", None)
     labels = classifies or getattr(model_class, "TOKEN_LABELS", False)
+    # the classifier's row: the model class's `classify_pooling(hf_config)` if it has one (ModernBERT's
+    # classifier_pooling), else the last token of a decoder and the first ([CLS]) of an encoder
+    named_pooling = getattr(model_class, "classify_pooling", None)
+    classify_pooling = named_pooling(hf_config) if named_pooling else default_pooling
     activation_name = classification_activation(hf_config) if labels else "identity"
+    num_labels = getattr(hf_config, "num_labels", 1) if labels else 1
+    step = pooler_config.get("tok_pooling_type") == "STEP"
+    returned = tuple(pooler_config.get("returned_token_ids") or ()) if step else ()
+    token_activation = activation_name
+    if returned:
+        columns = num_labels if "token_classify" in tasks and not multi_vector else 0
+        if max(returned) >= columns:
+            raise ValueError(
+                f"pooler_config returned_token_ids {list(returned)}: the model's token_classify head has "
+                f"{columns} columns."
+            )
+        token_activation = "sigmoid" if len(returned) == 1 else "softmax"  # vLLM's, by the columns kept
     return PoolerSpec(
         tasks=tasks,
         default_task=default_task,
         hidden_size=hf_config.hidden_size,
         embed_pooling=embed_pooling if "embed" in tasks else None,
-        classify_pooling=("last" if decoder else "cls") if classifies else None,
+        classify_pooling=classify_pooling if classifies else None,
         dense=tuple((d.in_features, d.out_features, d.bias, d.activation) for d in (st.dense if st else ())),
         multi_vector=multi_vector,
-        num_labels=getattr(hf_config, "num_labels", 1) if labels else 1,
+        num_labels=num_labels,
         classify_activation=activation_name,
-        token_classify_activation=activation_name,
+        token_classify_activation=token_activation,
         include_prompt=st.include_prompt if st else True,
         matryoshka_dimensions=tuple(matryoshka) if matryoshka else None,
         is_matryoshka=bool(matryoshka or getattr(hf_config, "is_matryoshka", False)),
         logit_mean=pooler_config.get("logit_mean"),
         logit_sigma=pooler_config.get("logit_sigma"),
+        step_tag_id=pooler_config.get("step_tag_id") if step else None,
+        returned_token_ids=returned,
     )
 
 
@@ -303,6 +352,8 @@ class PoolingModel(nnx.Module):
         if self.spec.multi_vector:
             return jax.nn.relu(self.sparse_linear(hidden)).astype(jnp.float32)
         logits = self.backbone.token_classify(hidden)
+        if self.spec.returned_token_ids:  # STEP pooling: only these columns (the activation is over them)
+            logits = logits[:, np.asarray(self.spec.returned_token_ids)]
         activated = _activate(self.spec.token_classify_activation, logits)
         return jnp.where(_per_token(inputs.activate, inputs.batch)[:, None], activated, logits)
 

@@ -125,11 +125,17 @@ class PoolingEngine(EngineCore):
         began = time.perf_counter()
         super().__init__(config)
         model_class = pooling_model_class(self.hf_config)
+        # what vLLM's per-architecture config classes fix: config keys published under other names (NomicBERT), the
+        # labels of Qwen2's reward models (`verify_and_update_config`), and pooler defaults (`POOLER_DEFAULTS`)
+        if hasattr(model_class, "verify_and_update_config"):
+            model_class.verify_and_update_config(self.hf_config)
         self.st_config = read_st_config(self.model_folder)
-        pooler_config = resolve_pooler_config(config.pooler_config)
+        pooler_config = resolve_pooler_config(config.pooler_config, getattr(model_class, "POOLER_DEFAULTS", None))
         extra = {}
         if getattr(self.hf_config, "classifier_from_token", None):
             extra = classifier_from_tokens(self.model_folder, self.hf_config, self.tokenizer)
+        if hasattr(model_class, "derived_tensors"):  # checkpoint tensors the model needs transformed (merged, packed)
+            extra |= model_class.derived_tensors(self.model_folder, self.hf_config)
         self.spec: PoolerSpec = build_spec(
             model_class, self.hf_config, self.model_folder, self.st_config, pooler_config
         )
@@ -156,6 +162,7 @@ class PoolingEngine(EngineCore):
             build,
             extra=head_tensors(self.spec, self.model_folder, self.st_config) | extra,
             aliases=lambda m: m.checkpoint_aliases,
+            renames=lambda m: getattr(m.backbone, "CHECKPOINT_RENAMES", {}),
         )
         load_seconds = time.perf_counter() - began
 
@@ -424,8 +431,7 @@ class PackedBatches:
         for i, request in enumerate(step.plan):
             n, task = len(request.token_ids), request.pooled.task
             if task.startswith("token_"):
-                first = self.spec.token_embed_offset if task == "token_embed" else 0
-                data = outputs[task][offset + first : offset + n]
+                data = self.spec.token_rows(task, outputs[task][offset : offset + n], request.token_ids)
             else:
                 data = outputs[task][i, : request.pooled.dimensions]
             offset += n

@@ -10,6 +10,10 @@ With prefix caching a new sequence first takes the cached pages its prompt start
 rest; every page it completes is offered to the cache. The other samples of an `n > 1` request wait until
 the first has computed the prompt's full pages, and then share them.
 
+On a model whose every layer attends within a sliding window, a running sequence gives back the pages wholly
+behind the window of its next chunk (vLLM's sliding-window manager), so a long generation holds a bounded number
+of pages. Their ids stay in its block table: attention masks those positions out whatever the pages hold by then.
+
 Under async scheduling a step is planned before the previous one's sampled tokens reach the host: a sampled
 token is pending (`Sequence.num_pending_tokens`) until then, and the next step reads it on the device.
 
@@ -35,6 +39,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     policy: str = "fcfs"
+    sliding_window: int | None = None  # the model's `kv_window`: no layer reads keys this far behind a query
 
 
 @dataclasses.dataclass
@@ -101,6 +106,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or self._at_limit(seq):
                 continue
             chunk = self._chunk(seq, budget)
+            if chunk:
+                self._release_out_of_window(seq, chunk.start)
             if chunk and self._reserve_pages_preempting(seq, chunk):
                 budget.take(chunk)
                 chunks.append(chunk)
@@ -182,7 +189,7 @@ class Scheduler:
     def _register(self, seq: Sequence) -> None:
         self._hash_pages(seq)
         ready = min(len(seq.token_ids), seq.num_computed_tokens) // self.pages.page_size
-        for i in range(seq.num_registered_pages, min(ready, len(seq.page_hashes))):
+        for i in range(max(seq.num_registered_pages, seq.num_released_pages), min(ready, len(seq.page_hashes))):
             self.pages.cache(seq.pages[i], seq.page_hashes[i])
         seq.num_registered_pages = max(seq.num_registered_pages, ready)
 
@@ -249,9 +256,21 @@ class Scheduler:
         self.num_preemptions += 1
         seq.stats.num_preemptions += 1
 
+    def _release_out_of_window(self, seq: Sequence, start: int) -> None:
+        """Give back the pages that hold only keys before `start - window + 1`, the first any query from `start`
+        on can see."""
+        window = self.config.sliding_window
+        if window is None:
+            return
+        behind = min(max(0, start - window + 1) // self.pages.page_size, len(seq.pages))
+        if behind > seq.num_released_pages:
+            self.pages.free(seq.pages[seq.num_released_pages : behind])
+            seq.num_released_pages = behind
+
     def _release(self, seq: Sequence) -> None:
-        self.pages.free(seq.pages)
+        self.pages.free(seq.pages[seq.num_released_pages :])
         seq.pages = []
+        seq.num_released_pages = 0
         seq.num_registered_pages = 0
         self._free_slots.append(seq.slot)
         seq.slot = -1

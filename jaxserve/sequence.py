@@ -51,6 +51,7 @@ class Sequence:
     slot: int = -1  # row of the per-sequence penalty state on the device
     page_hashes: list[int] = dataclasses.field(default_factory=list)  # of the full pages of token_ids
     num_registered_pages: int = 0  # pages offered to the prefix cache since the sequence (re)started
+    num_released_pages: int = 0  # leading pages behind every layer's sliding window, given back to the pool
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first scheduled
     matcher: Matcher | None = None  # structured outputs: where its output stands in its grammar
     # the request's timeline (queued, first scheduled) and preemptions, shared by its samples

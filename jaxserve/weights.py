@@ -65,21 +65,29 @@ def _open(path: Path):
             yield reader
 
 
-def read_tensor(folder: Path, name: str) -> np.ndarray:
-    """One tensor of the checkpoint in `folder`, as numpy."""
-    index = tensor_index(folder)
+def read_tensor(folder: Path, name: str, index: Mapping[str, Path] | None = None) -> np.ndarray:
+    """One tensor of the checkpoint in `folder`, as numpy (`index`: its `tensor_index`, if already read)."""
+    index = tensor_index(folder) if index is None else index
     if name not in index:
         raise KeyError(f"Checkpoint {folder} has no tensor {name!r}.")
     with _open(index[name]) as reader:
         return np.asarray(reader.get_tensor(name))
 
 
-def checkpoint_names(name: str, aliases: Mapping[str, tuple[str, ...]]) -> list[str]:
-    """Where a model tensor may sit in a checkpoint: its own name, then each alias of a matching prefix."""
+def checkpoint_names(
+    name: str, aliases: Mapping[str, tuple[str, ...]], renames: Mapping[str, str] | None = None
+) -> list[str]:
+    """Where a model tensor may sit in a checkpoint: its own name, then each alias of a matching prefix; each of
+    these also with `renames` applied (module-name substring → the checkpoint's, in order)."""
     names = [name]
     for prefix, replacements in aliases.items():
         if name.startswith(prefix):
             names += [replacement + name[len(prefix) :] for replacement in replacements]
+    if renames:
+        for plain in list(names):
+            for ours, theirs in renames.items():
+                plain = plain.replace(ours, theirs)
+            names.append(plain)
     return names
 
 
@@ -90,21 +98,23 @@ def load_weights(
     *,
     extra: Mapping[str, np.ndarray] | None = None,
     aliases: Mapping[str, tuple[str, ...]] | None = None,
+    renames: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> nnx.Module:
     """Fill an abstract model (from `nnx.eval_shape`) with the checkpoint in `folder`, cast to `dtype`.
 
     `extra` holds tensors from outside the checkpoint files (heads shipped as .pt, sentence-transformers
-    Dense layers); `aliases` maps a module path prefix to the prefixes the checkpoint may use instead."""
+    Dense layers); `aliases` maps a module path prefix to the prefixes the checkpoint may use instead, and
+    `renames` the module's names for parts of a layer to the checkpoint's (`checkpoint_names`)."""
     graphdef, state = nnx.split(skeleton)
     params = nnx.to_flat_state(state)
-    extra = dict(extra or {})
+    extra = {} if extra is None else extra  # not copied: a lazy mapping reads each tensor when it is loaded
     index = tensor_index(folder)
     sources = []
     missing = []
     for path, _ in params:
         name = ".".join(str(part) for part in path)
-        found = next((n for n in checkpoint_names(name, aliases or {}) if n in extra or n in index), None)
+        found = next((n for n in checkpoint_names(name, aliases or {}, renames) if n in extra or n in index), None)
         if found is None:
             missing.append(name)
         sources.append(found)

@@ -46,12 +46,28 @@ segment_pool = jax.jit(segment_pool_reference, static_argnames=_POOL_STATIC)
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """The kernels one engine's models call, all jitted so that a model traces each once per shape."""
+    """The kernels one engine's models call, all jitted so that a model traces each once per shape. On the
+    Pallas sets, a `varlen_attention` call that carries a `relative_bias` runs the reference whatever the
+    backend (`_relative_bias_to_reference`)."""
 
     backend: str
     ragged_paged_attention: Callable
     varlen_attention: Callable
     segment_pool: Callable
+
+
+def _relative_bias_to_reference(pallas_varlen: Callable) -> Callable:
+    """The Pallas varlen attention, except that a call with a `relative_bias` (DeBERTa's bucketed c2p / p2c
+    tables) runs the jitted reference: the kernels would gather along the bucket axis, which Triton does not
+    lower (and Mosaic only in narrow cases), so such calls take the reference on every backend."""
+
+    @functools.wraps(pallas_varlen)
+    def varlen(q, k, v, cu_seqlens, num_seqs, *, relative_bias=None, **kwargs):
+        if relative_bias is not None:
+            return varlen_attention(q, k, v, cu_seqlens, num_seqs, relative_bias=relative_bias, **kwargs)
+        return pallas_varlen(q, k, v, cu_seqlens, num_seqs, **kwargs)
+
+    return varlen
 
 
 def _pallas_kernels(backend: str, interpret: bool) -> Kernels:
@@ -61,7 +77,7 @@ def _pallas_kernels(backend: str, interpret: bool) -> Kernels:
     return Kernels(
         backend,
         jitted(ragged_paged_attention_pallas, _RAGGED_STATIC),
-        jitted(varlen_attention_pallas, _VARLEN_STATIC),
+        _relative_bias_to_reference(jitted(varlen_attention_pallas, _VARLEN_STATIC)),
         jitted(segment_pool_pallas, _POOL_STATIC),
     )
 

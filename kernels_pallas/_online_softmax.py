@@ -7,6 +7,19 @@ Shapes (T token slots, Hkv KV heads, G = Hq // Hkv query heads per KV head, D he
     seq, position [T] int32       segment (sequence) of each token slot and its position in that segment
     real          [T] bool        the token slot holds a real token (not padding)
 
+With ALiBi, `alibi_slopes` [Hq] float32 (query head h = n * G + g) adds -slope_h * |i - j| to the scaled
+(and soft-capped) score of query position i and key position j of one segment, before the softmax.
+
+A relative-position bias from per-token tables (DeBERTa's disentangled attention), `relative_bias` =
+(c2p [T, Hq, B] | None, p2c [T, Hq, B] | None, buckets [2R + 1] int32), adds
+
+    c2p[t, h, b] + p2c[u, h, b],   b = buckets[clip(position[t] - position[u], -R, R) + R]
+
+to the score of query slot t and key slot u of one segment (after ALiBi): the tables hold each token's scores
+against the B bucket embeddings, already scaled, and `buckets` maps a relative distance to its bucket (distances
+beyond +-R take the bucket of +-R, so the table must be flat there). Gathered per (query block, key block)
+tile, it costs O(block x block) memory like the rest of the walk.
+
 A masked-out score never reaches the max, the sum or p @ V, whatever it holds (NaN, inf), and masked-out values
 are zeroed before p @ V, so padding and stale cache slots cannot leak into real rows. Rows that saw no key at all
 (padding) come out of `finish` as exact zeros.
@@ -32,6 +45,26 @@ def init_carry(num_tokens: int, num_kv_heads: int, group: int, head_dim: int):
 def soft_capped(scores: jax.Array, soft_cap: float | None) -> jax.Array:
     """Gemma-style logit soft cap: soft_cap * tanh(scores / soft_cap); no-op when unset (None or 0)."""
     return soft_cap * jnp.tanh(scores / soft_cap) if soft_cap else scores
+
+
+def alibi_bias(slopes: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """ALiBi's additive score bias -slope * |q_pos - k_pos| (float32), broadcast as the operands are."""
+    return -slopes * jnp.abs((q_pos - k_pos).astype(jnp.float32))
+
+
+def relative_position_bias(c2p, p2c, buckets, q_pos, k_pos):
+    """The `relative_bias` scores of a tile: c2p [..., Q, B] (the queries' rows) and p2c [..., K, B] (the keys'),
+    either None; q_pos [Q], k_pos [K] the tokens' positions in their segments. Returns [..., Q, K] float32 (or
+    0.0 when both tables are None)."""
+    reach = (buckets.shape[0] - 1) // 2
+    index = buckets[jnp.clip(q_pos[:, None] - k_pos[None, :], -reach, reach) + reach]  # [Q, K]
+    bias = 0.0
+    if c2p is not None:
+        bias += jnp.take_along_axis(c2p.astype(jnp.float32), index[(None,) * (c2p.ndim - 2)], axis=-1)
+    if p2c is not None:  # the keys' rows, at the same bucket: gathered [..., K, Q], then transposed
+        gathered = jnp.take_along_axis(p2c.astype(jnp.float32), index.T[(None,) * (p2c.ndim - 2)], axis=-1)
+        bias += jnp.swapaxes(gathered, -1, -2)
+    return bias
 
 
 def _accumulate(carry, scores, visible, weighted_values):
@@ -60,13 +93,17 @@ def attend_packed_keys(
     causal: bool,
     sliding_window: int | None,
     soft_cap: float | None,
+    alibi_slopes: jax.Array | None = None,
+    relative_bias: tuple[jax.Array | None, jax.Array | None, jax.Array] | None = None,
 ):
     """Fold the packed keys k/v [T, Hkv, D] of the same token slots as the queries into `carry`.
 
     Query slot t sees key slot u when both are real and in the same segment (seq[u] == seq[t]), and
     - causal: position[u] <= position[t], and with a window W, position[t] - position[u] < W;
     - bidirectional: every key of the segment, and with a window W, |position[t] - position[u]| < W.
-    `segment_bounds` = (first slot of t's segment, one past its last slot), [T] each.
+    `segment_bounds` = (first slot of t's segment, one past its last slot), [T] each. `alibi_slopes` [Hq]
+    adds ALiBi's -slope * |position[t] - position[u]| to the scores, `relative_bias` the bucketed per-token
+    tables' scores (see the module docstring).
 
     The walk is block-sparse: queries go in blocks of `block` slots, and each query block reads only the key
     blocks that overlap its own segments, so the cost is that of the segments' attention, not of the whole
@@ -82,10 +119,22 @@ def attend_packed_keys(
     # plain batched matmul over the KV heads (on CPU, 2x faster than token-major operands)
     carry, qg = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2), (carry, qg))
     keys_all, values_all = (jnp.moveaxis(x, 0, 1) for x in (keys_all, values_all))
+    if alibi_slopes is not None:  # [Hkv, G, 1, 1], against scores [Hkv, G, queries, keys]
+        alibi_slopes = alibi_slopes.astype(jnp.float32).reshape(qg.shape[0], qg.shape[1], 1, 1)
+    c2p = p2c = buckets = None
+    if relative_bias is not None:  # the tables head-major as the queries: [Hkv, G, T, B]
+        c2p, p2c, buckets = relative_bias
+
+        def head_major(table):
+            table = padded(table.reshape(num_tokens, *qg.shape[:2], table.shape[-1]))
+            return jnp.moveaxis(table, 0, 2)
+
+        c2p, p2c = (None if t is None else head_major(t) for t in (c2p, p2c))
 
     def query_block(i, carry):
         rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * block, slice_size=block)
         q_seq, q_pos, q_real, q_block = rows(seq), rows(position), rows(real), rows(qg, axis=2)
+        q_c2p = None if c2p is None else rows(c2p, axis=2)
         last = jnp.minimum((i + 1) * block, num_real) - 1  # the block's last real query slot
         first_key = segment_start[i * block]
         stop_key = last + 1 if causal else segment_end[last]
@@ -103,6 +152,11 @@ def attend_packed_keys(
             # padded key slots may hold NaN / inf: keep them out of p @ V entirely
             values = jnp.where(key_real[None, :, None], keys(values_all, axis=1), 0.0)
             scores = soft_capped(jnp.einsum("ngtd,nkd->ngtk", q_block, keys(keys_all, axis=1)), soft_cap)
+            if alibi_slopes is not None:
+                scores += alibi_bias(alibi_slopes, q_pos[:, None], key_pos[None, :])
+            if relative_bias is not None:
+                key_p2c = None if p2c is None else keys(p2c, axis=2)
+                scores += relative_position_bias(q_c2p, key_p2c, buckets, q_pos, key_pos)
             return _accumulate(block_carry, scores, visible, lambda p: jnp.einsum("ngtk,nkd->ngtd", p, values))
 
         block_rows = jax.tree.map(lambda x: rows(x, axis=2), carry)
@@ -148,14 +202,25 @@ def kernel_visible(q_pos: jax.Array, k_pos: jax.Array, causal: bool, sliding_win
     return visible
 
 
-def kernel_step(carry, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, soft_cap: float | None):
-    """Fold keys k, v [K, D] into the carry of queries q [R, D] (already scaled), where `visible` [R, K] allows.
-    The matmuls run in the operands' dtype (bf16 on tensor cores and the MXU), accumulated in float32; v must be
-    zero wherever no row may see it (stale or padded slots may hold NaN)."""
+def kernel_step(
+    carry,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    visible: jax.Array,
+    soft_cap: float | None,
+    bias: jax.Array | None = None,
+):
+    """Fold keys k, v [K, D] into the carry of queries q [R, D] (already scaled), where `visible` [R, K] allows;
+    `bias` [R, K] float32 (ALiBi's, `alibi_bias`) is added to the (soft-capped) scores. The matmuls run in the
+    operands' dtype (bf16 on tensor cores and the MXU), accumulated in float32; v must be zero wherever no row may
+    see it (stale or padded slots may hold NaN)."""
     m, l, acc = carry
     scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if soft_cap:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
+    if bias is not None:
+        scores = scores + bias
     scores = jnp.where(visible, scores, KERNEL_MASKED)
     m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
     p = jnp.where(visible, jnp.exp(scores - m_new), 0.0)

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
 
 from .batch import PackedBatch, RaggedBatch
-from .layers import Embedding, Linear, RMSNorm, RopeConfig, rotary_cos_sin
+from .layers import Embedding, Linear, RMSNorm, RopeConfig
 from .llama import DecoderConfig, causal_attention
 
 
@@ -88,7 +88,7 @@ class InternLM2Model(nnx.Module):
 
     def __call__(self, batch: PackedBatch) -> jax.Array:
         x = self.tok_embeddings(batch.token_ids)
-        cos, sin = rotary_cos_sin(batch.positions, self.cfg.rope.inverse_frequencies(self.cfg.head_dim))
+        cos, sin = self.cfg.rope.cos_sin(batch.positions, self.cfg.head_dim)
         for layer in self.layers:
             x, _ = layer(x, cos, sin, batch, None)
         return self.norm(x)

