@@ -18,19 +18,28 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/jaxserve serve --max-model-len 2048
 
-# pytest exits 5 when it collects no tests; that is not a failure. Six processes: the kernel tests and the rest,
-# each in two halves by file name, and the TPU and GPU paths (compiles for absent chips, the TPU kernels in the TPU
-# interpreter). Late in a process that has compiled many programs, XLA:CPU has crashed (a segfault or abort while
-# compiling or serializing an executable for the persistent cache), while the same tests pass in a fresh process.
-# The suite runs on the CPU: JAX_PLATFORMS=cpu keeps libtpu (installed to compile for TPUs that are not here)
-# from probing for a TPU at start-up.
+# The suite runs in eight processes, each a marker and a share of the files: the kernel tests, the TPU and GPU paths
+# (compiles for absent chips, the TPU kernels in the TPU interpreter), and the rest. Late in a process that has
+# compiled many programs, XLA:CPU has crashed (a segfault or abort while compiling or serializing an executable for
+# the persistent cache), while the same tests pass in a fresh process; smaller shares keep each process short of
+# that. pytest exits 5 when a share collects no tests; that is not a failure. The suite runs on the CPU:
+# JAX_PLATFORMS=cpu keeps libtpu (installed to compile for TPUs that are not here) from probing for a TPU at start-up.
 PYTEST = JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q
+TEST_SHARES = \
+	"kernels and not targets|tests/test_[a-o]*.py" \
+	"kernels and not targets|tests/test_[p-z]*.py" \
+	"targets|tests" \
+	"not kernels and not targets|tests/test_[a-f]*.py" \
+	"not kernels and not targets|tests/test_[g-o]*.py" \
+	"not kernels and not targets|tests/test_ph*.py tests/test_pooling_[a-r]*.py" \
+	"not kernels and not targets|tests/test_pooling.py tests/test_pooling_server.py" \
+	"not kernels and not targets|tests/test_[q-z]*.py"
 test: $(STAMP)
-	$(PYTEST) -m "kernels and not targets" tests/test_[a-o]*.py; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; \
-	$(PYTEST) -m "kernels and not targets" tests/test_[p-z]*.py; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; \
-	$(PYTEST) -m targets; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; \
-	$(PYTEST) -m "not kernels and not targets" tests/test_[a-o]*.py; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; \
-	$(PYTEST) -m "not kernels and not targets" tests/test_[p-z]*.py; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	@for share in $(TEST_SHARES); do \
+		echo "== pytest -m \"$${share%%|*}\" $${share#*|}"; \
+		$(PYTEST) -m "$${share%%|*}" $${share#*|}; rc=$$?; \
+		if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_generate.py

@@ -53,7 +53,9 @@ class CompiledModel:
 
 def model_hash(hf_config: dict[str, Any], runner: str, pooler_config: dict | None) -> str:
     """Which model an entry is for, wherever its folder lies: its config, runner and pooler settings."""
-    text = json.dumps([hf_config, runner, pooler_config or {}], sort_keys=True, default=str)
+    # the engine sets max_model_len on the config (longrope reads it); the limits carry it
+    config = {key: value for key, value in hf_config.items() if key != "max_model_len"}
+    text = json.dumps([config, runner, pooler_config or {}], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

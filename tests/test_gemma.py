@@ -22,7 +22,7 @@ def test_logits_match_hf_for_chunked_prefill_and_decode(tiny_models, name):
     check_logits_match_hf(tiny_models[name], REFERENCE_KERNELS)
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gemma3"])  # Gemma 2's soft caps and windows are in the logits test
 def test_greedy_generation_matches_hf_generate(tiny_models, make_llm, name):
     check_greedy_generation_matches_hf(tiny_models[name], make_llm(tiny_models[name]))
 

@@ -122,7 +122,9 @@ def test_greedy_generation_matches_hf_generate(tiny_models, make_llm, name):
 
 @pytest.mark.kernels
 @pytest.mark.usefixtures("no_persistent_compile_cache")
-@pytest.mark.parametrize("name", DECODERS)
+# the kernels see grouped-query attention, full and sliding-window (Mistral's layers are both, by position);
+# RoPE scalings and Qwen2/3's biases and norms are the model's, around the same kernel calls
+@pytest.mark.parametrize("name", ["tiny-mistral"])
 def test_pallas_kernels_in_interpret_mode_match_hf(tiny_models, make_llm, name):
     """The same parity with ragged paged attention (and every other kernel) on the Pallas kernels."""
     check_logits_match_hf(tiny_models[name], select_kernels("interpret"))

@@ -34,7 +34,8 @@ def test_logits_match_hf_for_chunked_prefill_and_decode(tiny_models, name):
     check_logits_match_hf(tiny_models[name], REFERENCE_KERNELS, atol=MOE_ATOL)
 
 
-@pytest.mark.parametrize("name", MOE_MODELS)
+# Qwen2-MoE's shared expert is in the logits test; the sampling path is every family's
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
 def test_greedy_generation_matches_hf_generate(tiny_models, make_llm, name):
     check_greedy_generation_matches_hf(tiny_models[name], make_llm(tiny_models[name]))
 
