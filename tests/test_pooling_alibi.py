@@ -16,6 +16,7 @@ from models.jina_bert import JinaBertForEmbedding, jina_bert_config
 from models.registry import pooling_model_class
 from scripts.make_test_models import _alibi_head_slopes, build_test_models, jina_bert_reference
 from tests.conftest import CACHE
+from tests.test_pooling import TEXTS as POOLING_TEXTS
 
 torch = pytest.importorskip("torch")
 
@@ -23,14 +24,7 @@ LONG_TEXT = (  # 58 tokens: two of the Pallas kernel's 32-token blocks, distance
     "The old train left the station before dawn, carrying a quiet musician, a naïve tourist and the baker's "
     "brother through fields, until the river turned north."
 )
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A journey of a thousand miles begins with a single step.",
-    "Paris is the capital of France.",
-    "naïve café with 3 cats",
-    "hello",
-    LONG_TEXT,
-]
+TEXTS = [*POOLING_TEXTS[:5], LONG_TEXT]
 # small buckets (rungs 1 ... 64) keep the compiles of this file short; every text fits in 64 tokens
 ENGINE = dict(max_model_len=64, max_num_batched_tokens=64)
 
