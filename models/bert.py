@@ -212,10 +212,10 @@ class Encoder(nnx.Module):
 
 
 class Pooler(nnx.Module):
-    """BERT's pooler: dense + tanh over a row (the [CLS] token)."""
+    """BERT's pooler: dense + tanh over a row (the [CLS] token); gte's `new` models have it too."""
 
-    def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.dense = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+    def __init__(self, hidden_size: int, *, dtype, rngs: nnx.Rngs):
+        self.dense = Linear(hidden_size, hidden_size, bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(self, rows: jax.Array) -> jax.Array:
         return jnp.tanh(self.dense(rows))
@@ -228,7 +228,7 @@ class EncoderModel(nnx.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
         self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
-        self.pooler = Pooler(cfg, dtype=dtype, rngs=rngs) if with_pooler else None
+        self.pooler = Pooler(cfg.hidden_size, dtype=dtype, rngs=rngs) if with_pooler else None
 
     def __call__(self, batch: PackedBatch) -> jax.Array:
         return self.encoder(self.embeddings(batch), batch)

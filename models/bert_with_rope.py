@@ -18,6 +18,7 @@ through `kernels_pallas.varlen_attention`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,6 +29,7 @@ from flax import nnx
 from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels
 
 from .batch import PackedBatch
+from .bert import Pooler
 from .layers import Embedding, LayerNorm, Linear, RopeConfig, activation, apply_rotary
 
 JINA_DEFAULT_LORA_TASK = "text-matching"  # the adapter vLLM merges into jina-embeddings-v3
@@ -216,43 +218,41 @@ class Encoder(nnx.Module):
         return x
 
 
-class Pooler(nnx.Module):
-    """BERT's pooler: dense + tanh over a row (the first token)."""
-
-    def __init__(self, cfg: RopeEncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.dense = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
-
-    def __call__(self, rows: jax.Array) -> jax.Array:
-        return jnp.tanh(self.dense(rows))
-
-
 class BertWithRope(nnx.Module):
     def __init__(self, cfg: RopeEncoderConfig, *, dtype, rngs: nnx.Rngs, with_pooler: bool = False):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
         self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
-        self.pooler = Pooler(cfg, dtype=dtype, rngs=rngs) if with_pooler else None
+        self.pooler = Pooler(cfg.hidden_size, dtype=dtype, rngs=rngs) if with_pooler else None
 
     def __call__(self, batch: PackedBatch) -> jax.Array:
         cos, sin = self.cfg.rope.cos_sin(batch.positions, self.cfg.rotary_dim)
         return self.encoder(self.embeddings(batch), cos, sin, batch)
 
 
-class GteNewModel(nnx.Module):
-    """gte's NewModel (`model_type: new`): tensors `embeddings.*`, `encoder.layer.N.*`, or with the `new.` prefix."""
+class RopeEmbedder(nnx.Module):
+    """A bare encoder checkpoint of one of the families (hidden states for the poolers); a family names its config
+    reader (`config_from_hf`), its checkpoint prefixes and its names for parts of a layer."""
 
-    CHECKPOINT_ALIASES = {"model.": ("", "new.")}
+    config_from_hf: Callable[..., RopeEncoderConfig]
 
     def __init__(self, cfg: RopeEncoderConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.model = BertWithRope(cfg, dtype=dtype, rngs=rngs)
 
     @classmethod
-    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS) -> GteNewModel:
-        return cls(gte_config(hf_config, kernels), dtype=dtype, rngs=rngs)
+    def from_hf_config(cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS) -> RopeEmbedder:
+        return cls(cls.config_from_hf(hf_config, kernels), dtype=dtype, rngs=rngs)
 
     def encode(self, batch: PackedBatch) -> jax.Array:
         return self.model(batch)
+
+
+class GteNewModel(RopeEmbedder):
+    """gte's NewModel (`model_type: new`): tensors `embeddings.*`, `encoder.layer.N.*`, or with the `new.` prefix."""
+
+    CHECKPOINT_ALIASES = {"model.": ("", "new.")}
+    config_from_hf = staticmethod(gte_config)
 
 
 class GteNewForSequenceClassification(nnx.Module):
@@ -292,22 +292,13 @@ _FLASH_NAMES = {
 }
 
 
-class NomicBertModel(nnx.Module):
+class NomicBertModel(RopeEmbedder):
     """nomic-embed-text (`model_type: nomic_bert`); SwiGLU checkpoints hold `mlp.fc11` (up) and `mlp.fc12` (gate),
     packed here into `up_gate_proj` at load (`derived_tensors`)."""
 
     CHECKPOINT_ALIASES = {"model.": ("",)}
     CHECKPOINT_RENAMES = {"attention.qkv_proj": "attn.Wqkv", "attention.o_proj": "attn.out_proj", **_FLASH_NAMES}
-
-    def __init__(self, cfg: RopeEncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.model = BertWithRope(cfg, dtype=dtype, rngs=rngs)
-
-    @classmethod
-    def from_hf_config(
-        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
-    ) -> NomicBertModel:
-        return cls(nomic_config(hf_config, kernels), dtype=dtype, rngs=rngs)
+    config_from_hf = staticmethod(nomic_config)
 
     @staticmethod
     def verify_and_update_config(hf_config) -> None:
@@ -338,27 +329,15 @@ class NomicBertModel(nnx.Module):
                 )
         return packed
 
-    def encode(self, batch: PackedBatch) -> jax.Array:
-        return self.model(batch)
 
-
-class JinaRobertaModel(nnx.Module):
+class JinaRobertaModel(RopeEmbedder):
     """jina-embeddings-v3 (XLMRobertaModel with `position_embedding_type: rotary`). Its checkpoint keeps each
     weight as `*.parametrizations.weight.original` plus per-task LoRA factors; one adapter is merged at load
     (`derived_tensors`): text-matching, as vLLM does, or the one `--hf-overrides '{"lora_task": ...}'` names."""
 
     CHECKPOINT_ALIASES = {"model.": ("", "roberta.")}
     CHECKPOINT_RENAMES = {"attention.qkv_proj": "mixer.Wqkv", "attention.o_proj": "mixer.out_proj", **_FLASH_NAMES}
-
-    def __init__(self, cfg: RopeEncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.model = BertWithRope(cfg, dtype=dtype, rngs=rngs)
-
-    @classmethod
-    def from_hf_config(
-        cls, hf_config, *, dtype, rngs: nnx.Rngs, kernels: Kernels = REFERENCE_KERNELS
-    ) -> JinaRobertaModel:
-        return cls(jina_config(hf_config, kernels), dtype=dtype, rngs=rngs)
+    config_from_hf = staticmethod(jina_config)
 
     @staticmethod
     def derived_tensors(folder: Path, hf_config) -> dict[str, np.ndarray]:
@@ -383,6 +362,3 @@ class JinaRobertaModel(nnx.Module):
             delta = lora_a @ lora_b if ".embeddings." in name else lora_b @ lora_a
             merged[stem.replace(".parametrizations", "")] = weight + scaling * delta.reshape(weight.shape)
         return merged
-
-    def encode(self, batch: PackedBatch) -> jax.Array:
-        return self.model(batch)
