@@ -325,7 +325,7 @@ class NomicBertModel(RopeEmbedder):
             if name.endswith(".mlp.fc11.weight") or name.endswith(".mlp.fc11.bias"):
                 gate = name.replace(".fc11.", ".fc12.")
                 packed[name.replace(".fc11.", ".up_gate_proj.")] = np.concatenate(
-                    [read_tensor(folder, name), read_tensor(folder, gate)], axis=0
+                    [read_tensor(folder, name, names), read_tensor(folder, gate, names)], axis=0
                 )
         return packed
 
@@ -343,7 +343,8 @@ class JinaRobertaModel(RopeEmbedder):
     def derived_tensors(folder: Path, hf_config) -> dict[str, np.ndarray]:
         from jaxserve.weights import read_tensor, tensor_index
 
-        originals = [name for name in tensor_index(folder) if name.endswith(".parametrizations.weight.original")]
+        names = tensor_index(folder)
+        originals = [name for name in names if name.endswith(".parametrizations.weight.original")]
         if not originals:
             return {}
         tasks = list(getattr(hf_config, "lora_adaptations", None) or [])
@@ -355,9 +356,9 @@ class JinaRobertaModel(RopeEmbedder):
         merged = {}
         for name in originals:
             stem = name.removesuffix(".original")  # "<module>.parametrizations.weight"
-            weight = read_tensor(folder, name).astype(np.float32)
-            lora_a = read_tensor(folder, stem + ".0.lora_A")[index].astype(np.float32)
-            lora_b = read_tensor(folder, stem + ".0.lora_B")[index].astype(np.float32)
+            weight = read_tensor(folder, name, names).astype(np.float32)
+            lora_a = read_tensor(folder, stem + ".0.lora_A", names)[index].astype(np.float32)
+            lora_b = read_tensor(folder, stem + ".0.lora_B", names)[index].astype(np.float32)
             # embeddings hold A as [num_embeddings, rank] and B as [rank, dim]; linears A [rank, in], B [out, rank]
             delta = lora_a @ lora_b if ".embeddings." in name else lora_b @ lora_a
             merged[stem.replace(".parametrizations", "")] = weight + scaling * delta.reshape(weight.shape)
