@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
 from .kernels_pallas._lowering import lowering_platform
 from .targets import get_target
 
@@ -147,6 +148,7 @@ class EngineConfig:
     )
     target: str | None = None  # compile only, for this chip (`jaxserve.targets`, `jaxserve compile`); no serving
     strict_compile: bool = True  # compile every bucket before the engine returns; False: the rest in the background
+    min_token_rung: int | None = None  # the smallest token bucket; None: the device's (1 on CPU, 16 on GPU/TPU)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -180,6 +182,11 @@ class EngineConfig:
         if self.dtype == "auto":
             return jnp.float32 if self.on_cpu else jnp.bfloat16
         return DTYPES[self.dtype]
+
+    def resolved_min_token_rung(self) -> int:
+        if self.min_token_rung is not None:
+            return self.min_token_rung
+        return CPU_MIN_RUNG if self.on_cpu else ACCELERATOR_MIN_RUNG
 
     def resolved_limits(self) -> tuple[int, int]:
         """(max_num_seqs, max_num_batched_tokens), checked against each other."""

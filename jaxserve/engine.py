@@ -22,7 +22,6 @@ from flax import nnx
 
 from . import reasoning
 from .beam_search import BeamSearch, BeamSearchParams, clamped, step_params
-from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG
 from .config import EngineConfig, sampling_defaults
 from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
@@ -78,7 +77,7 @@ class LLMEngine(EngineCore):
         shape = RunnerShape(
             max_num_seqs,
             max_num_batched_tokens,
-            CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG,
+            config.resolved_min_token_rung(),
             pages_per_seq=pages_per_seq,
             vocab_size=self.vocab_size,
             num_top_logprobs=self.max_logprobs,

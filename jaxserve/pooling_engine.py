@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from .bucket_runner import BucketRunner
-from .buckets import ACCELERATOR_MIN_RUNG, CPU_MIN_RUNG, BucketShape, seq_rung
+from .buckets import BucketShape, seq_rung
 from .config import EngineConfig
 from .engine_core import EngineCore, InFlight, StartupTimes
 from .errors import PromptTooLongError
@@ -175,9 +175,7 @@ class PoolingEngine(EngineCore):
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
         # whole sequences are packed, so the budget must hold the longest one
         max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
-        shape = BucketShape(
-            max_num_seqs, max_num_batched_tokens, CPU_MIN_RUNG if config.on_cpu else ACCELERATOR_MIN_RUNG
-        )
+        shape = BucketShape(max_num_seqs, max_num_batched_tokens, config.resolved_min_token_rung())
         compiled = self.compiled_for_here()
         compile_only = self.target is not None
         limits = {"max_model_len": self.max_model_len}

@@ -20,9 +20,12 @@ from scripts.make_test_models import build_test_models  # noqa: E402
 
 DECODERS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 
-# small buckets and a small cache keep compiles quick; tests override what they exercise
-TINY_ENGINE = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, progress=False)
-TINY_POOLING = dict(runner="pooling", max_num_seqs=16, max_num_batched_tokens=256, progress=False)
+# small buckets, few of them (from 16 tokens, as on an accelerator, not CPU's 1) and a small cache keep compiles
+# quick; tests override what they exercise
+TINY_ENGINE = dict(
+    max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, min_token_rung=16, progress=False
+)
+TINY_POOLING = dict(runner="pooling", max_num_seqs=16, max_num_batched_tokens=256, min_token_rung=16, progress=False)
 
 
 @pytest.fixture(scope="session")
