@@ -52,12 +52,13 @@ class LLMEngine(EngineCore):
         self.generation_config = config.read_generation_config(self.model_folder)
         self.sampling_defaults = sampling_defaults(self.generation_config)
         self.eos_token_id, self.extra_eos_token_ids = self._eos_ids()
-        positions = self.hf_config.max_position_embeddings
+        text_config = self.hf_config.get_text_config()  # a multimodal checkpoint's text model (Gemma 3's)
+        positions = text_config.max_position_embeddings
         self.max_model_len = config.resolved_max_model_len(
             positions, f"max_position_embeddings={positions} in model's config.json"
         )
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
-        self.hf_config.max_model_len = self.max_model_len  # longrope picks its factors by it, as vLLM (RopeConfig)
+        text_config.max_model_len = self.max_model_len  # longrope picks its factors by it, as vLLM (RopeConfig)
 
         derive = getattr(causal_lm_class(self.hf_config), "derived_tensors", None)  # tensors transformed (stacked)
         model = self.load_model(
@@ -65,13 +66,15 @@ class LLMEngine(EngineCore):
                 self.hf_config, dtype=self.dtype, rngs=nnx.Rngs(config.seed), kernels=self.kernels
             ),
             extra=derive(self.model_folder, self.hf_config) if derive else None,
+            aliases=lambda m: getattr(m, "CHECKPOINT_ALIASES", {}),
+            renames=lambda m: getattr(m, "CHECKPOINT_RENAMES", {}),
         )
         load_seconds = time.perf_counter() - began
 
         pages_per_seq = -(-self.max_model_len // config.page_size)
         compiled = self.compiled_for_here()
         num_pages = self.num_kv_pages(model, pages_per_seq, max_num_seqs, compiled)
-        self.vocab_size = self.hf_config.vocab_size
+        self.vocab_size = text_config.vocab_size
         # --max-logprobs -1: the whole vocabulary may be asked for
         self.max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
         shape = RunnerShape(

@@ -7,14 +7,15 @@ dependency. Here tensors are dequantized with `gguf`'s numpy code and the tokeni
 torch-free parts of `transformers.integrations.gguf.gguf_tokenizer_mapping`.
 
 Families: `llama` (Llama; Mistral, told by the file's name; Mixtral, told by its experts), `qwen2`, `qwen3`,
-`qwen2moe`, `qwen3moe`, `gemma`, `gemma2` and `phi3`. Tensors are stored as float32 (the model casts them on
-load) under HF names, with what llama.cpp's `convert_hf_to_gguf.py` did to them undone: the Q/K rows it permutes
-for its interleaved RoPE (`llama`) put back into HF's rotate-half order, Gemma's norm weights stored as 1 + w
-back to w, experts stacked per layer split into HF's per-expert tensors. What it baked into tensors goes back
-into config.json: Llama 3.1's llama3 RoPE scaling (`rope_freqs`, see `llama3_rope_scaling`) and Phi-3's longrope
-factors (`rope_factors_long` / `_short`); linear and yarn scaling come from the `rope.scaling.*` metadata.
-Values llama.cpp derives rather than stores are derived as llama.cpp does (Gemma 2's attention scale, sliding
-layers and soft-caps; the MoE routing renormalisation of each family).
+`qwen2moe`, `qwen3moe`, `gemma`, `gemma2`, `gemma3` (its text model) and `phi3`. Tensors are stored as float32
+(the model casts them on load) under HF names, with what llama.cpp's `convert_hf_to_gguf.py` did to them undone:
+the Q/K rows it permutes for its interleaved RoPE (`llama`) put back into HF's rotate-half order, Gemma's norm
+weights stored as 1 + w back to w, experts stacked per layer split into HF's per-expert tensors. What it baked
+into tensors goes back into config.json: Llama 3.1's llama3 RoPE scaling (`rope_freqs`, see `llama3_rope_scaling`)
+and Phi-3's longrope factors (`rope_factors_long` / `_short`); linear and yarn scaling come from the
+`rope.scaling.*` metadata.
+Values llama.cpp derives rather than stores are derived as llama.cpp does (Gemma 2's and 3's attention scale and
+sliding layers, Gemma 2's soft-caps, Gemma 3's local RoPE; the MoE routing renormalisation of each family).
 
 The folder is keyed by the file's path, size and mtime, written to a temporary sibling and renamed into place
 with a stamp inside, so a later run finds it complete and skips the work, and an interrupted run never leaves a
@@ -60,11 +61,12 @@ _ARCHITECTURES = {
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "gemma": ("GemmaForCausalLM", "gemma"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
 }
-_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "phi3")
+_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3", "phi3")
 _PERMUTED = ("llama", "mistral", "mixtral")  # llama.cpp permuted their Q/K rows for its interleaved RoPE
-_NORM_PLUS_ONE = ("gemma", "gemma2")  # llama.cpp stores their norm weights w as 1 + w
+_NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3")  # llama.cpp stores their norm weights w as 1 + w (Q/K norms too)
 
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -93,12 +95,14 @@ _LAYER_TENSORS = {
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+_GEMMA_SANDWICH_NORMS = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _FAMILY_LAYER_TENSORS = {
-    "gemma2": {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
+    "gemma2": _GEMMA_SANDWICH_NORMS,
+    "gemma3": _GEMMA_SANDWICH_NORMS,
     "phi3": {"ffn_up": "mlp.gate_up_proj"},  # gate rows, then up rows, as Phi-3 packs them
     "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate"},
 }
@@ -225,7 +229,7 @@ def _family(metadata: dict[str, Any], tensor_names: set[str]) -> str:
     if arch not in _GGUF_ARCHITECTURES:
         raise ValueError(
             f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, mixtral, qwen2, qwen3, "
-            "qwen2moe, qwen3moe, gemma, gemma2, phi3). Serve the model's Hugging Face folder instead."
+            "qwen2moe, qwen3moe, gemma, gemma2, gemma3, phi3). Serve the model's Hugging Face folder instead."
         )
     if arch == "llama":
         if metadata.get("llama.expert_count") or "blk.0.ffn_gate_inp.weight" in tensor_names:
@@ -295,20 +299,36 @@ def _family_config(
     layers = config["num_hidden_layers"]
     if family == "mistral":
         return {"sliding_window": None}  # llama.cpp runs a `llama` file with full attention
-    if family in ("gemma", "gemma2"):
+    if family in ("gemma", "gemma2", "gemma3"):
         extra = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+        if family == "gemma":
+            return extra
+        # llama.cpp's attention scale (HF's query_pre_attn_scalar; the file does not store it): hidden / heads for
+        # the 27B models (Gemma 2's 46 layers, Gemma 3's 62), head_dim otherwise
+        largest = layers == (46 if family == "gemma2" else 62)
+        extra["query_pre_attn_scalar"] = (
+            config["hidden_size"] // config["num_attention_heads"] if largest else config["head_dim"]
+        )
         if family == "gemma2":
-            extra |= {  # llama.cpp's defaults where a key is absent, and its attention scale: hidden / heads for
-                # the 46-layer 27B, head_dim otherwise (HF's query_pre_attn_scalar; the file does not store it)
+            return extra | {  # llama.cpp's defaults where a key is absent
                 "sliding_window": key("attention.sliding_window", 4096),
                 "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
                 "attn_logit_softcapping": key("attn_logit_softcapping", 50.0),
                 "final_logit_softcapping": key("final_logit_softcapping", 30.0),
-                "query_pre_attn_scalar": (
-                    config["hidden_size"] // config["num_attention_heads"] if layers == 46 else config["head_dim"]
-                ),
             }
-        return extra
+        # Gemma 3 as llama.cpp runs it: every 6th layer global, the others sliding (none without a window); the
+        # sliding layers' RoPE unscaled at base 10000 (or the file's rope.freq_base_swa); no attention soft-cap
+        window = key("attention.sliding_window") or None
+        return extra | {
+            "sliding_window": window,
+            "layer_types": ["sliding_attention" if window and i % 6 < 5 else "full_attention" for i in range(layers)],
+            "rope_parameters": {
+                "full_attention": config["rope_parameters"],
+                "sliding_attention": {"rope_type": "default", "rope_theta": key("rope.freq_base_swa", 10000.0)},
+            },
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": key("final_logit_softcapping"),
+        }
     if family == "phi3":
         return {"sliding_window": key("attention.sliding_window") or None}  # 0: none (Phi-4-mini)
     if family not in ("mixtral", "qwen2moe", "qwen3moe"):

@@ -39,17 +39,25 @@ class DecoderConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: str | None = None  # RMSNorm of Q and K: "head", each head's (Qwen3, Gemma 3); "projection", all (OLMo 2)
     layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window, or None for full attention
+    rope_layers: tuple[bool, ...] = ()  # per layer: whether it rotates Q and K (SmolLM3's NoPE layers); () all do
     hidden_act: str = "silu"  # the gated MLP's activation
     norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight)
-    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
-    sandwich_norms: bool = False  # Gemma 2 / 3: norms after attention and around the MLP too
+    embed_scale: float | None = None  # embeddings times this: Gemma's sqrt(hidden_size), Granite's multiplier
+    # where each layer normalizes: "pre", the inputs of attention and MLP (Llama); "sandwich", their inputs and
+    # outputs (Gemma 2 / 3); "post", their outputs only (OLMo 2)
+    norms: str = "pre"
+    residual_multiplier: float = 1.0  # Granite: each block's output scaled before it joins the residual stream
     local_rope: RopeConfig | None = None  # Gemma 3: the sliding-window layers' own RoPE (their base)
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    logits_scaling: float = 1.0  # Granite: the logits divided by this
     query_pre_attn_scalar: float | None = None  # Gemma 2: attention scaled by this ** -0.5 instead of head_dim's
-    fused_qkv: bool = False  # Phi-3: one `qkv_proj` ([q; k; v] rows) instead of q/k/v_proj
+    attention_multiplier: float | None = None  # Granite: the attention scale itself
+    # one packed QKV projection: "stacked", `qkv_proj` of [q; k; v] rows (Phi-3); "grouped", for each KV head its
+    # query heads, key and value (InternLM2's `wqkv`); None, q/k/v_proj
+    fused_qkv: str | None = None
     fused_gate_up: bool = False  # Phi-3: one `gate_up_proj` ([gate; up] rows) instead of gate_proj / up_proj
     # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; models/moe.py): top-k of `num_experts` on sparse layers
     num_experts: int = 0
@@ -71,6 +79,9 @@ class DecoderConfig:
             return None
         return min(self.layer_windows)
 
+    def uses_rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
+
     def is_sparse(self, layer: int) -> bool:
         return bool(self.sparse_layers) and self.sparse_layers[layer]
 
@@ -80,7 +91,7 @@ class DecoderConfig:
 
     @property
     def sm_scale(self) -> float:
-        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        return self.attention_multiplier or (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def max_tokens(self) -> int:
@@ -88,6 +99,8 @@ class DecoderConfig:
 
     @classmethod
     def from_hf(cls, hf, kernels: Kernels = REFERENCE_KERNELS) -> DecoderConfig:
+        """From a transformers config; a multimodal checkpoint's (Gemma 3's) is read for its text model."""
+        hf = hf.get_text_config()
         model_type = hf.model_type
         gemma = model_type in ("gemma", "gemma2", "gemma3_text")
         if getattr(hf, "use_bidirectional_attention", False):
@@ -96,7 +109,7 @@ class DecoderConfig:
         if act not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"{model_type}: hidden activation {act!r} is not supported (silu, gelu_pytorch_tanh).")
         num_heads = hf.num_attention_heads
-        attention_bias = bool(getattr(hf, "attention_bias", False))
+        attention_bias = bool(getattr(hf, "attention_bias", getattr(hf, "bias", False)))  # InternLM2's `bias`
         qwen2 = model_type == "qwen2"
         return cls(
             vocab_size=hf.vocab_size,
@@ -113,21 +126,30 @@ class DecoderConfig:
             qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type == "qwen2_moe" else qwen2 or attention_bias,
             o_bias=attention_bias and not qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            qk_norm=_QK_NORMS.get(model_type),
             layer_windows=_layer_windows(hf),
+            rope_layers=tuple(bool(r) for r in getattr(hf, "no_rope_layers", None) or ()),  # SmolLM3: 1 = RoPE
             hidden_act=act,
             norm_unit_offset=gemma,
-            embed_scale=hf.hidden_size**0.5 if gemma else None,
-            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+            embed_scale=hf.hidden_size**0.5 if gemma else getattr(hf, "embedding_multiplier", None),
+            norms=_NORMS.get(model_type, "pre"),
+            residual_multiplier=getattr(hf, "residual_multiplier", 1.0),
             local_rope=_rope(hf, "sliding_attention") if model_type == "gemma3_text" else None,
             attn_logit_softcap=getattr(hf, "attn_logit_softcapping", None),
             final_logit_softcap=getattr(hf, "final_logit_softcapping", None),
+            logits_scaling=getattr(hf, "logits_scaling", 1.0),
             query_pre_attn_scalar=getattr(hf, "query_pre_attn_scalar", None),
-            fused_qkv=model_type == "phi3",
+            attention_multiplier=getattr(hf, "attention_multiplier", None),
+            fused_qkv=_FUSED_QKV.get(model_type),
             fused_gate_up=model_type == "phi3",
             **_moe_fields(hf),
             kernels=kernels,
         )
+
+
+_QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "olmo2": "projection"}
+_NORMS = {"gemma2": "sandwich", "gemma3_text": "sandwich", "olmo2": "post"}
+_FUSED_QKV = {"phi3": "stacked", "internlm2": "grouped"}
 
 
 def _moe_fields(hf) -> dict:
@@ -157,12 +179,12 @@ def _rope(hf, layer_type: str | None = None) -> RopeConfig:
 
 
 def _layer_windows(hf) -> tuple[int | None, ...]:
-    """Each layer's sliding window. Mistral and Phi-3 always honour `sliding_window`; Qwen2/3 only with
-    `use_sliding_window`; Gemma 2 on its `layer_types`' sliding layers (every other one)."""
+    """Each layer's sliding window. Mistral and Phi-3 always honour `sliding_window`; Qwen2/3 and SmolLM3 only with
+    `use_sliding_window`; Gemma 2/3 on their `layer_types`' sliding layers."""
     window = getattr(hf, "sliding_window", None)
     layers = hf.num_hidden_layers
-    qwen = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
-    if not window or (hf.model_type in qwen and not getattr(hf, "use_sliding_window", False)):
+    optional = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "smollm3")  # windows only under `use_sliding_window`
+    if not window or (hf.model_type in optional and not getattr(hf, "use_sliding_window", False)):
         return ()
     if hf.model_type in ("mistral", "phi3", "mixtral"):
         return (int(window),) * layers
@@ -184,29 +206,43 @@ class Attention(nnx.Module):
             self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
-            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
+            q_size, k_size = (d, d) if cfg.qk_norm == "head" else (cfg.num_heads * d, cfg.num_kv_heads * d)
+            self.q_norm = RMSNorm(q_size, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(k_size, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
 
     def __call__(self, x, cos, sin, batch: RaggedBatch | PackedBatch, kv_pages):
         cfg = self.cfg
-        t, q_rows, kv_rows = x.shape[0], cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        if cfg.fused_qkv:
-            q, k, v = jnp.split(self.qkv_proj(x), [q_rows, q_rows + kv_rows], axis=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._project(x)
+        if cfg.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        t = x.shape[0]
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         out, kv_pages = causal_attention(q, k, v, cos, sin, batch, kv_pages, cfg, self.layer)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_pages
 
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [T, heads * head_dim], k and v [T, kv_heads * head_dim]."""
+        cfg = self.cfg
+        if cfg.fused_qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qkv, t, d = self.qkv_proj(x), x.shape[0], cfg.head_dim
+        if cfg.fused_qkv == "stacked":
+            q_rows, kv_rows = cfg.num_heads * d, cfg.num_kv_heads * d
+            return tuple(jnp.split(qkv, [q_rows, q_rows + kv_rows], axis=-1))
+        group = cfg.num_heads // cfg.num_kv_heads
+        qkv = qkv.reshape(t, cfg.num_kv_heads, group + 2, d)
+        return qkv[:, :, :group].reshape(t, -1), qkv[:, :, group].reshape(t, -1), qkv[:, :, group + 1].reshape(t, -1)
+
 
 def causal_attention(q, k, v, cos, sin, batch: RaggedBatch | PackedBatch, kv_pages, cfg: DecoderConfig, layer: int = 0):
-    """RoPE, then attention: over the paged cache for a generation step (RaggedBatch), or within each packed
-    sequence, with no cache, for a one-shot pooling pass (PackedBatch)."""
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    """RoPE (unless `cos` is None: a NoPE layer), then attention: over the paged cache for a generation step
+    (RaggedBatch), or within each packed sequence, with no cache, for a one-shot pooling pass (PackedBatch)."""
+    if cos is not None:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     window, soft_cap = cfg.layer_window(layer), cfg.attn_logit_softcap
     if isinstance(batch, PackedBatch):
         out = cfg.kernels.varlen_attention(
@@ -260,30 +296,37 @@ def _mlp(cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention and MLP blocks. Gemma 2's sandwich norms also normalize each block's output, and name
-    its norms differently: `post_attention_layernorm` is then the attention output's norm and the MLP's are
-    `pre_feedforward_layernorm` / `post_feedforward_layernorm`."""
+    """Attention then MLP, each added to the residual stream, with norms where `cfg.norms` puts them. The norm
+    names are HF's: under "pre", `post_attention_layernorm` normalizes the MLP's input; under "sandwich" (Gemma 2/3)
+    and "post" (OLMo 2) it is the attention output's norm, and the MLP's are `pre_feedforward_layernorm` (sandwich
+    only) and `post_feedforward_layernorm`."""
 
     def __init__(self, cfg: DecoderConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         def norm():
             return RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
 
-        self.sandwich = cfg.sandwich_norms
-        self.input_layernorm = norm()
+        self.norms, self.residual_multiplier = cfg.norms, cfg.residual_multiplier
+        if cfg.norms != "post":
+            self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = norm()
-        if cfg.sandwich_norms:
+        if cfg.norms == "sandwich":
             self.pre_feedforward_layernorm = norm()
+        if cfg.norms != "pre":
             self.post_feedforward_layernorm = norm()
         self.mlp = _mlp(cfg, layer, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, batch: RaggedBatch, kv_pages):
-        attn, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_pages)
-        if not self.sandwich:
-            x = x + attn
-            return x + self.mlp(self.post_attention_layernorm(x)), kv_pages
-        x = x + self.post_attention_layernorm(attn)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv_pages
+        norms = self.norms
+        attn, kv_pages = self.self_attn(x if norms == "post" else self.input_layernorm(x), cos, sin, batch, kv_pages)
+        x = self._residual(x, attn if norms == "pre" else self.post_attention_layernorm(attn))
+        if norms == "pre":
+            return self._residual(x, self.mlp(self.post_attention_layernorm(x))), kv_pages
+        mlp = self.mlp(self.pre_feedforward_layernorm(x) if norms == "sandwich" else x)
+        return self._residual(x, self.post_feedforward_layernorm(mlp)), kv_pages
+
+    def _residual(self, x: jax.Array, block: jax.Array) -> jax.Array:
+        return x + (block if self.residual_multiplier == 1.0 else block * self.residual_multiplier)
 
 
 class LlamaModel(nnx.Module):
@@ -303,7 +346,7 @@ class LlamaModel(nnx.Module):
         local = cfg.local_rope.cos_sin(batch.positions, cfg.rotary_dim) if cfg.local_rope else tables
         new_pages = []
         for i, layer in enumerate(self.layers):
-            cos, sin = local if cfg.layer_window(i) else tables
+            cos, sin = (local if cfg.layer_window(i) else tables) if cfg.uses_rope(i) else (None, None)
             x, pages = layer(x, cos, sin, batch, None if kv_pages is None else kv_pages[i])
             new_pages.append(pages)
         return self.norm(x), None if kv_pages is None else new_pages
@@ -327,8 +370,8 @@ class PagedDecoder(nnx.Module):
 
 
 class LlamaForCausalLM(PagedDecoder):
-    """Llama, Mistral, Qwen2/3, Gemma/Gemma 2 and Phi-3 causal LMs, and the mixture-of-experts Mixtral and
-    Qwen2/3-MoE (the differences live in `DecoderConfig`)."""
+    """Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, Granite, OLMo 2 and SmolLM3 causal LMs, and the
+    mixture-of-experts Mixtral and Qwen2/3-MoE (the differences live in `DecoderConfig`)."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -355,8 +398,18 @@ class LlamaForCausalLM(PagedDecoder):
             logits = self.model.embed_tokens.attend(hidden)
         else:
             logits = jnp.einsum("...h,vh->...v", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
         cap = self.cfg.final_logit_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+class Gemma3ForConditionalGeneration(LlamaForCausalLM):
+    """Gemma 3's multimodal checkpoints served text-only, as its text model: its tensors sit under
+    `language_model.model.` as published (`model.language_model.` as transformers 5 saves them); the vision tower's
+    are never read, and requests with images are refused by the chat front end."""
+
+    CHECKPOINT_ALIASES = {"model.": ("language_model.model.", "model.language_model.")}
 
 
 class LlamaForSequenceClassification(PagedDecoder):

@@ -16,20 +16,28 @@ from .bert import (
 from .bert_with_rope import GteNewForSequenceClassification, GteNewModel, JinaRobertaModel, NomicBertModel
 from .deberta_v2 import DebertaV2ForEmbedding, DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification
 from .distilbert import DistilBertForEmbedding, DistilBertForSequenceClassification
-from .internlm2 import InternLM2ForRewardModel
+from .internlm2 import InternLM2ForCausalLM, InternLM2ForRewardModel
 from .jina_bert import JinaBertForEmbedding, JinaBertForSequenceClassification
-from .llama import LlamaForCausalLM, LlamaForEmbedding, LlamaForSequenceClassification
+from .llama import (
+    Gemma3ForConditionalGeneration,
+    LlamaForCausalLM,
+    LlamaForEmbedding,
+    LlamaForSequenceClassification,
+)
 from .modernbert import ModernBertForEmbedding, ModernBertForSequenceClassification, ModernBertForTokenClassification
 from .qwen2_rm import Qwen2ForProcessRewardModel, Qwen2ForRewardModel
 
 _DECODER_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
 
-_MOE_FAMILIES = ("Mixtral", "Qwen2Moe", "Qwen3Moe")  # generation only: their experts stacked at load (models/moe.py)
-# Gemma 3's text model: its `Gemma3Model` / `Gemma3ForSequenceClassification` are the multimodal ones
-_TEXT_ONLY_FAMILIES = ("Gemma3",)
+# generation only: the MoE families (their experts stacked at load, models/moe.py), the families whose pooling
+# models nobody publishes, and Gemma 3's text model (its `Gemma3Model` / `Gemma3ForSequenceClassification` are the
+# multimodal ones)
+_GENERATION_FAMILIES = ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Granite", "Olmo2", "SmolLM3", "Gemma3")
 
 CAUSAL_LM_ARCHITECTURES: dict[str, type] = {
-    f"{family}ForCausalLM": LlamaForCausalLM for family in _DECODER_FAMILIES + _MOE_FAMILIES + _TEXT_ONLY_FAMILIES
+    **{f"{family}ForCausalLM": LlamaForCausalLM for family in _DECODER_FAMILIES + _GENERATION_FAMILIES},
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # text-only
 }
 
 POOLING_ARCHITECTURES: dict[str, type] = {

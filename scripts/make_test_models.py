@@ -33,6 +33,15 @@ chat template, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``:
                    ``gate_up_proj``, longrope with short and long factors, ``original_max_position_embeddings`` 32
                    of 256 positions (so prompts reach both regimes), ``partial_rotary_factor`` 0.75 at the top
                    level (12 of 16 dimensions rotate), a 48-token sliding window.
+* ``tiny-gemma3-mm`` Gemma3ForConditionalGeneration (a one-layer SigLIP tower) with tiny-gemma3's text model, its
+                   tensors under the published names (``language_model.model.*``, ``vision_tower.*``).
+* ``tiny-granite`` GraniteForCausalLM with multipliers that bite: embeddings x4, attention scale 0.5, residual
+                   branches x0.5, logits divided by 0.5.
+* ``tiny-olmo2``   Olmo2ForCausalLM: norms after attention and MLP only, Q/K norms over the whole projection.
+* ``tiny-smollm3`` SmolLM3ForCausalLM: layer 1 without RoPE (``no_rope_layers`` [1, 0]), tied.
+* ``tiny-internlm2`` InternLM2ForCausalLM written by hand (remote code on the Hub): packed ``wqkv``, an ``output``
+                   head, dynamic RoPE scaling; ``internlm2_llama_twin`` writes the same weights as a
+                   ``LlamaForCausalLM`` folder, the reference HF runs.
 * ``tiny-llama-yarn`` LlamaForCausalLM with yarn RoPE scaling (factor 4 over 128 original positions,
                    ``beta_fast`` 16): yarn's frequencies and attention factor end to end.
 
@@ -98,7 +107,7 @@ back into it:
                               rotary``, every weight as ``parametrizations.weight.original`` plus five tasks'
                               LoRA factors; mean pooling.
 
-The four decoders, the Qwen2 classifier and the InternLM2 reward model share one byte-level BPE
+The decoders, the Qwen2 classifier and the InternLM2 models share one byte-level BPE
 tokenizer trained on a fixed in-script corpus (with multi-byte UTF-8 text, so characters split across
 tokens). The BERT models share a lowercasing WordPiece tokenizer (``[PAD]`` = 0, ``[UNK]``, ``[CLS]``,
 ``[SEP]``, ``[MASK]``; pairs are ``[CLS] a [SEP] b [SEP]`` with token types 0 / 1) and the XLM-R models
@@ -487,7 +496,9 @@ DECODER_DEFAULTS: dict[str, Any] = {
 @dataclass(frozen=True)
 class DecoderBuilder:
     """A tiny decoder-only transformers model -- a causal LM, or a sequence classifier when ``generation`` is
-    None -- on the ChatML tokenizer: HF config/model classes plus overrides of the common shape."""
+    None -- on the ChatML tokenizer: HF config/model classes plus overrides of the common shape. A multimodal
+    model's ``config`` has a ``text_config``, which takes the common shape; ``published_names`` renames the saved
+    tensors' prefixes to how the family's checkpoints name them."""
 
     model_class: str
     config_class: str
@@ -495,10 +506,11 @@ class DecoderBuilder:
     config: dict[str, Any]
     generation: dict[str, Any] | None = field(default_factory=dict)
     max_shard_size: str | None = None
+    published_names: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_causal_lm(self) -> bool:
-        return self.model_class.endswith("ForCausalLM")
+        return not self.model_class.endswith("ForSequenceClassification")
 
     def spec(self) -> dict[str, Any]:
         """Everything the built folder depends on (hashed into the stamp)."""
@@ -510,6 +522,7 @@ class DecoderBuilder:
             "defaults": DECODER_DEFAULTS,
             "generation": self.generation,
             "max_shard_size": self.max_shard_size,
+            "published_names": self.published_names,
             "init": {"std": INIT_STD, "norm_std": NORM_STD, "bias_std": BIAS_STD},
             "tokenizer": tokenizer_spec("chatml"),
         }
@@ -524,12 +537,17 @@ class DecoderBuilder:
         vocab_size = padded_vocab_size(n_tokens)
         assert vocab_size > n_tokens, "expected unused vocabulary rows"
         overrides = json.loads(json.dumps(self.config))  # a copy: config classes standardize rope_parameters in place
-        config = getattr(transformers, self.config_class)(
-            **DECODER_DEFAULTS | {"vocab_size": vocab_size, "architectures": [self.model_class]} | overrides
-        )
+        shape = DECODER_DEFAULTS | {"vocab_size": vocab_size}
+        if "text_config" in overrides:
+            overrides["text_config"] = shape | overrides["text_config"]
+        else:
+            overrides = shape | overrides
+        config = getattr(transformers, self.config_class)(**{"architectures": [self.model_class]} | overrides)
         model = getattr(transformers, self.model_class)(config).to(torch.float32).eval()
         _init_weights(model, self.seed, n_tokens)
         model.save_pretrained(folder, max_shard_size=self.max_shard_size or "50GB")
+        if self.published_names:
+            _rename_tensors(folder / "model.safetensors", self.published_names)
         if self.generation is not None:
             transformers.GenerationConfig(
                 **{"bos_token_id": None, "eos_token_id": IM_END_ID, "pad_token_id": ENDOFTEXT_ID} | self.generation
@@ -542,6 +560,16 @@ class DecoderBuilder:
             return classifier_stats(folder)
         stats = asdict(greedy_stats(folder))
         return {key: float(value) for key, value in stats.items() if key != "continuations"}
+
+
+def _rename_tensors(path: Path, prefixes: tuple[tuple[str, str], ...]) -> None:
+    """Rewrite a safetensors file with each tensor name's first matching prefix replaced."""
+    from safetensors.numpy import load_file, save_file
+
+    def renamed(name: str) -> str:
+        return next((new + name[len(old) :] for old, new in prefixes if name.startswith(old)), name)
+
+    save_file({renamed(name): t for name, t in load_file(path).items()}, path, metadata={"format": "pt"})
 
 
 # microsoft/deberta-v3-base's attention settings, with position_buckets 256 / max_relative_positions 512 shrunk to
@@ -835,9 +863,10 @@ def unpack_wqkv(wqkv: Any, num_heads: int, num_kv_heads: int) -> tuple[Any, Any,
 
 
 @dataclass(frozen=True)
-class InternLM2RewardBuilder:
-    """A hand-written InternLM2ForRewardModel folder (the architecture is remote code, not in transformers).
-    With `published_layout`, laid out as `internlm/internlm2-1_8b-reward` is: `auto_map` entries pointing at remote
+class InternLM2Builder:
+    """A hand-written InternLM2 folder (the architecture is remote code, not in transformers): an
+    InternLM2ForRewardModel (`v_head`), or with `architectures` InternLM2ForCausalLM in `config` a causal LM
+    (`output` head, a generation config). With `published_layout`, laid out as `internlm/internlm2-1_8b-reward` is: `auto_map` entries pointing at remote
     code in config.json and tokenizer_config.json, and only a SentencePiece `tokenizer.model` (BOS added, no EOS),
     which only the remote code's InternLM2Tokenizer reads."""
 
@@ -859,7 +888,8 @@ class InternLM2RewardBuilder:
         h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
         head_dim = h // config["num_attention_heads"]
         qkv_rows = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
-        shapes = {"model.tok_embeddings.weight": (v, h), "model.norm.weight": (h,), "v_head.weight": (1, h)}
+        head = ("output.weight", (v, h)) if _is_internlm2_lm(config) else ("v_head.weight", (1, h))
+        shapes = {"model.tok_embeddings.weight": (v, h), "model.norm.weight": (h,), head[0]: head[1]}
         for n in range(config["num_hidden_layers"]):
             p = f"model.layers.{n}."
             shapes |= {
@@ -892,10 +922,20 @@ class InternLM2RewardBuilder:
         tensors["model.tok_embeddings.weight"][n_tokens:] = 0.0
         _write_json(folder / "config.json", config)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        if _is_internlm2_lm(config):
+            _write_json(folder / "generation_config.json", {"eos_token_id": config["eos_token_id"]})
 
     def stats(self, folder: Path) -> dict[str, float]:
         """``--check`` statistics of the built folder."""
+        if _is_internlm2_lm(_read_json(folder / "config.json")):
+            with tempfile.TemporaryDirectory() as tmp:
+                stats = asdict(greedy_stats(internlm2_llama_twin(folder, Path(tmp))))
+            return {key: float(value) for key, value in stats.items() if key != "continuations"}
         return reward_stats(folder)
+
+
+def _is_internlm2_lm(config: dict[str, Any]) -> bool:
+    return config["architectures"] == ["InternLM2ForCausalLM"]
 
 
 _JINA_CODE = "jinaai/jina-bert-implementation--"
@@ -1372,12 +1412,7 @@ def rope_encoder_reference(folder: Path, inputs: Sequence[Any], lora_task: str |
 
 BUILDERS: dict[
     str,
-    DecoderBuilder
-    | EncoderBuilder
-    | InternLM2RewardBuilder
-    | RopeEncoderBuilder
-    | Qwen2RewardBuilder
-    | JinaBertBuilder,
+    DecoderBuilder | EncoderBuilder | InternLM2Builder | RopeEncoderBuilder | Qwen2RewardBuilder | JinaBertBuilder,
 ] = {
     "tiny-llama": DecoderBuilder(
         model_class="LlamaForCausalLM",
@@ -1528,6 +1563,55 @@ BUILDERS: dict[
         seed=6,
         config={"head_dim": 32, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
     ),
+    "tiny-gemma3-mm": DecoderBuilder(
+        model_class="Gemma3ForConditionalGeneration",
+        config_class="Gemma3Config",
+        seed=10,
+        config={
+            "text_config": {
+                "head_dim": 16,
+                "query_pre_attn_scalar": 16,
+                "sliding_window": 16,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                },
+                "hidden_activation": "gelu_pytorch_tanh",
+            },
+            "vision_config": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 14,
+            },
+            "mm_tokens_per_image": 4,
+        },
+        published_names=(("model.language_model.", "language_model.model."), ("model.", "")),
+    ),
+    "tiny-granite": DecoderBuilder(
+        model_class="GraniteForCausalLM",
+        config_class="GraniteConfig",
+        seed=40,
+        config={
+            "tie_word_embeddings": True,
+            "embedding_multiplier": 4.0,
+            "attention_multiplier": 0.5,
+            "residual_multiplier": 0.5,
+            "logits_scaling": 0.5,
+        },
+    ),
+    "tiny-olmo2": DecoderBuilder(
+        model_class="Olmo2ForCausalLM", config_class="Olmo2Config", seed=38, config={"tie_word_embeddings": False}
+    ),
+    "tiny-smollm3": DecoderBuilder(
+        model_class="SmolLM3ForCausalLM",
+        config_class="SmolLM3Config",
+        seed=39,
+        config={"tie_word_embeddings": True, "no_rope_layers": [1, 0]},
+    ),
     "tiny-bert-mean": EncoderBuilder(
         model_class="BertModel",
         config_class="BertConfig",
@@ -1626,8 +1710,12 @@ BUILDERS: dict[
     "tiny-qwen2-prm": Qwen2RewardBuilder(
         "Qwen2ForProcessRewardModel", seed=31, num_labels=2, extra_tokens=(PRM_STEP_TAG,)
     ),
-    "tiny-internlm2-reward": InternLM2RewardBuilder(seed=17),
-    "tiny-internlm2-reward-published": InternLM2RewardBuilder(seed=21, published_layout=True),
+    "tiny-internlm2-reward": InternLM2Builder(seed=17),
+    "tiny-internlm2-reward-published": InternLM2Builder(seed=21, published_layout=True),
+    "tiny-internlm2": InternLM2Builder(
+        seed=23,
+        config={"architectures": ["InternLM2ForCausalLM"], "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+    ),
     "tiny-bge-m3": EncoderBuilder(
         model_class="XLMRobertaModel",
         config_class="XLMRobertaConfig",
@@ -1807,17 +1895,18 @@ def build_test_models(out_dir: Path, names: Iterable[str] | None = None) -> dict
     return paths
 
 
-def internlm2_reward_reference(folder: Path, token_ids: list[int]) -> Any:
-    """Per-token rewards [n_tokens] (numpy float32) of a ``tiny-internlm2-reward`` style folder: its weights
-    unpacked into a float32 ``transformers.LlamaModel`` of the same shape, then ``v_head`` on every position."""
-    import numpy as np
-    import torch
+def _internlm2_as_llama(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """An InternLM2 folder's shape as a float32 ``transformers.LlamaConfig``, and its backbone's weights (numpy)
+    under ``transformers.LlamaModel``'s names, ``wqkv`` unpacked."""
     import transformers
     from safetensors.numpy import load_file
 
     config = _read_json(Path(folder) / "config.json")
     weights = load_file(Path(folder) / "model.safetensors")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    rope = {"rope_type": "default"} | {
+        ("rope_type" if key == "type" else key): value for key, value in (config.get("rope_scaling") or {}).items()
+    }
     llama_config = transformers.LlamaConfig(
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
@@ -1828,9 +1917,12 @@ def internlm2_reward_reference(folder: Path, token_ids: list[int]) -> Any:
         hidden_act=config["hidden_act"],
         rms_norm_eps=config["rms_norm_eps"],
         max_position_embeddings=config["max_position_embeddings"],
-        rope_parameters={"rope_type": "default", "rope_theta": float(config["rope_theta"])},
+        rope_parameters=rope | {"rope_theta": float(config["rope_theta"])},
         attention_bias=config["bias"],
         mlp_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=config["bos_token_id"],
+        eos_token_id=config["eos_token_id"],
         pad_token_id=config["pad_token_id"],
         dtype="float32",
     )
@@ -1849,12 +1941,44 @@ def internlm2_reward_reference(folder: Path, token_ids: list[int]) -> Any:
             dst + "input_layernorm.weight": weights[src + "attention_norm.weight"],
             dst + "post_attention_layernorm.weight": weights[src + "ffn_norm.weight"],
         }
+    return llama_config, state | {name: weights[name] for name in ("output.weight", "v_head.weight") if name in weights}
+
+
+def internlm2_reward_reference(folder: Path, token_ids: list[int]) -> Any:
+    """Per-token rewards [n_tokens] (numpy float32) of a ``tiny-internlm2-reward`` style folder: its weights
+    unpacked into a float32 ``transformers.LlamaModel`` of the same shape, then ``v_head`` on every position."""
+    import numpy as np
+    import torch
+    import transformers
+
+    llama_config, state = _internlm2_as_llama(folder)
+    v_head = state.pop("v_head.weight")
     model = transformers.LlamaModel(llama_config).to(torch.float32).eval()
     model.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(w)) for name, w in state.items()}, strict=True)
     with torch.no_grad():
         hidden = model(torch.tensor([list(token_ids)])).last_hidden_state[0]
-        rewards = hidden @ torch.from_numpy(weights["v_head.weight"]).T
+        rewards = hidden @ torch.from_numpy(v_head).T
     return rewards[:, 0].numpy()
+
+
+def internlm2_llama_twin(folder: Path, out: Path) -> Path:
+    """``out``: a ``transformers.LlamaForCausalLM`` folder (config, weights, tokenizer, generation config) computing
+    what a ``tiny-internlm2`` style causal LM folder computes: the reference HF runs for InternLM2."""
+    import numpy as np
+    import torch
+    import transformers
+
+    llama_config, state = _internlm2_as_llama(folder)
+    state = {"model." + name: w for name, w in state.items() if name != "output.weight"} | {
+        "lm_head.weight": state["output.weight"]
+    }
+    llama_config.architectures = ["LlamaForCausalLM"]
+    model = transformers.LlamaForCausalLM(llama_config).to(torch.float32).eval()
+    model.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(w)) for name, w in state.items()}, strict=True)
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    shutil.copy(Path(folder) / "generation_config.json", out / "generation_config.json")
+    return out
 
 
 def qwen2_reward_reference(folder: Path, token_ids: list[int]) -> Any:

@@ -5,12 +5,14 @@ phi.py, qwen.py, base.py), restated, not copied:
 * metadata: block count, context / embedding / feed-forward lengths, head counts, key length (when the config has a
   `head_dim`), RMS epsilon, RoPE base and dimension count; linear and yarn RoPE scaling as `rope.scaling.*` keys;
   expert counts and widths for the MoE families; Gemma 2's soft-caps and sliding window (no RoPE base, no query
+  scale); Gemma 3's sliding window, final soft-cap (when it has one) and RoPE per layer type: the global layers'
+  base and scaling as any family's, the sliding layers' base as `rope.freq_base_swa` (no layer pattern, no query
   scale); Phi-3's original context length, rotary dimensions int(partial_rotary_factor * hidden) // heads, sliding
   window (0 for none) and longrope attention factor;
 * tensors: names from gguf's own HF → GGUF table; Q/K rows (and biases) of `llama` files permuted for llama.cpp's
-  interleaved RoPE (K with the KV head count); Gemma's norm weights stored as 1 + w and its lm_head dropped; experts
-  stacked per layer ([experts, out, in]); llama3 RoPE scaling as a `rope_freqs` tensor of per-frequency divisors;
-  Phi-3's longrope factors as `rope_factors_long` / `rope_factors_short`;
+  interleaved RoPE (K with the KV head count); Gemma's norm weights (Gemma 3's Q/K norms too) stored as 1 + w and
+  its lm_head dropped; experts stacked per layer ([experts, out, in]); llama3 RoPE scaling as a `rope_freqs` tensor
+  of per-frequency divisors; Phi-3's longrope factors as `rope_factors_long` / `rope_factors_short`;
 * tokenizer: the byte-level BPE vocabulary padded to vocab_size with `[PAD<i>]` tokens, special tokens CONTROL.
 
 Matrices are stored as `qtype` (F32 by default) when their rows split into whole blocks; vectors stay F32."""
@@ -28,6 +30,7 @@ from safetensors.numpy import load_file
 
 F32 = gguf.GGMLQuantizationType.F32
 
+GEMMA = ("gemma", "gemma2", "gemma3")
 GGUF_ARCH = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -38,6 +41,7 @@ GGUF_ARCH = {
     "Qwen3MoeForCausalLM": "qwen3moe",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
 }
 # stacked experts: the per-expert HF tensor of each projection, and the stacked name gguf's table maps
@@ -93,6 +97,8 @@ def _write_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> None:
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     rope = rope_params(config)
+    local = rope.get("sliding_attention")  # Gemma 3's parameters per layer type
+    rope = rope.get("full_attention", rope)
     if arch == "phi3":
         rotary = int(config.get("partial_rotary_factor", 1.0) * hidden) // heads
         original = config["original_max_position_embeddings"]
@@ -113,6 +119,11 @@ def _write_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> None:
             writer.add_final_logit_softcapping(config["final_logit_softcapping"])
             writer.add_sliding_window(config["sliding_window"])
         return
+    if arch == "gemma3":
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_rope_freq_base_swa(local["rope_theta"])
+        if config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
     if arch == "llama":
         writer.add_vocab_size(config["vocab_size"])
@@ -176,7 +187,7 @@ def _gguf_tensors(arch: str, config: dict, state: dict, names: gguf.TensorNameMa
     count = config.get("num_local_experts") or config.get("num_experts") or 0
     dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config["num_hidden_layers"])
     for name, value in state.items():
-        if arch in ("gemma", "gemma2") and name == "lm_head.weight":
+        if arch in GEMMA and name == "lm_head.weight":
             continue
         if ".experts." in name:
             if ".experts.0." not in name:
@@ -190,7 +201,7 @@ def _gguf_tensors(arch: str, config: dict, state: dict, names: gguf.TensorNameMa
             n_head = heads if ".q_proj." in name else kv_heads
             rows = value.shape[0] // n_head // 2
             value = value.reshape(n_head, 2, rows, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
-        if arch in ("gemma", "gemma2") and name.endswith("norm.weight"):
+        if arch in GEMMA and name.endswith("norm.weight"):
             value = value + np.float32(1.0)
         base, _, suffix = name.rpartition(".")
         # tiny-qwen2-moe's dense layer (mlp_only_layers), which llama.cpp's qwen2moe cannot hold: named as the dense

@@ -268,7 +268,7 @@ def perturbed(values: np.ndarray) -> np.ndarray:
     [
         ("llama", {"rope_freqs.weight": (None, perturbed(llama31_rope_freqs()))}, "matches no llama3 RoPE scaling"),
         ("llama", {"rope_freqs.weight": (None, np.ones(HEAD_DIM, np.float32))}, "not one per rotary frequency"),
-        ("gemma3", {}, "'gemma3' is not supported"),
+        ("gemma3n", {}, "'gemma3n' is not supported"),
     ],
 )
 def test_unsupported_files_are_refused(tmp_path, arch, extra, message):
@@ -435,6 +435,50 @@ def test_unsupported_rope_scaling_is_refused(llama_metadata, scaling, message):
         hf_config(metadata, {"output.weight"})
 
 
+@pytest.mark.parametrize(
+    ("layers", "hidden", "heads", "head_dim", "window", "scalar"),
+    [(62, 5376, 32, 128, 1024, 168), (48, 3840, 16, 256, 1024, 256), (48, 3840, 16, 256, 0, 256)],
+    ids=["27B", "12B", "12B-no-window"],
+)
+def test_gemma3_derives_what_llama_cpp_does(layers, hidden, heads, head_dim, window, scalar):
+    """What a Gemma 3 file leaves to llama.cpp's loader, at the published shapes: every 6th layer global (HF's
+    default layout too), none without a window; the attention scale hidden / heads for the 62-layer 27B, head_dim
+    otherwise; the sliding layers' RoPE at base 10000 without the global layers' linear scaling."""
+    from transformers import Gemma3TextConfig
+
+    from jaxserve.models.llama import DecoderConfig
+
+    metadata = {
+        "general.architecture": "gemma3",
+        "gemma3.block_count": layers,
+        "gemma3.embedding_length": hidden,
+        "gemma3.feed_forward_length": 4 * hidden,
+        "gemma3.attention.head_count": heads,
+        "gemma3.attention.key_length": head_dim,
+        "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+        "gemma3.attention.sliding_window": window,
+        "gemma3.context_length": 131072,
+        "gemma3.rope.freq_base": 1e6,
+        "gemma3.rope.scaling.type": "linear",
+        "gemma3.rope.scaling.factor": 8.0,
+        "tokenizer.ggml.tokens": ["<pad>"],
+    }
+    config = hf_config(metadata, set())
+    assert config["layer_types"] == (
+        Gemma3TextConfig(num_hidden_layers=layers).layer_types if window else ["full_attention"] * layers
+    )
+    assert config["query_pre_attn_scalar"] == scalar
+    assert config["rope_parameters"] == {
+        "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    decoder = DecoderConfig.from_hf(Gemma3TextConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    windows = [None if i % 6 == 5 or not window else window for i in range(layers)]  # layers 5, 11, ... global
+    assert [decoder.layer_window(i) for i in range(layers)] == windows
+    assert decoder.sm_scale == scalar**-0.5
+    assert (decoder.rope.factor, decoder.local_rope.theta, decoder.local_rope.rope_type) == (8.0, 10000.0, "default")
+
+
 # --- more families: the tiny HF models of scripts/make_test_models.py written as llama.cpp writes them ------------
 #
 # (tests/gguf_from_hf.py), converted back, and compared with the original folder: what jaxserve reads from the
@@ -449,6 +493,7 @@ FAMILIES = {
     "tiny-llama-linear": 2e-5,  # tiny-llama with linear RoPE scaling (factor 2) instead
     "tiny-gemma": None,
     "tiny-gemma2": 2e-5,  # with query_pre_attn_scalar = head_dim: a GGUF has none, llama.cpp uses head_dim
+    "tiny-gemma3": 2e-5,  # both layers sliding, as llama.cpp runs 2 layers; the global RoPE through the config
     "tiny-phi3": 2e-5,  # longrope factors as tensors, partial rotary, sliding window
     "tiny-mixtral": 5e-5,  # a `llama` file with experts
     "tiny-qwen2-moe": 5e-5,  # a shared expert, a dense layer
@@ -461,6 +506,8 @@ REFERENCE_EDITS = {
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
     ),
     "tiny-gemma2": ("tiny-gemma2", {"query_pre_attn_scalar": 16}),
+    # llama.cpp makes every 6th Gemma 3 layer global (a GGUF stores no layer pattern): of 2, none
+    "tiny-gemma3": ("tiny-gemma3", {"layer_types": ["sliding_attention"] * 2}),
 }
 
 

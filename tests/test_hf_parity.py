@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxserve import SamplingParams
 from jaxserve.kernels_pallas import REFERENCE_KERNELS, Kernels, kv_cache_shape, select_kernels
+from jaxserve.model_source import load_hf_config
 from jaxserve.models.batch import RaggedBatch
 from jaxserve.models.registry import causal_lm_class, create_causal_lm
 from jaxserve.weights import load_weights
@@ -47,11 +48,12 @@ def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, **proce
 
 
 def jax_model(folder, kernels: Kernels = REFERENCE_KERNELS):
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = load_hf_config(folder)  # as the engine reads it (InternLM2's remote-code config too)
     skeleton = nnx.eval_shape(lambda: create_causal_lm(config, dtype=jnp.float32, rngs=nnx.Rngs(0), kernels=kernels))
     derive = getattr(causal_lm_class(config), "derived_tensors", None)  # as the engine loads (MoE experts stacked)
     extra = derive(folder, config) if derive else None
-    return load_weights(skeleton, folder, jnp.float32, extra=extra, progress=False)
+    aliases, renames = getattr(skeleton, "CHECKPOINT_ALIASES", {}), getattr(skeleton, "CHECKPOINT_RENAMES", {})
+    return load_weights(skeleton, folder, jnp.float32, extra=extra, aliases=aliases, renames=renames, progress=False)
 
 
 def run_steps(model, token_ids: list[int], chunks: list[int], page_size: int = 16) -> np.ndarray:
@@ -82,13 +84,14 @@ def run_steps(model, token_ids: list[int], chunks: list[int], page_size: int = 1
     return np.concatenate(logits)
 
 
-def check_logits_match_hf(folder, kernels: Kernels, atol: float = 2e-5) -> None:
-    """`atol`: the tolerance, as a fraction of the largest |logit|."""
+def check_logits_match_hf(folder, kernels: Kernels, atol: float = 2e-5, reference=None) -> None:
+    """`atol`: the tolerance, as a fraction of the largest |logit|; `reference`: the folder HF loads, where it is
+    not `folder` (a remote-code family's weights as an HF architecture)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(PROMPTS[3] + " " + PROMPTS[1]).input_ids
     ids = (ids * 3)[:70]  # 70 tokens: crosses pages, and Mistral's 32-token sliding window
     with torch.no_grad():
-        expected = hf_model(folder)(torch.tensor([ids])).logits[0].numpy()
+        expected = hf_model(reference or folder)(torch.tensor([ids])).logits[0].numpy()
     # a 23-token prefill chunk, a 17-token chunk, then one decode step per token
     got = run_steps(jax_model(folder, kernels), ids, [23, 17] + [1] * 30)
     scale = np.abs(expected).max()
@@ -96,9 +99,9 @@ def check_logits_match_hf(folder, kernels: Kernels, atol: float = 2e-5) -> None:
     assert expected.std(axis=-1).min() > 1.0  # the logits really differ between tokens
 
 
-def check_greedy_generation_matches_hf(folder, llm) -> None:
+def check_greedy_generation_matches_hf(folder, llm, reference=None) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    expected = hf_greedy(hf_model(folder), tokenizer, PROMPTS, 32)
+    expected = hf_greedy(hf_model(reference or folder), tokenizer, PROMPTS, 32)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outputs]
     assert got == expected

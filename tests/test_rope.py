@@ -246,14 +246,14 @@ def test_phi_configs_as_published():
         sliding_window=262144,
     )
     cfg = DecoderConfig.from_hf(mini)
-    assert (cfg.fused_qkv, cfg.fused_gate_up, cfg.tie_word_embeddings) == (True, True, True)
+    assert (cfg.fused_qkv, cfg.fused_gate_up, cfg.tie_word_embeddings) == ("stacked", True, True)
     assert (cfg.head_dim, cfg.rotary_dim, len(cfg.rope.long_factor)) == (64, 48, 24)
     assert (cfg.rope.rope_type, cfg.rope.original_max_position_embeddings) == ("longrope", 4096)
     assert cfg.rope.factor == 32.0 and cfg.layer_windows == (262144,)
     phi4 = DecoderConfig.from_hf(phi3(None, max_position_embeddings=16384, original=16384, rope_theta=250000.0))
     assert (phi4.rope.rope_type, phi4.rope.theta, phi4.rotary_dim, phi4.layer_windows) == ("default", 250000.0, 64, ())
     llama_cfg = DecoderConfig.from_hf(CASES["yarn"]())
-    assert (llama_cfg.fused_qkv, llama_cfg.fused_gate_up) == (False, False)
+    assert (llama_cfg.fused_qkv, llama_cfg.fused_gate_up) == (None, False)
     # HF's Llama-family modules other than Phi-3's rotate whole heads whatever partial_rotary_factor says
     partial = llama({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
     assert RopeConfig.from_hf(partial).rotary_dim(HEAD_DIM) == 32 and DecoderConfig.from_hf(partial).rotary_dim == 64
