@@ -34,7 +34,7 @@ def kv_cache_shape(
     return (num_pages, page_size, 2 * num_kv_heads, head_dim)
 
 
-_RAGGED_STATIC = ("sm_scale", "sliding_window", "soft_cap")
+_RAGGED_STATIC = ("sm_scale", "sliding_window", "soft_cap", "causal")
 _VARLEN_STATIC = ("sm_scale", "causal", "sliding_window", "soft_cap")
 _POOL_STATIC = ("mode",)
 
@@ -48,7 +48,8 @@ segment_pool = jax.jit(segment_pool_reference, static_argnames=_POOL_STATIC)
 class Kernels:
     """The kernels one engine's models call, all jitted so that a model traces each once per shape. On the
     Pallas sets, a `varlen_attention` call that carries a `relative_bias` runs the reference whatever the
-    backend (`_relative_bias_to_reference`)."""
+    backend (`_relative_bias_to_reference`). `ragged_paged_attention(q, None, None, kv_pages, ..., causal=False)`
+    is the read-only cross-attention call (see its module docstring)."""
 
     backend: str
     ragged_paged_attention: Callable

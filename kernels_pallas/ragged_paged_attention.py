@@ -16,6 +16,11 @@ position (so causal over the new tokens, full over the cache), within `sliding_w
 Returns (out [T, Hq, D] in q's dtype, kv_pages with the new K/V written). Padding tokens write nothing and
 come out as zeros.
 
+With `causal=False` the call only reads (cross-attention over K/V written into the pages beforehand, e.g. an
+encoder's by `write_kv_pages`): k and v are None, kv_lens[s] counts the keys already in sequence s's pages, every
+query token of s sees all of them, with no mask and no window, and kv_pages comes back unchanged (the same
+array, so that both modes return (out, kv_pages)).
+
 This file holds the pure-`jnp` reference. It attends in two parts under one online softmax: the cached
 context, read from the pages in blocks of positions up to the longest cached context in the step, and the
 step's own new tokens, read straight from k/v in blocks of keys. So a fresh prefill never gathers from the
@@ -54,13 +59,23 @@ def _kv_block_pages(num_tokens: int, page_size: int, pages_per_seq: int, row_ele
     return max(1, min(pages_per_seq, fit, _MAX_BLOCK_TOKENS // page_size))
 
 
-def padded_to_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_head_dim: int):
+def padded_to_cache(q: jax.Array, k: jax.Array | None, v: jax.Array | None, cache_head_dim: int):
     """q, k, v zero-padded to the cache's head dim (kv_cache_shape pads it on TPU); scores and the used lanes of
-    the output are unchanged by the zeros."""
+    the output are unchanged by the zeros. None (a read-only call's k and v) stays None."""
     pad = cache_head_dim - q.shape[-1]
     if pad == 0:
         return q, k, v
-    return tuple(jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in (q, k, v))
+    return tuple(None if x is None else jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in (q, k, v))
+
+
+def check_mode(k: jax.Array | None, v: jax.Array | None, causal: bool, sliding_window: int | None) -> None:
+    """A causal call writes k and v; a non-causal one only reads the cache, so it takes neither, nor a window."""
+    if causal and (k is None or v is None):
+        raise ValueError("ragged_paged_attention needs k and v unless causal=False (a read-only call).")
+    if not causal and (k is not None or v is not None):
+        raise ValueError("ragged_paged_attention with causal=False only reads the cache: pass k=None and v=None.")
+    if not causal and sliding_window is not None:
+        raise ValueError(f"ragged_paged_attention with causal=False takes no sliding window; got {sliding_window}.")
 
 
 def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
@@ -84,8 +99,8 @@ def token_layout(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, 
 
 def ragged_paged_attention_reference(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array | None,
     kv_pages: jax.Array,
     kv_lens: jax.Array,
     block_table: jax.Array,
@@ -95,7 +110,9 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
+    check_mode(k, v, causal, sliding_window)
     model_head_dim = q.shape[-1]
     q, k, v = padded_to_cache(q, k, v, kv_pages.shape[-1])
     num_tokens, num_q_heads, head_dim = q.shape
@@ -105,14 +122,17 @@ def ragged_paged_attention_reference(
     pages_per_seq = block_table.shape[1]
 
     seq, position, real = token_layout(kv_lens, cu_q_lens, num_seqs, num_tokens)
-    safe_position = jnp.maximum(position, 0)
-    page = block_table[seq, safe_position // page_size]
-    slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
-    kv_pages = write_kv_pages(kv_pages, k, v, slots)
+    if causal:
+        safe_position = jnp.maximum(position, 0)
+        page = block_table[seq, safe_position // page_size]
+        slots = jnp.where(real, page * page_size + safe_position % page_size, kv_pages.shape[0] * page_size)
+        kv_pages = write_kv_pages(kv_pages, k, v, slots)
+        cached = (kv_lens - (cu_q_lens[1:] - cu_q_lens[:-1]))[seq]  # [T] cached positions of each token's sequence
+    else:
+        cached = kv_lens[seq]  # read-only: every key is in the pages
 
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
     lowest = position - sliding_window + 1 if sliding_window else jnp.zeros_like(position)
-    cached = (kv_lens - (cu_q_lens[1:] - cu_q_lens[:-1]))[seq]  # [T] cached positions of each token's sequence
 
     # 1. the cached context, gathered from the pages per token
     block_pages = _kv_block_pages(num_tokens, page_size, pages_per_seq, two_hkv * head_dim)
@@ -140,21 +160,22 @@ def ragged_paged_attention_reference(
 
     # 2. the step's new tokens: causal within each sequence, keys shared by every query (_online_softmax.py,
     # the same walk as varlen_attention's)
-    carry = attend_packed_keys(
-        carry,
-        qg,
-        k,
-        v,
-        seq,
-        position,
-        real,
-        (cu_q_lens[seq], cu_q_lens[seq + 1]),
-        cu_q_lens[num_seqs[0]],
-        block=min(num_tokens, _MAX_BLOCK_TOKENS),
-        causal=True,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-    )
+    if causal:
+        carry = attend_packed_keys(
+            carry,
+            qg,
+            k,
+            v,
+            seq,
+            position,
+            real,
+            (cu_q_lens[seq], cu_q_lens[seq + 1]),
+            cu_q_lens[num_seqs[0]],
+            block=min(num_tokens, _MAX_BLOCK_TOKENS),
+            causal=True,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
     out = finish(carry).reshape(num_tokens, num_q_heads, head_dim)[..., :model_head_dim]
     return out.astype(q.dtype), kv_pages
 
@@ -172,6 +193,9 @@ def ragged_paged_attention_reference(
 #
 # Split-K: with few programs (small decode batches), the cached pages of each block are divided among
 # `num_splits` programs, each leaving its normalized output and log-sum-exp, which `_combine_splits` merges.
+#
+# A read-only call (causal=False) is the same walk with every key counted as cached (kv_lens) and no new keys: the
+# kernel takes no kv_new, writes nothing, and does not alias the cache to an output.
 
 _MIN_ROWS = 16  # query rows per program a tensor-core matmul wants at least
 _MAX_ROWS = 128  # and at most: the accumulator lives in registers
@@ -201,12 +225,13 @@ def default_num_splits(num_blocks: int, num_kv_heads: int) -> int:
     return max(1, min(_MAX_SPLITS, pl.next_power_of_2(-(-_TARGET_PROGRAMS // (num_blocks * num_kv_heads)))))
 
 
-def _query_blocks(kv_lens, cu_q_lens, num_seqs, num_blocks: int, block_q: int):
+def _query_blocks(kv_lens, cu_q_lens, num_seqs, num_blocks: int, block_q: int, causal: bool):
     """Per aligned query block: (sequence, its first new token, its token count, 0 for an unused block); per
-    sequence: (cached tokens, first block). Sequences past num_seqs own no tokens and no blocks."""
+    sequence: (cached tokens, first block). Sequences past num_seqs own no tokens and no blocks. A read-only
+    (non-causal) call's keys are all cached: kv_lens of them."""
     in_use = jnp.arange(kv_lens.shape[0]) < num_seqs[0]
     q_lens = jnp.where(in_use, cu_q_lens[1:] - cu_q_lens[:-1], 0)
-    cached = jnp.where(in_use, kv_lens - q_lens, 0)
+    cached = jnp.where(in_use, kv_lens - q_lens if causal else kv_lens, 0)
     blocks = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(blocks)
     first_block = ends - blocks
@@ -219,12 +244,15 @@ def _query_blocks(kv_lens, cu_q_lens, num_seqs, num_blocks: int, block_q: int):
 
 def _ragged_kernel(
     block_seq_ref, block_first_ref, block_count_ref, seq_cached_ref, seq_first_block_ref, block_table_ref,
-    q_ref, kv_new_ref, kv_pages_ref, *out_refs, group, block_q, page_size, pages_per_block, num_splits, sm_scale,
-    sliding_window, soft_cap,
+    q_ref, *refs, group, block_q, page_size, pages_per_block, num_splits, sm_scale, sliding_window, soft_cap, causal,
 ):  # fmt: skip
     """One (query block, KV head, split): attend over the split's share of the cached pages, then (last split)
-    over the new keys up to each row's own position; in split 0, write the block's new K/V into their pages."""
-    out_ref, *lse_ref, kv_out_ref = out_refs
+    over the new keys up to each row's own position; in split 0, write the block's new K/V into their pages.
+    Read-only (not causal): the cached pages alone, every row seeing every key, and no kv_new ref, no write."""
+    if causal:
+        kv_new_ref, kv_pages_ref, out_ref, *lse_ref, kv_out_ref = refs
+    else:
+        kv_pages_ref, out_ref, *lse_ref = refs
     block, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq, first, count = block_seq_ref[block], block_first_ref[block], block_count_ref[block]
     cached = seq_cached_ref[seq]
@@ -242,7 +270,9 @@ def _ragged_kernel(
         k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
         key_real = k_pos < limit
         v = jnp.where(jnp.transpose(key_real), v, 0)  # stale slots may hold NaN
-        visible = row_real & key_real & (k_pos <= q_pos)
+        visible = row_real & key_real
+        if causal:
+            visible &= k_pos <= q_pos
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window
         return kernel_step(carry, q, k, v, visible, soft_cap)
@@ -266,27 +296,31 @@ def _ragged_kernel(
     carry = kernel_init(num_rows, q.shape[1])
     carry = jax.lax.fori_loop(split_start, jnp.minimum(split_start + per_split, last_kv_block), cached_block, carry)
 
-    def new_block(b, carry):
-        index = seq_first_block_ref[seq] + b
-        k, v = kv_new_ref[index, :, 2 * head, :], kv_new_ref[index, :, 2 * head + 1, :]
-        return attend(k, v, cached + b * block_q, cached + first + count, carry)
+    if causal:
 
-    first_new = jnp.maximum(lowest - cached, 0) // block_q
-    last_new = jnp.where((split == num_splits - 1) & (count > 0), (first + count - 1) // block_q + 1, first_new)
-    carry = jax.lax.fori_loop(first_new, last_new, new_block, carry)
+        def new_block(b, carry):
+            index = seq_first_block_ref[seq] + b
+            k, v = kv_new_ref[index, :, 2 * head, :], kv_new_ref[index, :, 2 * head + 1, :]
+            return attend(k, v, cached + b * block_q, cached + first + count, carry)
+
+        first_new = jnp.maximum(lowest - cached, 0) // block_q
+        last_new = jnp.where((split == num_splits - 1) & (count > 0), (first + count - 1) // block_q + 1, first_new)
+        carry = jax.lax.fori_loop(first_new, last_new, new_block, carry)
 
     out_ref[...] = kernel_finish(carry, row_real).astype(out_ref.dtype)
     if lse_ref:
         m, l, _ = carry
         lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), KERNEL_MASKED)
 
-    def write(j, carry):
-        position = cached + first + j
-        page = block_table_ref[seq, position // page_size]
-        kv_out_ref[page, position % page_size, pl.ds(2 * head, 2), :] = kv_new_ref[block, j, pl.ds(2 * head, 2), :]
-        return carry
+    if causal:
 
-    jax.lax.fori_loop(0, jnp.where(split == 0, count, 0), write, 0)
+        def write(j, carry):
+            position = cached + first + j
+            page = block_table_ref[seq, position // page_size]
+            kv_out_ref[page, position % page_size, pl.ds(2 * head, 2), :] = kv_new_ref[block, j, pl.ds(2 * head, 2), :]
+            return carry
+
+        jax.lax.fori_loop(0, jnp.where(split == 0, count, 0), write, 0)
 
 
 def _combine_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
@@ -297,8 +331,8 @@ def _combine_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
 
 def ragged_paged_attention_pallas(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array | None,
     kv_pages: jax.Array,
     kv_lens: jax.Array,
     block_table: jax.Array,
@@ -308,6 +342,7 @@ def ragged_paged_attention_pallas(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal: bool = True,
     block_q: int | None = None,
     num_splits: int | None = None,
     pages_per_block: int | None = None,
@@ -319,7 +354,9 @@ def ragged_paged_attention_pallas(
     above: `block_q` query tokens per program, `num_splits` splits of the cached context, `pages_per_block`
     cache pages per online-softmax step. `platform` picks the lowering (`_lowering.lowering_platform`); on TPU
     `ragged_paged_attention_tpu` moves the pages by DMA (one program per block and head in order, so no
-    split-K)."""
+    split-K). A read-only call (causal=False) neither takes nor aliases the cache as an output: it returns the
+    kv_pages it was given."""
+    check_mode(k, v, causal, sliding_window)
     model_head_dim = q.shape[-1]
     q, k, v = padded_to_cache(q, k, v, kv_pages.shape[-1])
     num_tokens, num_q_heads, head_dim = q.shape
@@ -335,7 +372,7 @@ def ragged_paged_attention_pallas(
     block_table = jnp.pad(block_table, ((0, 0), (0, -block_table.shape[1] % pages_per_block)))  # whole blocks
 
     (block_seq, block_first, block_count), (seq_cached, seq_first_block) = _query_blocks(
-        kv_lens, cu_q_lens, num_seqs, num_blocks, block_q
+        kv_lens, cu_q_lens, num_seqs, num_blocks, block_q, causal
     )
     # token slot of every aligned query slot (num_tokens: empty, read as zeros), and aligned slot of every token
     c = jnp.arange(block_q, dtype=jnp.int32)
@@ -350,16 +387,20 @@ def ragged_paged_attention_pallas(
 
     q_rows = aligned(q).reshape(num_blocks, block_q, num_kv_heads, group, head_dim).swapaxes(1, 2)
     q_rows = q_rows.reshape(num_blocks, num_kv_heads, num_rows, head_dim)
-    kv_new = aligned(jnp.stack([k, v], axis=2).reshape(num_tokens, two_hkv, head_dim).astype(kv_pages.dtype))
-    if on_tpu:  # per head: [blocks, Hkv, block_q, 2, D], so that a block's rows of one head are a legal tile
-        kv_new = kv_new.reshape(num_blocks, block_q, num_kv_heads, 2, head_dim).swapaxes(1, 2)
+    kv_new = None  # a read-only call has no new K/V
+    if causal:
+        kv_new = aligned(jnp.stack([k, v], axis=2).reshape(num_tokens, two_hkv, head_dim).astype(kv_pages.dtype))
+        if on_tpu:  # per head: [blocks, Hkv, block_q, 2, D], so that a block's rows of one head are a legal tile
+            kv_new = kv_new.reshape(num_blocks, block_q, num_kv_heads, 2, head_dim).swapaxes(1, 2)
+        else:
+            kv_new = kv_new.reshape(num_blocks, block_q, two_hkv, head_dim)
+    if on_tpu:
         out, kv_pages = tpu.ragged_attention_tpu(
             block_seq, block_first, block_count, seq_cached, block_table, q_rows, kv_new, kv_pages,
             group=group, pages_per_block=pages_per_block, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, interpret=interpret,
         )  # fmt: skip
         return _unaligned(out, target, real, num_q_heads)[..., :model_head_dim], kv_pages
-    kv_new = kv_new.reshape(num_blocks, block_q, two_hkv, head_dim)
 
     rows_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, num_rows, head_dim), lambda i, h, s: (i, h, 0, 0))
     split_spec = pl.BlockSpec((pl.squeezed,) * 3 + (num_rows, head_dim), lambda i, h, s: (s, i, h, 0, 0))
@@ -385,17 +426,23 @@ def ragged_paged_attention_pallas(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        causal=causal,
     )
-    *outs, kv_pages = pl.pallas_call(
+    # a causal call also takes the new K/V and returns the cache written, aliased to its input
+    kv_operands = [kv_new, kv_pages] if causal else [kv_pages]
+    cache_out = [jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)] if causal else []
+    outs = pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads, num_splits),
-        in_specs=[whole] * 6 + [rows_spec, whole, whole],
-        out_specs=[*out_specs, whole],
-        out_shape=[*out_shapes, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)],
-        input_output_aliases={8: len(out_shapes)},
+        in_specs=[whole] * 6 + [rows_spec] + [whole] * len(kv_operands),
+        out_specs=[*out_specs] + [whole] * len(cache_out),
+        out_shape=[*out_shapes, *cache_out],
+        input_output_aliases={8: len(out_shapes)} if causal else {},
         interpret=interpret,
         compiler_params=compiler_params(platform),
-    )(block_seq, block_first, block_count, seq_cached, seq_first_block, block_table, q_rows, kv_new, kv_pages)
+    )(block_seq, block_first, block_count, seq_cached, seq_first_block, block_table, q_rows, *kv_operands)
+    if causal:
+        *outs, kv_pages = outs
     out = outs[0] if num_splits == 1 else _combine_splits(*outs).astype(q.dtype)
     return _unaligned(out, target, real, num_q_heads)[..., :model_head_dim], kv_pages
 

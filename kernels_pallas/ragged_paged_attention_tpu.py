@@ -25,6 +25,10 @@ Shapes (B aligned query blocks, R = block_q * G rows, S sequence slots, P pages 
 Returns ([B, Hkv, R, D] in q's dtype, the cache with the step's K/V written); rows past a block's count, and
 blocks with no tokens, come out as zeros.
 
+Read-only (kv_new None, for a non-causal call): seq_cached holds every key of a sequence, a program writes
+nothing and walks [0, seq_cached) with every row seeing every key, and the cache, read in place from HBM, is
+not an output (it is returned as given).
+
 Each DMA brings one page's K and V rows of one head ([page_size, 2, D]: rows 2h and 2h + 1 are adjacent in the
 cache layout); the K and V tiles are then strided reads of the buffer.
 """
@@ -49,38 +53,43 @@ def default_pages_per_block(page_size: int) -> int:
 
 
 def _kernel(
-    block_seq_ref, block_first_ref, block_count_ref, seq_cached_ref, block_table_ref, q_ref, kv_new_ref, _, out_ref,
-    kv_hbm, kv_buf, sems, write_sem, *, group, page_size, pages_per_block, pages_per_seq, sm_scale, sliding_window,
-    soft_cap,
+    block_seq_ref, block_first_ref, block_count_ref, seq_cached_ref, block_table_ref, q_ref, *refs, group, page_size,
+    pages_per_block, pages_per_seq, sm_scale, sliding_window, soft_cap, causal,
 ):  # fmt: skip
+    if causal:  # the cache's input ref is unused: its aliased output ref is read and written
+        kv_new_ref, _, out_ref, kv_hbm, kv_buf, sems, write_sem = refs
+    else:
+        kv_hbm, out_ref, kv_buf, sems = refs
     block, head = pl.program_id(0), pl.program_id(1)
     seq, first, count = block_seq_ref[block], block_first_ref[block], block_count_ref[block]
     cached = seq_cached_ref[seq]
     num_rows, head_dim = q_ref.shape
     block_tokens = pages_per_block * page_size
-    end = cached + first + count  # keys are the positions [lowest, end)
+    end = cached + first + count if causal else cached  # keys are the positions [lowest, end)
     token = jax.lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0) // group  # rows are token-major
     row_real = token < count
     q_pos = cached + first + token
     lowest = jnp.maximum(cached + first - sliding_window + 1, 0) if sliding_window else 0
     q = (q_ref[...].astype(jnp.float32) * sm_scale).astype(kv_buf.dtype)
 
-    def write(j):
-        position = cached + first + j
-        page = block_table_ref[seq * pages_per_seq + position // page_size]
-        destination = kv_hbm.at[pl.ds(page, 1), pl.ds(position % page_size, 1), pl.ds(2 * head, 2), :]
-        return pltpu.make_async_copy(kv_new_ref.at[:, pl.ds(j, 1)], destination, write_sem)
+    if causal:
 
-    def start_write(j, carry):
-        write(j).start()
-        return carry
+        def write(j):
+            position = cached + first + j
+            page = block_table_ref[seq * pages_per_seq + position // page_size]
+            destination = kv_hbm.at[pl.ds(page, 1), pl.ds(position % page_size, 1), pl.ds(2 * head, 2), :]
+            return pltpu.make_async_copy(kv_new_ref.at[:, pl.ds(j, 1)], destination, write_sem)
 
-    def wait_write(j, carry):
-        write(j).wait()
-        return carry
+        def start_write(j, carry):
+            write(j).start()
+            return carry
 
-    jax.lax.fori_loop(0, count, start_write, 0)
-    jax.lax.fori_loop(0, count, wait_write, 0)
+        def wait_write(j, carry):
+            write(j).wait()
+            return carry
+
+        jax.lax.fori_loop(0, count, start_write, 0)
+        jax.lax.fori_loop(0, count, wait_write, 0)
 
     def copies(kv_block, slot):
         """The DMAs of one block of pages: page j of it into rows [j * page_size, (j + 1) * page_size)."""
@@ -118,7 +127,7 @@ def _kernel(
         key_real = start + jax.lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0) < end
         v = jnp.where(key_real, v, 0)  # slots past the sequence's end may hold anything, NaN included
         k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1)
-        visible = row_real & (k_pos <= q_pos)
+        visible = row_real & (k_pos <= q_pos if causal else k_pos < end)
         if sliding_window:
             visible &= k_pos > q_pos - sliding_window
         return kernel_step(carry, q, k, v, visible, soft_cap)
@@ -134,7 +143,7 @@ def ragged_attention_tpu(
     seq_cached: jax.Array,
     block_table: jax.Array,
     q_rows: jax.Array,
-    kv_new: jax.Array,
+    kv_new: jax.Array | None,
     kv_pages: jax.Array,
     *,
     group: int,
@@ -144,14 +153,13 @@ def ragged_attention_tpu(
     soft_cap: float | None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention of the aligned query blocks over the cache, with their K/V written in; see the module
-    docstring."""
+    """Attention of the aligned query blocks over the cache, with their K/V written in (none when kv_new is None:
+    read-only); see the module docstring."""
     num_blocks, num_kv_heads, num_rows, head_dim = q_rows.shape
     _, page_size, _, _ = kv_pages.shape
     pages_per_seq = block_table.shape[1]
+    writes = kv_new is not None
     rows_spec = pl.BlockSpec((None, None, num_rows, head_dim), lambda i, h, *_: (i, h, 0, 0))
-    # [B * Hkv, block_q, 2, D], unsqueezed blocks: Mosaic slices a block for a DMA only along its own dims
-    new_spec = pl.BlockSpec((1, *kv_new.shape[2:]), lambda i, h, *_: (i * num_kv_heads + h, 0, 0, 0))
     cache_spec = pl.BlockSpec(memory_space=pl.ANY)
     buffer = (2, pages_per_block * page_size, 2, head_dim)
     # VMEM holds the two page buffers (the pair of K/V rows padded to a sublane tile) and the double-buffered
@@ -168,28 +176,31 @@ def ragged_attention_tpu(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        causal=writes,
     )
-    return pl.pallas_call(
+    operands, in_specs = [q_rows], [rows_spec]
+    out_shape, out_specs = [jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)], [rows_spec]
+    scratch = [pltpu.VMEM(buffer, kv_pages.dtype), pltpu.SemaphoreType.DMA((2, pages_per_block))]
+    if writes:
+        # the new K/V as [B * Hkv, block_q, 2, D], unsqueezed blocks: Mosaic slices a block for a DMA only along
+        # its own dims; the cache is aliased to the second output, and the writes have a semaphore of their own
+        operands.append(kv_new.reshape(num_blocks * num_kv_heads, *kv_new.shape[2:]))
+        in_specs.append(pl.BlockSpec((1, *kv_new.shape[2:]), lambda i, h, *_: (i * num_kv_heads + h, 0, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype))
+        out_specs.append(cache_spec)
+        scratch.append(pltpu.SemaphoreType.DMA)
+    outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(num_blocks, num_kv_heads),
-            in_specs=[rows_spec, new_spec, cache_spec],
-            out_specs=[rows_spec, cache_spec],
-            scratch_shapes=[
-                pltpu.VMEM(buffer, kv_pages.dtype),
-                pltpu.SemaphoreType.DMA((2, pages_per_block)),
-                pltpu.SemaphoreType.DMA,
-            ],
+            in_specs=[*in_specs, cache_spec],
+            out_specs=out_specs,
+            scratch_shapes=scratch,
         ),
-        out_shape=[
-            jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
-            jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
-        ],
-        input_output_aliases={7: 1},  # the cache (after the five scalar operands, q_rows and kv_new)
+        out_shape=out_shape,
+        input_output_aliases={7: 1} if writes else {},  # the cache (after the five scalar operands, q_rows and kv_new)
         interpret=pltpu.InterpretParams() if interpret else False,
         compiler_params=compiler_params("tpu", tpu_vmem_limit(needed)),
-    )(
-        block_seq, block_first, block_count, seq_cached, block_table.reshape(-1), q_rows,
-        kv_new.reshape(num_blocks * num_kv_heads, *kv_new.shape[2:]), kv_pages,
-    )  # fmt: skip
+    )(block_seq, block_first, block_count, seq_cached, block_table.reshape(-1), *operands, kv_pages)
+    return outs[0], outs[1] if writes else kv_pages

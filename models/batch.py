@@ -1,4 +1,5 @@
-"""The ragged batch a decoder forward pass consumes (docs/architecture.md §3)."""
+"""The batches a forward pass consumes (docs/architecture.md §3): ragged decoder steps over the paged cache (with
+cross-attention for an encoder-decoder), and packed one-shot passes."""
 
 from __future__ import annotations
 
@@ -30,6 +31,24 @@ class RaggedBatch:
             block_table=np.zeros((num_seqs, pages_per_seq), np.int32),
             cu_q_lens=np.zeros(num_seqs + 1, np.int32),
             num_seqs=np.zeros(1, np.int32),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EncoderDecoderBatch(RaggedBatch):
+    """A ragged decoder step of an encoder-decoder (Whisper): each sequence also reads its encoder output's keys
+    and values from the cache pages of `cross_block_table`, `cross_kv_lens` of them (0 for padding rows)."""
+
+    cross_kv_lens: jax.Array  # [S] int32
+    cross_block_table: jax.Array  # [S, cross_pages] int32
+
+    @classmethod
+    def padding(cls, num_tokens: int, num_seqs: int, pages_per_seq: int, cross_pages: int) -> EncoderDecoderBatch:
+        return cls(
+            **dataclasses.asdict(RaggedBatch.padding(num_tokens, num_seqs, pages_per_seq)),
+            cross_kv_lens=np.zeros(num_seqs, np.int32),
+            cross_block_table=np.zeros((num_seqs, cross_pages), np.int32),
         )
 
 

@@ -36,23 +36,26 @@ def device_for(name: str):
         pytest.skip(str(error))
 
 
-def ragged_case(model: str, num_tokens: int, platform: str):
+def ragged_case(model: str, num_tokens: int, platform: str, causal: bool = True):
+    """The jitted kernel and its argument shapes; not causal, the read-only call (cross-attention): no k, v, and
+    the cache not donated, since nothing is written."""
     layers, head_dim = LLAMA[model]
     page_bytes = PAGE * 16 * kv_cache_shape(1, PAGE, 8, head_dim, platform)[-1] * 2
     num_pages = 32 * GIB // layers // page_bytes
     sds = jax.ShapeDtypeStruct
+    new_kv = sds((num_tokens, 8, head_dim), jnp.bfloat16) if causal else None
     args = (
         sds((num_tokens, 32, head_dim), jnp.bfloat16),
-        sds((num_tokens, 8, head_dim), jnp.bfloat16),
-        sds((num_tokens, 8, head_dim), jnp.bfloat16),
+        new_kv,
+        new_kv,
         sds(kv_cache_shape(num_pages, PAGE, 8, head_dim, platform), jnp.bfloat16),
         sds((NUM_SEQS,), jnp.int32),
         sds((NUM_SEQS, CONTEXT // PAGE), jnp.int32),
         sds((NUM_SEQS + 1,), jnp.int32),
         sds((1,), jnp.int32),
     )
-    kernel = functools.partial(ragged_paged_attention_pallas, sm_scale=head_dim**-0.5, soft_cap=50.0)
-    return jax.jit(kernel, donate_argnums=3), args
+    kernel = functools.partial(ragged_paged_attention_pallas, sm_scale=head_dim**-0.5, soft_cap=50.0, causal=causal)
+    return jax.jit(kernel, donate_argnums=3 if causal else ()), args
 
 
 def bert_cases():
@@ -67,16 +70,19 @@ def bert_cases():
 
 
 TPU_TARGETS = ["tpu-v5e", "tpu-v6e"]
-RAGGED = [(model, tokens) for model in LLAMA for tokens in (NUM_SEQS, 2048)]
+# (model, tokens, causal): the non-causal entry is the read-only call of a decode bucket (cross-attention)
+RAGGED = [(model, tokens, True) for model in LLAMA for tokens in (NUM_SEQS, 2048)] + [("1b", NUM_SEQS, False)]
+RAGGED_IDS = [f"{m}-T{t}" + ("" if causal else "-noncausal") for m, t, causal in RAGGED]
 
 
 @pytest.mark.parametrize("target", TPU_TARGETS)
-@pytest.mark.parametrize("model,num_tokens", RAGGED, ids=[f"{m}-T{t}" for m, t in RAGGED])
-def test_ragged_paged_attention_compiles_for_tpu_with_the_cache_in_place(target, model, num_tokens):
-    """The pages stay in HBM and the cache is updated where it lies: no copy of it in the program's scratch."""
+@pytest.mark.parametrize("model,num_tokens,causal", RAGGED, ids=RAGGED_IDS)
+def test_ragged_paged_attention_compiles_for_tpu_with_the_cache_in_place(target, model, num_tokens, causal):
+    """The pages stay in HBM and the cache is updated (or, read-only, read) where it lies: no copy of it in the
+    program's scratch."""
     device_for(target)
     with get_target(target).lowering():
-        function, args = ragged_case(model, num_tokens, "tpu")
+        function, args = ragged_case(model, num_tokens, "tpu", causal)
         compiled = function.lower(*args).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 64 << 20
 
@@ -93,8 +99,8 @@ def test_kernels_compile_for_h100():
     """Triton's shared-memory and register limits are checked by the compile (skips without the CUDA plugin)."""
     device_for("h100")
     with get_target("h100").lowering():
-        for model, num_tokens in RAGGED:
-            function, args = ragged_case(model, num_tokens, "gpu")
+        for model, num_tokens, causal in RAGGED:
+            function, args = ragged_case(model, num_tokens, "gpu", causal)
             function.lower(*args).compile()
         for _, function, args in bert_cases():
             function.lower(*args).compile()

@@ -39,13 +39,20 @@ def kernel_cases(platform: str):
     bert_q = jnp.zeros((NUM_TOKENS, 12, 64), jnp.bfloat16)
     hidden = jnp.zeros((NUM_TOKENS, 768), jnp.float32)
     cases = []
-    for head_dim, page_size, num_splits in [(64, 16, 1), (128, 32, 4)]:
+    # the non-causal case is the read-only one (cross-attention): no k, v, and no cache written
+    for head_dim, page_size, num_splits, causal in [(64, 16, 1, True), (128, 32, 4, True), (64, 16, 4, False)]:
         ragged = functools.partial(
-            ragged_paged_attention_pallas, sm_scale=0.125, soft_cap=30.0, num_splits=num_splits, platform=platform
+            ragged_paged_attention_pallas,
+            sm_scale=0.125,
+            soft_cap=30.0,
+            causal=causal,
+            num_splits=num_splits,
+            platform=platform,
         )
-        cases.append(
-            (f"ragged-d{head_dim}-ps{page_size}-splits{num_splits}", ragged, ragged_inputs(head_dim, page_size))
-        )
+        q, k, v, *cache = ragged_inputs(head_dim, page_size)
+        inputs = (q, k, v, *cache) if causal else (q, None, None, *cache)
+        name = f"ragged-d{head_dim}-ps{page_size}-splits{num_splits}" + ("" if causal else "-noncausal")
+        cases.append((name, ragged, inputs))
     for causal in (False, True):
         varlen = functools.partial(
             varlen_attention_pallas, sm_scale=0.125, causal=causal, sliding_window=64, platform=platform

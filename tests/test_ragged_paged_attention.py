@@ -29,7 +29,7 @@ rpa_module = importlib.import_module("jaxserve.kernels_pallas.ragged_paged_atten
 
 pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("no_persistent_compile_cache")]
 
-STATIC = ("sm_scale", "sliding_window", "soft_cap", "block_q", "num_splits", "pages_per_block")
+STATIC = ("sm_scale", "sliding_window", "soft_cap", "causal", "block_q", "num_splits", "pages_per_block")
 pallas_interpret = jax.jit(
     functools.partial(ragged_paged_attention_pallas, interpret=True, platform="gpu"), static_argnames=STATIC
 )
@@ -195,12 +195,15 @@ def make_case(
     return RaggedCase(seqs, q, k, v, kv_pages, kv_lens, block_table, cu_q_lens, np.array([len(seqs)], np.int32))
 
 
-def naive_attention(q, k_all, v_all, first_pos, *, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
+def naive_attention(
+    q, k_all, v_all, first_pos, *, sm_scale, sliding_window=None, soft_cap=None, causal=True
+) -> np.ndarray:
     """Float64 attention of one sequence's new queries over its whole K/V history.
 
     q [n, Hq, D] are the queries at positions first_pos .. first_pos + n - 1; k_all/v_all [L, Hkv, D] hold the
     keys/values at positions 0 .. L - 1. Query head h uses KV head h // (Hq // Hkv). A query at position p sees
-    keys at positions j with j <= p and, with a sliding window W, p - j < W. Plain full softmax, no blocking."""
+    keys at positions j with j <= p (every key when not causal) and, with a sliding window W, p - j < W. Plain
+    full softmax, no blocking."""
     q, k_all, v_all = (np.asarray(a, np.float64) for a in (q, k_all, v_all))
     group = q.shape[1] // k_all.shape[1]
     k_rep, v_rep = np.repeat(k_all, group, axis=1), np.repeat(v_all, group, axis=1)
@@ -209,7 +212,7 @@ def naive_attention(q, k_all, v_all, first_pos, *, sm_scale, sliding_window=None
         scores = soft_cap * np.tanh(scores / soft_cap)
     q_pos = first_pos + np.arange(q.shape[0])[:, None]
     k_pos = np.arange(k_all.shape[0])[None, :]
-    mask = k_pos <= q_pos
+    mask = k_pos <= q_pos if causal else np.ones((q.shape[0], k_all.shape[0]), bool)
     if sliding_window:
         mask &= q_pos - k_pos < sliding_window
     scores = np.where(mask, scores, -np.inf)
@@ -488,6 +491,47 @@ def test_stale_values_in_reused_pages_never_leak(attention, stale):
     np.testing.assert_allclose(
         np.asarray(out)[: case.num_real], naive_ragged_paged_attention(case)[0][: case.num_real], rtol=1e-4, atol=1e-4
     )
+
+
+def test_non_causal_read_only_attends_to_every_cached_key(attention):
+    """Cross-attention (Whisper's decoder over its encoder's K/V): causal=False, k = v = None. Every query token of
+    a sequence, decode (1) or prefill-like (> 1), sees all kv_len keys of its pages with no mask; nothing is
+    written. kv_len 300 (Whisper's 1500 scaled down) ends mid-page, and the slots past it hold NaN."""
+    seqs = [(300 - 1, 1), (300 - 9, 9), (300 - 1, 1), (300 - 20, 20), (131 - 3, 3)]  # (cached, q_len): kv_len - q_len
+    case = make_case(np.random.default_rng(61), seqs, num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
+    page_size, kv_lens = case.kv_pages.shape[1], case.kv_lens[: len(seqs)]
+    stale = np.ones(case.kv_pages.shape[:2], bool)
+    for s, kv_len in enumerate(kv_lens):
+        pos = np.arange(kv_len)
+        stale[case.block_table[s, pos // page_size], pos % page_size] = False
+    case = dataclasses.replace(case, kv_pages=np.where(stale[:, :, None, None], np.nan, case.kv_pages))
+    q, _, _, *cache_args = case.args()
+    out, pages = attention(q, None, None, *cache_args, sm_scale=case.sm_scale, causal=False)
+
+    np.testing.assert_array_equal(np.asarray(pages), case.kv_pages)  # NaN where NaN was: unchanged
+    want = np.zeros(case.q.shape)
+    for s, kv_len in enumerate(kv_lens):
+        lo, hi = case.cu_q_lens[s], case.cu_q_lens[s + 1]
+        pos = np.arange(kv_len)
+        kv = case.kv_pages[case.block_table[s, pos // page_size], pos % page_size]  # [kv_len, 2Hkv, D]
+        want[lo:hi] = naive_attention(case.q[lo:hi], kv[:, 0::2], kv[:, 1::2], 0, sm_scale=case.sm_scale, causal=False)
+    n = case.num_real
+    assert out.shape == case.q.shape and out.dtype == case.q.dtype
+    np.testing.assert_allclose(np.asarray(out)[:n], want[:n], rtol=1e-4, atol=2e-5)
+    assert np.all(np.asarray(out)[n:] == 0.0), "padded tokens must come out as exact zeros"
+
+
+@pytest.mark.parametrize("kernel", ["reference", "pallas"])
+def test_non_causal_takes_no_new_keys_and_no_window(kernel):
+    case = make_case(np.random.default_rng(67), [(20, 2)])
+    q, k, v, *cache_args = case.args()
+    call = functools.partial(KERNELS[kernel], sm_scale=case.sm_scale)
+    with pytest.raises(ValueError, match="k=None and v=None"):
+        call(q, k, v, *cache_args, causal=False)
+    with pytest.raises(ValueError, match="no sliding window"):
+        call(q, None, None, *cache_args, causal=False, sliding_window=8)
+    with pytest.raises(ValueError, match="needs k and v"):
+        call(q, None, None, *cache_args)
 
 
 # --- the Pallas kernel's own parameters ---------------------------------------------------------------------------
