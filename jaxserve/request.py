@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from .pooling_params import PoolingParams
 from .sampling_params import SamplingParams
 
@@ -21,3 +23,4 @@ class EngineRequest:
     grammar: str | None = None  # generation: the checked grammar of `params.structured_outputs`
     token_type_ids: list[int] | None = None  # pooling: the segments of a text pair
     start_offset: int = 0  # pooling: leading prompt tokens left out of the pool
+    encoder_input: np.ndarray | None = None  # generation on an encoder-decoder: its encoder input (Whisper's log-mel)

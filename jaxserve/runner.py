@@ -17,10 +17,12 @@ from flax import nnx
 
 from .bucket_runner import BucketRunner
 from .buckets import BucketShape, seq_rung
+from .compiled import BucketPrograms, abstract
 from .kernels_pallas import kv_cache_shape
-from .models.batch import RaggedBatch
+from .models.batch import EncoderDecoderBatch, RaggedBatch
 from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
 from .scheduler import StepPlan
+from .sequence import Sequence
 from .structured_outputs import bitmask_width
 
 
@@ -46,19 +48,35 @@ class StepInputs:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerShape(BucketShape):
-    """Everything that fixes the compiled programs' shapes."""
+    """Everything that fixes the compiled programs' shapes. An encoder-decoder's steps also carry each sequence's
+    `cross_pages` cache pages, which hold its encoder's `encoder_frames` keys and values; its encode programs take
+    inputs of `encoder_input_shape` (Whisper: [mels, 2 * frames]) for up to `max_encode_batch` sequences."""
 
     pages_per_seq: int
     vocab_size: int
     num_top_logprobs: int
+    cross_pages: int = 0
+    encoder_frames: int = 0
+    encoder_input_shape: tuple[int, ...] = ()
+    max_encode_batch: int = 8
+
+    @property
+    def encode_rungs(self) -> list[int]:
+        """Powers of two up to the largest encode batch (more sequences encode in several calls)."""
+        largest = min(self.max_num_seqs, self.max_encode_batch)
+        return [1 << i for i in range(largest.bit_length()) if 1 << i <= largest]
 
 
 def empty_inputs(shape: RunnerShape, num_tokens: int) -> StepInputs:
     """Numpy staging buffers of one bucket, all padding: every slot index out of range, every row neutral."""
     t, s = num_tokens, seq_rung(num_tokens, shape.max_num_seqs)
     slots_oob = shape.max_num_seqs
+    if shape.cross_pages:
+        batch = EncoderDecoderBatch.padding(t, s, shape.pages_per_seq, shape.cross_pages)
+    else:
+        batch = RaggedBatch.padding(t, s, shape.pages_per_seq)
     return StepInputs(
-        batch=RaggedBatch.padding(t, s, shape.pages_per_seq),
+        batch=batch,
         token_slots=np.full(t, slots_oob, np.int32),
         from_last=np.zeros(t, np.bool_),
         is_output=np.zeros(t, np.bool_),
@@ -85,10 +103,13 @@ _ROW_FIELDS = (
 )  # fmt: skip
 
 
-def fill_step(plan: StepPlan, bias: dict[int, list[tuple[int, float]]], inputs: StepInputs) -> StepRows:
+def fill_step(
+    plan: StepPlan, bias: dict[int, list[tuple[int, float]]], inputs: StepInputs, num_frames: int = 0
+) -> StepRows:
     """Write a plan into a bucket's staging buffers (all padding on entry). `bias` maps seq_id → (token, value)
     pairs for this step. Tokens the host does not have yet (sampled by a step still in flight) are read on the
-    device from their slot's last sampled token."""
+    device from their slot's last sampled token. An encoder-decoder's sequences read `num_frames` encoder keys
+    from their cross pages."""
     b, smp = inputs.batch, inputs.sampling
     chunks = plan.chunks
     n = len(chunks)
@@ -104,6 +125,9 @@ def fill_step(plan: StepPlan, bias: dict[int, list[tuple[int, float]]], inputs: 
         slots.append(seq.slot)
         num_prompt.append(seq.num_prompt_tokens)
         b.block_table[i, : len(seq.pages)] = seq.pages
+        if seq.cross_pages:
+            b.cross_block_table[i, : len(seq.cross_pages)] = seq.cross_pages
+            b.cross_kv_lens[i] = num_frames
         if chunk.prompt_logprob_positions:
             row_position += chunk.prompt_logprob_positions
             row_chunk += [i] * len(chunk.prompt_logprob_positions)
@@ -184,7 +208,9 @@ class StagingBuffers:
 
 
 class ModelRunner(BucketRunner):
-    """The generation runner: the KV pages, token histories and last sampled tokens are its device state."""
+    """The generation runner: the KV pages, token histories and last sampled tokens are its device state.
+    `suppress_tokens` (generation_config.json's) are never sampled. An encoder-decoder's runner also has one
+    encode program per batch rung, which fills sequences' cross pages (`encode`)."""
 
     def __init__(
         self,
@@ -194,9 +220,17 @@ class ModelRunner(BucketRunner):
         page_size: int,
         kv_dtype,
         compile_only: bool = False,
+        suppress_tokens: tuple[int, ...] = (),
     ):
         self.shape = shape
+        self.page_size, self.num_pages = page_size, num_pages
+        self.suppress_tokens = suppress_tokens
         super().__init__(model, shape.token_rungs, shape.max_num_seqs, "generation", (1,), compile_only)
+        self.encoder_programs = (
+            BucketPrograms(jax.jit(self._encode_fn, donate_argnums=(1,)), shape.encode_rungs, "encoder", compile_only)
+            if shape.cross_pages
+            else None
+        )
         num_layers, num_kv_heads, head_dim = model.kv_geometry
         page_shape = kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
 
@@ -222,6 +256,10 @@ class ModelRunner(BucketRunner):
         history = state.history.update(batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots)
         logits = model.logits(hidden[inputs.logits_indices])
         smp = inputs.sampling
+        if self.suppress_tokens:  # on the sampling rows (prompt-logprob rows score the prompt as it is)
+            suppress = jnp.asarray(self.suppress_tokens)
+            sampling = (smp.targets < 0)[:, None]
+            logits = logits.at[:, suppress].set(jnp.where(sampling, -jnp.inf, logits[:, suppress]))
         out = sample(logits, smp, history, bitmask, self.shape.num_top_logprobs)
         sampled_slots = jnp.where(smp.targets < 0, smp.slots, num_slots)  # prompt-logprob rows sample nothing
         last_tokens = state.last_tokens.at[sampled_slots].set(out.tokens, mode="drop")
@@ -230,6 +268,40 @@ class ModelRunner(BucketRunner):
     def example_args(self, rung: int) -> tuple:
         inputs = empty_inputs(self.shape, rung)
         return self.state, inputs, self.unconstrained(len(inputs.logits_indices))
+
+    def _encode_fn(self, params, state: DeviceState, features: jax.Array, slots: jax.Array) -> DeviceState:
+        model = nnx.merge(self.graphdef, params)
+        return dataclasses.replace(state, kv_pages=model.encode(features, slots, state.kv_pages))
+
+    def _encode_args(self, rung: int) -> tuple[np.ndarray, np.ndarray]:
+        """Encode inputs of a batch rung, all padding: zero features, slots past the cache (dropped)."""
+        features = np.zeros((rung, *self.shape.encoder_input_shape), np.float32)
+        return features, np.full((rung, self.shape.encoder_frames), self.num_pages * self.page_size, np.int32)
+
+    def warm_up(self, strict: bool = True, progress: bool = True) -> float:
+        seconds = super().warm_up(strict, progress)
+        if self.encoder_programs is not None:
+
+            def example(rung: int) -> tuple:
+                return abstract((self.params, self.state, *self._encode_args(rung)))
+
+            seconds += self.encoder_programs.compile(example, None, progress)
+        return seconds
+
+    def encode(self, seqs: list[Sequence]) -> None:
+        """Dispatch the encoder over the sequences' inputs, filling their cross pages (in batches of at most the
+        largest encode rung); returns without waiting. The next step's program reads the pages after it."""
+        largest = self.encoder_programs.rungs[-1]
+        offsets = np.arange(self.shape.encoder_frames)
+        for start in range(0, len(seqs), largest):
+            group = seqs[start : start + largest]
+            rung = self.encoder_programs.rung_for(len(group))
+            features, slots = self._encode_args(rung)
+            for i, seq in enumerate(group):
+                features[i] = seq.encoder_input
+                slots[i] = np.asarray(seq.cross_pages)[offsets // self.page_size] * self.page_size
+                slots[i] += offsets % self.page_size
+            self.state = self.encoder_programs(rung, self.params, self.state, features, slots)
 
     def unconstrained(self, rows: int) -> np.ndarray:
         """A grammar bitmask that allows every token in each of `rows` rows."""
@@ -244,7 +316,7 @@ class ModelRunner(BucketRunner):
     def prepare(self, plan: StepPlan, bias: dict[int, list[tuple[int, float]]]) -> tuple[StepInputs, StepRows]:
         """The plan in the staging buffers of its bucket."""
         inputs = self.staging.take(self.programs.rung_for(plan.num_tokens))
-        return inputs, fill_step(plan, bias, inputs)
+        return inputs, fill_step(plan, bias, inputs, self.shape.encoder_frames)
 
     def dispatch(self, inputs: StepInputs, bitmask: np.ndarray | None = None) -> SampleOutput:
         """Start the step and the copy of its sampled rows to the host; returns without waiting for either.

@@ -61,6 +61,7 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, clamped to [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -84,6 +85,8 @@ class SamplingParams:
             self.top_k = 0
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
         if self.logit_bias:
             self.logit_bias = {int(t): max(-100.0, min(100.0, float(b))) for t, b in self.logit_bias.items()}
         if self.logprobs is True:

@@ -14,6 +14,10 @@ On a model whose every layer attends within a sliding window, a running sequence
 behind the window of its next chunk (vLLM's sliding-window manager), so a long generation holds a bounded number
 of pages. Their ids stay in its block table: attention masks those positions out whatever the pages hold by then.
 
+An encoder-decoder's sequence (Whisper's) is admitted with the pages its encoding's cross-attention keys and values
+take (`SchedulerConfig.cross_pages`) besides its decoder's; it holds them until it finishes or is preempted, and
+the engine fills them before its first decoder step.
+
 Under async scheduling a step is planned before the previous one's sampled tokens reach the host: a sampled
 token is pending (`Sequence.num_pending_tokens`) until then, and the next step reads it on the device.
 
@@ -40,6 +44,7 @@ class SchedulerConfig:
     max_model_len: int
     policy: str = "fcfs"
     sliding_window: int | None = None  # the model's `kv_window`: no layer reads keys this far behind a query
+    cross_pages: int = 0  # an encoder-decoder's: pages a sequence with an encoder input holds for its encoding
 
 
 @dataclasses.dataclass
@@ -134,12 +139,14 @@ class Scheduler:
             seq.num_computed_tokens = len(cached) * self.pages.page_size
             chunk = self._chunk(seq, budget)
             fresh = self.pages.pages_for(chunk.start + chunk.length) - len(cached) if chunk else 0
-            if chunk is None or fresh > self.pages.num_free - self.pages.num_unreferenced(cached):
+            cross = self.config.cross_pages if seq.encoder_input is not None else 0
+            if chunk is None or fresh + cross > self.pages.num_free - self.pages.num_unreferenced(cached):
                 seq.num_computed_tokens = 0
                 return
             del self.waiting[i]
             self.pages.touch(cached)
             seq.pages = cached + self.pages.allocate(fresh)
+            seq.cross_pages = self.pages.allocate(cross)
             seq.num_registered_pages = len(cached)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed_tokens
@@ -268,8 +275,8 @@ class Scheduler:
             seq.num_released_pages = behind
 
     def _release(self, seq: Sequence) -> None:
-        self.pages.free(seq.pages[seq.num_released_pages :])
-        seq.pages = []
+        self.pages.free(seq.pages[seq.num_released_pages :] + seq.cross_pages)
+        seq.pages, seq.cross_pages, seq.encoded = [], [], False
         seq.num_released_pages = 0
         seq.num_registered_pages = 0
         self._free_slots.append(seq.slot)

@@ -6,6 +6,8 @@ import dataclasses
 import enum
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .outputs import RequestStateStats
 from .pooling_params import PoolingParams
 from .sampling_params import SamplingParams
@@ -54,6 +56,11 @@ class Sequence:
     num_released_pages: int = 0  # leading pages behind every layer's sliding window, given back to the pool
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first scheduled
     matcher: Matcher | None = None  # structured outputs: where its output stands in its grammar
+    # an encoder-decoder's (Whisper's): the encoder input (log-mel features), and the cache pages that hold its
+    # encoding's cross-attention keys and values, filled (`encoded`) before its first decoder step
+    encoder_input: np.ndarray | None = None
+    cross_pages: list[int] = dataclasses.field(default_factory=list)
+    encoded: bool = False
     # the request's timeline (queued, first scheduled) and preemptions, shared by its samples
     stats: RequestStateStats = dataclasses.field(default_factory=RequestStateStats)
 

@@ -37,6 +37,15 @@ def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def token_bitmask(token_ids: list[int], width: int) -> np.ndarray:
+    """A bitmask row ([width] int32 words, token t at bit t % 32 of word t // 32, as llguidance packs them) that
+    allows exactly `token_ids`."""
+    ids = np.asarray(token_ids, np.int64)
+    words = np.zeros(width, np.uint32)
+    np.bitwise_or.at(words, ids // 32, np.left_shift(1, ids % 32).astype(np.uint32))
+    return words.view(np.int32)
+
+
 def grammar_source(params: StructuredOutputsParams) -> str:
     """The constraint as an llguidance grammar (not yet checked). ValueError for what cannot be read."""
     kind = params.kind

@@ -26,6 +26,7 @@ from .llama import (
 )
 from .modernbert import ModernBertForEmbedding, ModernBertForSequenceClassification, ModernBertForTokenClassification
 from .qwen2_rm import Qwen2ForProcessRewardModel, Qwen2ForRewardModel
+from .whisper import WhisperForConditionalGeneration
 
 _DECODER_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3")
 
@@ -38,6 +39,7 @@ CAUSAL_LM_ARCHITECTURES: dict[str, type] = {
     **{f"{family}ForCausalLM": LlamaForCausalLM for family in _DECODER_FAMILIES + _GENERATION_FAMILIES},
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # text-only
+    "WhisperForConditionalGeneration": WhisperForConditionalGeneration,  # speech to text (an encoder-decoder)
 }
 
 POOLING_ARCHITECTURES: dict[str, type] = {

@@ -232,6 +232,12 @@ class WhisperForConditionalGeneration(nnx.Module):
         """(layers, KV heads, head_dim) of the decoder: what the paged cache must hold."""
         return self.cfg.decoder_layers, self.cfg.decoder_heads, self.cfg.head_dim
 
+    @property
+    def encoder_geometry(self) -> tuple[tuple[int, int], int]:
+        """(the shape of one encoder input: [mels, 2 * frames], the encoder's output frames)."""
+        frames = self.cfg.max_source_positions
+        return (self.cfg.num_mel_bins, 2 * frames), frames
+
     def encode(self, features: jax.Array, cross_slots: jax.Array, kv_pages: list[jax.Array]) -> list[jax.Array]:
         """Run the encoder over `features` [B, mels, 2 * frames] and write every decoder layer's cross-attention
         keys and values into the cache at `cross_slots` [B, frames] (flat `page * page_size + offset`; rows of
