@@ -31,12 +31,13 @@ from .output_processor import EngineCoreOutput, OutputProcessor, RowResult
 from .outputs import RequestOutput, RequestStateStats
 from .request import EngineRequest
 from .runner import ModelRunner, RunnerShape, StepInputs, StepRows
-from .sampler import NUM_BIAS_SLOTS
+from .sampler import NUM_BIAS_SLOTS, TokenRules
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 from .sequence import Sequence, SequenceStatus
 from .stats import EngineStats
 from .structured_outputs import GrammarCompiler, token_bitmask
+from .timestamp_rules import TimestampRules
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,17 @@ class LLMEngine(EngineCore):
             **encoder,
         )
         # generation_config.json's token rules, as HF's generate applies them (Whisper's): tokens never sampled,
-        # and tokens not sampled first
-        suppress = tuple(self.generation_config.get("suppress_tokens") or ())
+        # tokens not sampled first, and the timestamp rules of requests that ask for timestamps
         self.begin_suppress_tokens = list(self.generation_config.get("begin_suppress_tokens") or ())
+        self.timestamp_rules = (
+            TimestampRules.from_generation_config(self.generation_config, self.vocab_size)
+            if self.is_encoder_decoder
+            else None
+        )
+        rules = TokenRules(
+            suppress_tokens=tuple(self.generation_config.get("suppress_tokens") or ()),
+            timestamp_begin=self.timestamp_rules.timestamp_begin if self.timestamp_rules else None,
+        )
         self.runner = ModelRunner(
             model,
             shape,
@@ -104,7 +113,7 @@ class LLMEngine(EngineCore):
             config.page_size,
             self.dtype,
             compile_only=self.target is not None,
-            suppress_tokens=suppress,
+            rules=rules,
         )
         compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)
@@ -131,6 +140,7 @@ class LLMEngine(EngineCore):
         )
         self._constrained: set[Sequence] = set()  # sequences held to a grammar, until they finish
         self._allowing: set[Sequence] = set()  # sequences limited to their `allowed_token_ids`, until they finish
+        self._timestamped: set[Sequence] = set()  # sequences sampling Whisper's timestamps, until they finish
         # a reasoning model's grammar starts after its thinking: these tokens end it
         self._reasoning_end = (
             self.tokenizer.encode(reasoning.END, add_special_tokens=False) if config.reasoning_parser else None
@@ -272,6 +282,8 @@ class LLMEngine(EngineCore):
             self._constrained.update(seqs)
         if params.allowed_token_ids:
             self._allowing.update(seqs)
+        if params.return_timestamps:
+            self._timestamped.update(seqs)
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -314,6 +326,8 @@ class LLMEngine(EngineCore):
                 f"logit_bias and the stop-token and begin-suppress bans take at most {NUM_BIAS_SLOTS} tokens, "
                 f"got {len(biased)} + {bans}."
             )
+        if params.return_timestamps and self.timestamp_rules is None:
+            raise ValueError("return_timestamps needs a model with timestamp tokens (Whisper).")
         allowed = params.allowed_token_ids
         if allowed is not None and not allowed:
             raise ValueError("allowed_token_ids is not None and empty!")
@@ -379,12 +393,13 @@ class LLMEngine(EngineCore):
         return self.scheduler.schedule()
 
     def _needs_previous_tokens(self) -> bool:
-        """A constrained sequence's next bitmask needs its last token on the host: with one in flight, the next
-        step waits for it (under async scheduling the steps of constrained requests do not overlap)."""
-        if not self._constrained:
+        """A constrained (or timestamped) sequence's next bitmask needs its last token on the host: with one in
+        flight, the next step waits for it (under async scheduling the steps of such requests do not overlap)."""
+        if not self._constrained and not self._timestamped:
             return False
         self._constrained = {seq for seq in self._constrained if seq.status is not SequenceStatus.FINISHED}
-        return any(seq.num_pending_tokens for seq in self._constrained)
+        self._timestamped = {seq for seq in self._timestamped if seq.status is not SequenceStatus.FINISHED}
+        return any(seq.num_pending_tokens for seq in self._constrained | self._timestamped)
 
     def _dispatch(self, plan: StepPlan) -> InFlight:
         if self.is_encoder_decoder:
@@ -466,25 +481,28 @@ class LLMEngine(EngineCore):
             del self._requests[seq.request_id]
 
     def _grammar_bitmask(self, plan: StepPlan, rows: StepRows, inputs: StepInputs) -> np.ndarray | None:
-        """The tokens each sampling row of the step may sample: its grammar's, and of them only its request's
-        `allowed_token_ids` (None: no row is limited)."""
-        if not self._constrained and not self._allowing:
+        """The tokens each sampling row of the step may sample: its grammar's, of them only its request's
+        `allowed_token_ids`, and what Whisper's timestamp rules allow after its outputs (None: no row is limited)."""
+        if not self._constrained and not self._allowing and not self._timestamped:
             return None
         self._allowing = {seq for seq in self._allowing if seq.status is not SequenceStatus.FINISHED}
+        watched = self._constrained | self._allowing | self._timestamped
         limited = [
             (r, seq)
             for r, (chunk_index, is_sample) in enumerate(zip(rows.chunk_index.tolist(), rows.is_sample.tolist()))
-            if is_sample and (seq := plan.chunks[chunk_index].seq) in self._constrained | self._allowing
+            if is_sample and (seq := plan.chunks[chunk_index].seq) in watched
         ]
         constrained = [(seq.matcher, r) for r, seq in limited if seq.matcher is not None and seq.matcher.active]
-        allowing = [(r, seq.params.allowed_token_ids) for r, seq in limited if seq.params.allowed_token_ids]
-        if not constrained and not allowing:
+        if not constrained and not any(seq not in self._constrained for _, seq in limited):
             return None
         bitmask = self.runner.unconstrained(len(inputs.logits_indices))
         if constrained:
             self.grammar_compiler.fill_bitmask(constrained, bitmask)
-        for r, allowed in allowing:
-            bitmask[r] &= token_bitmask(allowed, bitmask.shape[1])
+        for r, seq in limited:
+            if seq.params.allowed_token_ids:
+                bitmask[r] &= token_bitmask(seq.params.allowed_token_ids, bitmask.shape[1])
+            if seq.params.return_timestamps:
+                bitmask[r] &= self.timestamp_rules.bitmask(seq.output_token_ids, bitmask.shape[1])
         return bitmask
 
     def _step_biases(self, plan) -> dict[int, list[tuple[int, float]]]:

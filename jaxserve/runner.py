@@ -20,7 +20,7 @@ from .buckets import BucketShape, seq_rung
 from .compiled import BucketPrograms, abstract
 from .kernels_pallas import kv_cache_shape
 from .models.batch import EncoderDecoderBatch, RaggedBatch
-from .sampler import SampleOutput, SamplingBatch, TokenHistory, sample
+from .sampler import NO_TOKEN_RULES, SampleOutput, SamplingBatch, TokenHistory, TokenRules, sample
 from .scheduler import StepPlan
 from .sequence import Sequence
 from .structured_outputs import bitmask_width
@@ -99,7 +99,7 @@ class StepRows:
 # the per-row sampling fields that come from SamplingParams, in SamplingParams.row order
 _ROW_FIELDS = (
     "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-    "wants_logprobs",
+    "wants_logprobs", "timestamps",
 )  # fmt: skip
 
 
@@ -209,8 +209,8 @@ class StagingBuffers:
 
 class ModelRunner(BucketRunner):
     """The generation runner: the KV pages, token histories and last sampled tokens are its device state.
-    `suppress_tokens` (generation_config.json's) are never sampled. An encoder-decoder's runner also has one
-    encode program per batch rung, which fills sequences' cross pages (`encode`)."""
+    `rules` are the model's own rules of what may be sampled. An encoder-decoder's runner also has one encode
+    program per batch rung, which fills sequences' cross pages (`encode`)."""
 
     def __init__(
         self,
@@ -220,11 +220,11 @@ class ModelRunner(BucketRunner):
         page_size: int,
         kv_dtype,
         compile_only: bool = False,
-        suppress_tokens: tuple[int, ...] = (),
+        rules: TokenRules = NO_TOKEN_RULES,
     ):
         self.shape = shape
         self.page_size, self.num_pages = page_size, num_pages
-        self.suppress_tokens = suppress_tokens
+        self.rules = rules
         super().__init__(model, shape.token_rungs, shape.max_num_seqs, "generation", (1,), compile_only)
         self.encoder_programs = (
             BucketPrograms(jax.jit(self._encode_fn, donate_argnums=(1,)), shape.encode_rungs, "encoder", compile_only)
@@ -256,11 +256,7 @@ class ModelRunner(BucketRunner):
         history = state.history.update(batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots)
         logits = model.logits(hidden[inputs.logits_indices])
         smp = inputs.sampling
-        if self.suppress_tokens:  # on the sampling rows (prompt-logprob rows score the prompt as it is)
-            suppress = jnp.asarray(self.suppress_tokens)
-            sampling = (smp.targets < 0)[:, None]
-            logits = logits.at[:, suppress].set(jnp.where(sampling, -jnp.inf, logits[:, suppress]))
-        out = sample(logits, smp, history, bitmask, self.shape.num_top_logprobs)
+        out = sample(logits, smp, history, bitmask, self.shape.num_top_logprobs, self.rules)
         sampled_slots = jnp.where(smp.targets < 0, smp.slots, num_slots)  # prompt-logprob rows sample nothing
         last_tokens = state.last_tokens.at[sampled_slots].set(out.tokens, mode="drop")
         return DeviceState(kv_pages, history, last_tokens), out

@@ -62,6 +62,7 @@ class SamplingBatch:
     targets: jax.Array  # i32
     slots: jax.Array  # i32, the row's sequence slot in TokenHistory
     wants_logprobs: jax.Array  # bool
+    timestamps: jax.Array  # bool, Whisper's timestamp rule applies (`TokenRules.timestamp_begin`)
     bias_ids: jax.Array  # [R, NUM_BIAS_SLOTS] i32, V = unused
     bias_values: jax.Array  # [R, NUM_BIAS_SLOTS] f32
 
@@ -81,9 +82,38 @@ class SamplingBatch:
             targets=np.full(rows, -1, np.int32),
             slots=np.full(rows, num_slots, np.int32),
             wants_logprobs=np.zeros(rows, np.bool_),
+            timestamps=np.zeros(rows, np.bool_),
             bias_ids=np.full((rows, NUM_BIAS_SLOTS), vocab_size, np.int32),
             bias_values=np.zeros((rows, NUM_BIAS_SLOTS), np.float32),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRules:
+    """A model's own rules of what may be sampled, from generation_config.json as HF's `generate` applies them:
+    `suppress_tokens` never are; and on rows that ask for timestamps (Whisper, `SamplingBatch.timestamps`), when
+    the timestamp tokens (from `timestamp_begin` on) together outweigh every text token, one of them must come
+    next. Whisper's other timestamp rules depend on the row's past tokens: the host's bitmask holds them
+    (timestamp_rules.py)."""
+
+    suppress_tokens: tuple[int, ...] = ()
+    timestamp_begin: int | None = None
+
+
+NO_TOKEN_RULES = TokenRules()
+
+
+def _apply_token_rules(logits: jax.Array, batch: SamplingBatch, rules: TokenRules) -> jax.Array:
+    if rules.suppress_tokens:
+        logits = logits.at[:, jnp.asarray(rules.suppress_tokens)].set(-jnp.inf)
+    begin = rules.timestamp_begin
+    if begin is None:
+        return logits
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    timestamp = jax.nn.logsumexp(logprobs[:, begin:], axis=-1)
+    text = jnp.max(logprobs[:, :begin], axis=-1)
+    force = batch.timestamps & (timestamp > text)
+    return jnp.where(force[:, None] & (jnp.arange(logits.shape[-1]) < begin), -jnp.inf, logits)
 
 
 @jax.tree_util.register_dataclass
@@ -197,10 +227,15 @@ def _score(raw_logprobs: jax.Array, chosen: jax.Array, wants: jax.Array, num_top
 
 
 def sample(
-    logits: jax.Array, batch: SamplingBatch, history: TokenHistory, bitmask: jax.Array, num_top: int
+    logits: jax.Array,
+    batch: SamplingBatch,
+    history: TokenHistory,
+    bitmask: jax.Array,
+    num_top: int,
+    rules: TokenRules = NO_TOKEN_RULES,
 ) -> SampleOutput:
     """logits [R, V] float32 → one token per row, with raw logprobs and the top `num_top` alternatives; rows whose
-    `bitmask` [R, ceil(V / 32)] is not all ones sample only the tokens it allows."""
+    `bitmask` [R, ceil(V / 32)] is not all ones sample only the tokens it allows, and the model's `rules` hold."""
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     rows = jnp.arange(logits.shape[0])[:, None]
     logits = logits.at[rows, batch.bias_ids].add(batch.bias_values, mode="drop")
@@ -209,6 +244,7 @@ def sample(
     )
     logits = _when(penalized, _apply_penalties, logits, batch, history)
     logits = _when(jnp.any(bitmask != -1), apply_token_bitmask, logits, bitmask)
+    logits = _apply_token_rules(logits, batch, rules)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = batch.temperature > 0
     drawn = jax.lax.cond(jnp.any(sampling), _draw, lambda l, b: greedy, logits, batch)

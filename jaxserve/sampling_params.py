@@ -62,6 +62,9 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, clamped to [-100, 100]
     allowed_token_ids: list[int] | None = None  # only these may be sampled
+    # Whisper: sample its timestamp tokens by its rules (as HF's `generate(return_timestamps=True)`); the decoder
+    # prompt leaves out <|notimestamps|>
+    return_timestamps: bool = False
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -106,10 +109,11 @@ class SamplingParams:
     @functools.cached_property
     def row(self) -> tuple[float, ...]:
         """This request's fields of a sampling row (`runner.fill_step`): temperature (0: greedy), top_k, top_p,
-        min_p, the three penalties, and whether it wants logprobs."""
+        min_p, the three penalties, whether it wants logprobs, and whether it samples Whisper's timestamps."""
         return (
             0.0 if self.greedy else self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
             self.presence_penalty, self.frequency_penalty, float(self.logprobs is not None),
+            float(self.return_timestamps),
         )  # fmt: skip
 
     @property

@@ -60,6 +60,25 @@ def test_tiny_en_transcribes_as_hf_generate(tiny_en, clips, llm_cache):
     assert error_rate <= 0.2, (error_rate, texts)
 
 
+def test_timestamps_follow_whisper_rules_as_hf_generate(tiny_en, clips, llm_cache):
+    """With `return_timestamps` (and a prompt without <|notimestamps|>), the same tokens as HF's
+    `generate(return_timestamps=True)`: segments opened and closed by timestamps that never go back."""
+    llm = llm_cache(tiny_en, WHISPER_ENGINE)
+    audio = clips["story.wav"]
+    prompt = {"prompt": "<|startoftranscript|>", "multi_modal_data": {"audio": (audio, 16000)}}
+    params = SamplingParams(temperature=0, max_tokens=200, return_timestamps=True)
+    got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(tiny_en, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model.generate(
+            torch.from_numpy(log_mel_spectrogram(audio))[None], return_timestamps=True, max_new_tokens=200
+        )[0].tolist()
+    assert got == [*expected, llm.engine.tokenizer.hf.eos_token_id]
+    begin = llm.engine.timestamp_rules.timestamp_begin
+    stamps = [t for t in got if t >= begin]
+    assert len(stamps) >= 6 and stamps == sorted(stamps)  # several segments, in order
+
+
 def test_preempted_transcriptions_are_encoded_again_and_equal(tiny_en, clips, llm_cache):
     """Two sequences' cross pages fill the cache but for 3 pages: decoding, one is preempted (its pages, cross
     pages included, go back), and is later admitted again and encoded anew."""
