@@ -12,7 +12,7 @@ import time
 import typing
 
 from .config import EngineConfig, parse_bytes
-from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL
+from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL, DEFAULT_TRANSCRIPTION_MODEL
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
             "--trust-remote-code is accepted for compatibility; jaxserve never runs code from a model folder."
         )
     models = args.models or [DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL]
+    if args.with_whisper:
+        models = [*models, DEFAULT_TRANSCRIPTION_MODEL]
     names = served_names(models, args.served_model_name)
     served = []
     for model, aliases in zip(models, names):
@@ -84,12 +86,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def model_engine_args(args: argparse.Namespace, models: list[str], model: str) -> dict:
     """The engine flags for one of several models served (or compiled) together: with several, a pooling
-    model keeps its own limit beside a generation model's --max-model-len."""
+    model and an encoder-decoder (Whisper, whose decoder has its own context) keep their own limits beside a
+    generation model's --max-model-len."""
     from .model_source import load_hf_config, resolve_model
     from .models.registry import is_generative
 
     engine_args = engine_kwargs(args)
-    if len(models) > 1 and not is_generative(load_hf_config(resolve_model(model), args.hf_overrides)):
+    hf_config = load_hf_config(resolve_model(model), args.hf_overrides)
+    if len(models) > 1 and (not is_generative(hf_config) or getattr(hf_config, "is_encoder_decoder", False)):
         engine_args["max_model_len"] = None
     return engine_args
 
@@ -317,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(/v1/completions, /v1/chat/completions, /tokenize, /v1/models, /metrics, ...). Requests pick a model "
         f"by its name in 'model'. Without MODEL it serves both embedded defaults: {DEFAULT_GENERATE_MODEL} for "
         f"generation and {DEFAULT_POOLING_MODEL} for embeddings.",
+    )
+    serve.add_argument(
+        "--with-whisper",
+        action="store_true",
+        help=f"also serve the embedded speech default, {DEFAULT_TRANSCRIPTION_MODEL} (/v1/audio/transcriptions); "
+        "not served by default: with it the defaults take over 30 s to start on CPU",
     )
     serve.add_argument(
         "models",

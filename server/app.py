@@ -4,6 +4,7 @@ build_app(ModelRegistry, ServerSettings) → FastAPI
   /v1/completions, /v1/chat/completions        → completions.py, chat.py (generation models)
   /v1/responses (and GET .../{id})              → responses.py (generation models, through chat.py)
   /v1/embeddings, /pooling, /classify, /score, /rerank → pooling.py (pooling models)
+  /v1/audio/transcriptions, /v1/audio/translations → speech.py (speech-to-text models: Whisper)
   /tokenize, /detokenize, /v1/models            → here (every model)
   /health, /ping, /version, /load, /metrics     → here
 """
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, Depends, FastAPI, Request, Response
+from fastapi import Body, Depends, FastAPI, Form, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 
@@ -70,6 +71,16 @@ from .responses import ResponseStore, create_response
 from .responses_protocol import ResponsesRequest, ResponsesResponse
 from .served_models import ModelRegistry, Runner, ServedModel
 from .settings import ServerSettings
+from .speech import TEXT_MEDIA_TYPES, create_transcription, create_translation, transcribes
+from .speech_protocol import (
+    SpeechRequest,
+    TranscriptionResponse,
+    TranscriptionStreamResponse,
+    TranscriptionVerboseResponse,
+    TranslationResponse,
+    TranslationStreamResponse,
+    TranslationVerboseResponse,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -134,11 +145,19 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="jaxserve", version=jaxserve_version(), lifespan=lifespan)
     app.state.server = ServerState(registry, settings, metrics, ResponseStore(settings.max_stored_responses))
     install_error_handlers(app)
-    install_openapi(app, stream_models=(CompletionStreamResponse, ChatCompletionStreamResponse))
+    streams = (
+        CompletionStreamResponse,
+        ChatCompletionStreamResponse,
+        TranscriptionStreamResponse,
+        TranslationStreamResponse,
+    )
+    install_openapi(app, stream_models=streams)
     if registry.any(_is_generative):
         _add_generation_routes(app)
-    if registry.any(lambda model: not _is_generative(model)):
+    if registry.any(lambda model: model.runner == "pooling"):
         _add_pooling_routes(app, registry)
+    if registry.any(transcribes):
+        _add_speech_routes(app)
     _add_invocations_route(app)
     _add_utility_routes(app)
     if settings.enable_tokenizer_info_endpoint:
@@ -196,7 +215,8 @@ async def _serve(
     model = state.registry.get(body.model, runner, api, supports)
     release = model.admit(state.settings.max_num_queued_reqs)
     try:
-        response = await until_disconnect(raw, create(body, model, RequestContext.of(raw, prefix, body.request_id)))
+        ctx = RequestContext.of(raw, prefix, getattr(body, "request_id", None))  # the speech forms have none
+        response = await until_disconnect(raw, create(body, model, ctx))
     except BaseException:
         release()
         raise
@@ -217,10 +237,13 @@ async def _then(chunks: AsyncIterator, done: Callable[[], None]) -> AsyncIterato
 
 
 JSON_BODY = [Depends(require_json)]
+MULTIPART = "multipart/form-data"  # the speech forms: FastAPI would document a form model as urlencoded
 
 
 def _is_generative(model: ServedModel) -> bool:
-    return model.runner == "generate"
+    """A text generation model; a speech-to-text one (Whisper) generates only from audio, as vLLM's
+    transcription-only models, and serves only the speech routes."""
+    return model.runner == "generate" and not transcribes(model)
 
 
 def _embeds(model: ServedModel) -> bool:
@@ -240,12 +263,12 @@ def _add_generation_routes(app: FastAPI) -> None:
         "/v1/completions", dependencies=JSON_BODY, responses=ok(CompletionResponse, streams=(CompletionStreamResponse,))
     )
     async def completions(body: CompletionRequest, raw: Request) -> Response:
-        return await _serve(raw, body, "generate", "Completions API", "cmpl", create_completion)
+        return await _serve(raw, body, "generate", "Completions API", "cmpl", create_completion, _is_generative)
 
     @app.post("/v1/responses", dependencies=JSON_BODY, responses=RESPONSES_API_RESPONSES)
     async def responses(body: ResponsesRequest, raw: Request) -> Response:
         create = functools.partial(create_response, store=state_of(raw).responses)
-        return await _serve(raw, body, "generate", "Responses API", "resp", create)
+        return await _serve(raw, body, "generate", "Responses API", "resp", create, _is_generative)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, raw: Request) -> ResponsesResponse:
@@ -262,7 +285,9 @@ def _add_generation_routes(app: FastAPI) -> None:
         responses=ok(ChatCompletionResponse, streams=(ChatCompletionStreamResponse,)),
     )
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        return await _serve(raw, body, "generate", "Chat Completions API", "chatcmpl", create_chat_completion)
+        return await _serve(
+            raw, body, "generate", "Chat Completions API", "chatcmpl", create_chat_completion, _is_generative
+        )
 
 
 def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
@@ -311,6 +336,35 @@ def _add_pooling_routes(app: FastAPI, registry: ModelRegistry) -> None:
                     operation_id=f"{handler.__name__}{path}",
                     responses=ok(answer),
                 )
+
+
+def _add_speech_routes(app: FastAPI) -> None:
+    """Speech to text, as multipart/form-data: only when some served model transcribes (vLLM registers them for
+    models with the transcription task)."""
+
+    @app.post(
+        "/v1/audio/transcriptions",
+        responses=ok(
+            TranscriptionResponse,
+            TranscriptionVerboseResponse,
+            streams=(TranscriptionStreamResponse,),
+            text=tuple(TEXT_MEDIA_TYPES.values()),
+        ),
+    )
+    async def transcriptions(body: Annotated[SpeechRequest, Form(media_type=MULTIPART)], raw: Request) -> Response:
+        return await _serve(raw, body, "generate", "Transcriptions API", "trsc", create_transcription, transcribes)
+
+    @app.post(
+        "/v1/audio/translations",
+        responses=ok(
+            TranslationResponse,
+            TranslationVerboseResponse,
+            streams=(TranslationStreamResponse,),
+            text=tuple(TEXT_MEDIA_TYPES.values()),
+        ),
+    )
+    async def translations(body: Annotated[SpeechRequest, Form(media_type=MULTIPART)], raw: Request) -> Response:
+        return await _serve(raw, body, "generate", "Translations API", "trsl", create_translation, transcribes)
 
 
 # the Responses API streams typed events (`event: <type>` and a JSON `data`), not chunks of one model

@@ -34,7 +34,7 @@ POST_ERRORS = {
     "401": "The API key is missing or wrong.",
     "404": "No served model has that name, or the route does not exist.",
     "408": "The body did not arrive within --request-body-timeout.",
-    "413": "The body is over --max-request-size.",
+    "413": "The body is over --max-request-size (an audio upload: over VLLM_MAX_AUDIO_CLIP_FILESIZE_MB).",
     "500": "The engine failed.",
     "503": "The model's queue is full (with Retry-After).",
 }
@@ -45,15 +45,22 @@ EMPTY_BODIES = {
 }
 
 
-def ok(*models: type[BaseModel], streams: tuple[type[BaseModel], ...] = (), binary: bool = False) -> dict[int, Any]:
+def ok(
+    *models: type[BaseModel],
+    streams: tuple[type[BaseModel], ...] = (),
+    binary: bool = False,
+    text: tuple[str, ...] = (),
+) -> dict[int, Any]:
     """`responses` for a route whose handler returns a `Response` it built: the 200 body is one of `models`, or,
     for `stream: true`, server-sent events each carrying one of `streams`, or, with `binary`, the raw arrays of
-    the `bytes` encodings."""
+    the `bytes` encodings, or a text body of one of the `text` media types (the speech routes' text, srt, vtt)."""
     content: dict[str, Any] = {}
     if streams:
         content["text/event-stream"] = {"schema": _sse_event(streams)}
     if binary:
         content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+    for media_type in text:
+        content[media_type.split(";")[0]] = {"schema": {"type": "string"}}
     model = models[0] if len(models) == 1 else Union[models]  # noqa: UP007 (a runtime union of classes)
     return {200: {"model": model, "description": "Successful Response", "content": content}}
 

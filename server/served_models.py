@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from jaxserve.reasoning import REASONING_PARSERS, ReasoningParser
+from jaxserve.speech import SpeechModel
 
 from .chat_utils import ContentFormat, resolve_content_format
 from .errors import APIError, busy, not_found
@@ -38,6 +39,7 @@ class ServedModel:
     input_type_prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # Cohere input_type → prefix
     reasoning_parser: ReasoningParser | None = None  # --reasoning-parser: the <think> part of chat outputs apart
     chunked_embed_len: int | None = None  # --pooler-config enable_chunked_processing: longest input embedded in windows
+    speech: SpeechModel | None = None  # a speech-to-text model (Whisper): what /v1/audio/* need of it
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # requests admitted and not yet answered in full
 
@@ -68,6 +70,7 @@ class ServedModel:
             input_type_prompts={} if generative else _input_type_prompts(core),
             reasoning_parser=REASONING_PARSERS.get(core.config.reasoning_parser or ""),
             chunked_embed_len=getattr(core, "chunked_embed_len", None),
+            speech=_speech(core),
         )
 
     @property
@@ -102,6 +105,14 @@ class ServedModel:
                 self.in_flight -= 1
 
         return release
+
+
+def _speech(core) -> SpeechModel | None:
+    """Whisper, an encoder-decoder generation engine, transcribes; nothing else does yet."""
+    whisper = getattr(core.hf_config, "model_type", None) == "whisper"
+    if not (whisper and getattr(core, "is_encoder_decoder", False)):
+        return None
+    return SpeechModel.of(core.tokenizer, core.generation_config, core.hf_config)
 
 
 def _input_type_prompts(core) -> dict[str, str]:

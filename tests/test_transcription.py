@@ -1,20 +1,29 @@
 """Whisper through the generation engine, on the real tiny.en (the embedded default, converted from its CTranslate2
 folder): the offline API transcribes the espeak-ng fixtures with the tokens HF's `generate` picks on the same
-weights and a word error rate within 20%; sequences preempted for want of pages (their cross pages freed, their
-audio encoded again) give the same transcripts; `allowed_token_ids` limits what is sampled."""
+weights (with and without timestamps), with sequences preempted for want of pages on the way (their cross pages
+freed, their audio encoded again), and a word error rate within 20%; `allowed_token_ids` limits what is sampled. Then the same model behind a real server, through the official `openai` client: every response format,
+streamed text equal to whole, and 70 s of speech split into three windows and joined."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import jiwer
 import numpy as np
+import openai
 import pytest
+import soundfile as sf
 
 from jaxserve import SamplingParams
+from jaxserve.async_engine import AsyncEngine
 from jaxserve.audio import decode_audio, log_mel_spectrogram
 from jaxserve.model_source import resolve_model
+from jaxserve.server.launch import background_server
+from jaxserve.server.served_models import ServedModel
+from jaxserve.server.settings import ServerSettings
+from scripts.make_speech_fixtures import long_speech
 
 from .conftest import TINY_ENGINE
 
@@ -25,8 +34,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "speech"
 TRANSCRIPTS = json.loads((FIXTURES / "transcripts.json").read_text())
 PROMPT = "<|startoftranscript|><|notimestamps|>"
 GREEDY = SamplingParams(temperature=0, max_tokens=120)
-# tiny.en's 94 cross pages per sequence (1500 frames of 16-token pages) beside its decoder's
-WHISPER_ENGINE = dict(TINY_ENGINE, max_num_seqs=4, num_kv_pages=4 * 98)
+# tiny.en's 94 cross pages per sequence (1500 frames of 16-token pages), twice, and 3 pages for the decoders: two
+# sequences run at once, and one is preempted when their transcripts outgrow those 3 pages
+CROSS_PAGES = 94
+WHISPER_ENGINE = dict(TINY_ENGINE, max_num_seqs=4, num_kv_pages=2 * CROSS_PAGES + 3)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +56,13 @@ def transcribe(llm, clips: dict[str, np.ndarray]) -> dict[str, list[int]]:
     return {name: output.outputs[0].token_ids for name, output in zip(clips, outputs)}
 
 
-def test_tiny_en_transcribes_as_hf_generate(tiny_en, clips, llm_cache):
+def test_tiny_en_transcribes_as_hf_generate_through_preemption(tiny_en, clips, llm_cache):
+    """The transcripts equal HF's although sequences were preempted (their pages, cross pages included, given back)
+    and later admitted again and encoded anew."""
     llm = llm_cache(tiny_en, WHISPER_ENGINE)
     got = transcribe(llm, clips)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.page_pool.num_free == 2 * CROSS_PAGES + 3
     model = transformers.WhisperForConditionalGeneration.from_pretrained(tiny_en, dtype=torch.float32).eval()
     tokenizer = llm.engine.tokenizer.hf
     for name, audio in clips.items():
@@ -79,16 +94,6 @@ def test_timestamps_follow_whisper_rules_as_hf_generate(tiny_en, clips, llm_cach
     assert len(stamps) >= 6 and stamps == sorted(stamps)  # several segments, in order
 
 
-def test_preempted_transcriptions_are_encoded_again_and_equal(tiny_en, clips, llm_cache):
-    """Two sequences' cross pages fill the cache but for 3 pages: decoding, one is preempted (its pages, cross
-    pages included, go back), and is later admitted again and encoded anew."""
-    whole = transcribe(llm_cache(tiny_en, WHISPER_ENGINE), clips)
-    tight = llm_cache(tiny_en, WHISPER_ENGINE, num_kv_pages=2 * 94 + 3)
-    assert transcribe(tight, clips) == whole
-    assert tight.engine.scheduler.num_preemptions > 0
-    assert tight.engine.page_pool.num_free == 2 * 94 + 3
-
-
 def test_allowed_token_ids_limit_the_samples(tiny_models, make_llm):
     llm = make_llm(tiny_models["tiny-llama"])
     allowed = [5, 17, 42]
@@ -97,3 +102,53 @@ def test_allowed_token_ids_limit_the_samples(tiny_models, make_llm):
     assert set(output.token_ids) <= set(allowed) and len(set(output.token_ids)) > 1
     with pytest.raises(ValueError, match="out-of-vocab"):
         llm.generate(["x"], SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
+
+
+# --- over HTTP ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(tiny_en, llm_cache):
+    engine = AsyncEngine(llm_cache(tiny_en, WHISPER_ENGINE).engine)
+    served = [ServedModel.from_engine(["whisper"], str(tiny_en), engine, "auto")]
+    with background_server(served, ServerSettings(max_num_queued_reqs=None)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    engine.shutdown()
+
+
+def wer(expected: str, got: str) -> float:
+    return jiwer.wer(expected.lower(), got.lower().strip())
+
+
+def test_every_response_format_over_http(client):
+    hello = (FIXTURES / "hello.wav").read_bytes()
+    expected = TRANSCRIPTS["hello.wav"]
+
+    def create(fmt: str, **extra):
+        return client.audio.transcriptions.create(
+            model="whisper", file=("hello.wav", hello), response_format=fmt, **extra
+        )
+
+    whole = create("json")
+    assert wer(expected, whole.text) <= 0.2 and whole.usage.seconds == 4
+    assert create("text").strip() == whole.text.strip()
+    verbose = create("verbose_json")
+    assert verbose.language == "english" and verbose.duration == pytest.approx(3.84, abs=0.01)
+    assert wer(expected, verbose.text) <= 0.2
+    times = [(s.start, s.end) for s in verbose.segments]
+    assert times and all(0 <= a < b <= 3.9 for a, b in times) and times == sorted(times)
+    srt, vtt = create("srt"), create("vtt")
+    assert srt.startswith("1\n00:00:00,000 --> ") and vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    assert all(verbose.segments[0].text.strip() in subtitles for subtitles in (srt, vtt))
+    streamed = "".join(chunk.choices[0]["delta"]["content"] for chunk in create("json", stream=True) if chunk.choices)
+    assert streamed.strip() == whole.text.strip()
+    translated = client.audio.translations.create(model="whisper", file=("hello.wav", hello))
+    assert translated.text.strip() == whole.text.strip()  # English-only: its transcript
+
+
+def test_seventy_seconds_split_transcribed_and_joined(client):
+    audio, text = long_speech()
+    upload = io.BytesIO()
+    sf.write(upload, audio, 16000, format="WAV")
+    result = client.audio.transcriptions.create(model="whisper", file=("long.wav", upload.getvalue()))
+    assert wer(text, result.text) <= 0.2 and result.usage.seconds == 70
