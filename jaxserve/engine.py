@@ -74,17 +74,17 @@ class LLMEngine(EngineCore):
         load_seconds = time.perf_counter() - began
 
         pages_per_seq = -(-self.max_model_len // config.page_size)
-        compiled = self.compiled_for_here()
-        num_pages = self.num_kv_pages(model, pages_per_seq, max_num_seqs, compiled)
-        self.vocab_size = text_config.vocab_size
-        # --max-logprobs -1: the whole vocabulary may be asked for
-        self.max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
-        encoder = {}
+        encoder = {}  # an encoder-decoder's sequences also hold the pages of their encoding's keys and values
         if self.is_encoder_decoder:
             input_shape, frames = model.encoder_geometry
             encoder = dict(
                 cross_pages=-(-frames // config.page_size), encoder_frames=frames, encoder_input_shape=input_shape
             )
+        compiled = self.compiled_for_here()
+        num_pages = self.num_kv_pages(model, pages_per_seq + encoder.get("cross_pages", 0), max_num_seqs, compiled)
+        self.vocab_size = text_config.vocab_size
+        # --max-logprobs -1: the whole vocabulary may be asked for
+        self.max_logprobs = self.vocab_size if config.max_logprobs == -1 else config.max_logprobs
         shape = RunnerShape(
             max_num_seqs,
             max_num_batched_tokens,
