@@ -11,7 +11,9 @@ token among the language tokens.
 
 Audio longer than 30 s is split where vLLM splits it (`audio.split_audio`); each chunk is its own engine request, and
 the chunk texts are stripped and joined by a space (nothing for Japanese and Chinese, vLLM's
-`asr_inter_chunk_separator`). The formats made of segments (verbose_json, srt, vtt) decode with timestamps: the
+`asr_inter_chunk_separator`). At temperature 0 a whole (not streamed) response falls back as openai-whisper does:
+a window whose text repeats itself or whose tokens are unlikely is decoded again at 0.2, 0.4, ... 1.0 until one
+passes (`FALLBACK_TEMPERATURES`). The formats made of segments (verbose_json, srt, vtt) decode with timestamps: the
 prompt leaves out `<|notimestamps|>`, the engine samples by Whisper's timestamp rules (`return_timestamps`), and each
 pair of timestamp tokens (20 ms steps from the chunk's start) bounds a segment, as openai-whisper reads them. A
 segment carries its window's mean logprob and zlib compression ratio (openai-whisper's); `no_speech_prob` is 0.
@@ -40,6 +42,11 @@ PROMPT_TOKENS_KEPT = 223  # openai-whisper keeps the last n_ctx // 2 - 1 prompt 
 NO_SPACE_LANGUAGES = frozenset({"ja", "zh"})  # vLLM's SupportsTranscription.no_space_languages: chunks joined by ""
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # log-mel frames a second: the unit of `seek` and of audio "tokens"
 TIME_PRECISION = 0.02  # seconds between consecutive timestamp tokens
+# openai-whisper's temperature fallback: a greedy window whose text compresses too well (repetition) or whose
+# tokens are too unlikely is decoded again at each of these temperatures in turn, until one passes
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+COMPRESSION_RATIO_THRESHOLD = 2.4
+LOGPROB_THRESHOLD = -1.0
 
 
 class UnsupportedLanguageError(ValueError):
@@ -215,6 +222,17 @@ class ChunkTranscript:
         self.logprobs += [entry[token].logprob for token, entry in zip(output.token_ids, output.logprobs or ())]
         self.finish_reason = output.finish_reason
 
+    @property
+    def avg_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+    def needs_fallback(self, speech: SpeechModel, tokenizer: Tokenizer) -> bool:
+        """openai-whisper's test of a failed decode: its text (timestamps left out) compresses more than 2.4 times,
+        or its mean logprob is under -1."""
+        text = tokenizer.decode([t for t in self.token_ids if t < speech.timestamp_begin], skip_special_tokens=True)
+        too_repetitive = compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
+        return bool(text.strip()) and (too_repetitive or self.avg_logprob < LOGPROB_THRESHOLD)
+
     def segments(
         self, first_id: int, chunk: SpeechChunk, temperature: float, speech: SpeechModel, tokenizer: Tokenizer
     ) -> list[Segment]:
@@ -239,7 +257,7 @@ class ChunkTranscript:
         if words:
             spans.append((chunk.start_s if opened is None else opened, chunk.end_s, words))
         texts = [tokenizer.decode(words, skip_special_tokens=True) for _, _, words in spans]
-        avg_logprob = sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+        avg_logprob = self.avg_logprob
         ratio = compression_ratio("".join(texts))
         return [
             Segment(

@@ -20,6 +20,7 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.request import EngineRequest
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.speech import (
+    FALLBACK_TEMPERATURES,
     ChunkTranscript,
     SpeechAudio,
     SpeechModel,
@@ -160,8 +161,8 @@ async def _detect_language(model: ServedModel, speech: SpeechModel, audio: Speec
 def _sampling_params(request: SpeechRequest, model: ServedModel, segmented: bool) -> SamplingParams:
     """vLLM's speech sampling: the request's values, else the model's generation_config, else OpenAI's defaults;
     temperature 0 unless asked. The output cap is `max_completion_tokens` (at most the context), else whatever the
-    context leaves after the prompt. Segments come from timestamps (`return_timestamps`) and read each sampled
-    token's logprob (`logprobs=0`)."""
+    context leaves after the prompt. Segments come from timestamps (`return_timestamps`); they and the temperature
+    fallback (greedy and whole) read each sampled token's logprob (`logprobs=0`)."""
     defaults = model.sampling_defaults
 
     def pick(value: float | None, key: str, fallback: float) -> float:
@@ -182,7 +183,7 @@ def _sampling_params(request: SpeechRequest, model: ServedModel, segmented: bool
         presence_penalty=request.presence_penalty or 0.0,
         seed=request.seed,
         max_tokens=max_tokens,
-        logprobs=0 if segmented else None,
+        logprobs=0 if segmented or (request.temperature == 0 and not request.stream) else None,
         return_timestamps=segmented,
         output_kind=RequestOutputKind.DELTA,
     )
@@ -198,9 +199,22 @@ async def _whole(
     task: Task,
     ctx: RequestContext,
 ) -> Response:
-    chunks = [ChunkTranscript() for _ in engine_reqs]
-    async for i, output in generate_all(model, engine_reqs, ctx):
-        chunks[i].add(output.outputs[0])
+    chunks = await _transcripts(model, engine_reqs, ctx)
+    temperatures = [request.temperature] * len(chunks)
+    if request.temperature == 0:
+        for temperature in FALLBACK_TEMPERATURES:
+            failed = [i for i, chunk in enumerate(chunks) if chunk.needs_fallback(model.speech, model.tokenizer)]
+            if not failed:
+                break
+            again = [
+                model.engine.process(
+                    engine_reqs[i].prompt_token_ids, engine_reqs[i].params.clone(temperature=temperature),
+                    f"{ctx.engine_id}-{i}-t{temperature}", encoder_input=engine_reqs[i].encoder_input,
+                )
+                for i in failed
+            ]  # fmt: skip
+            for i, chunk in zip(failed, await _transcripts(model, again, ctx)):
+                chunks[i], temperatures[i] = chunk, temperature
     fmt = request.response_format
     seconds = DurationUsage(seconds=math.ceil(audio.duration_s))
     if fmt not in SEGMENT_FORMATS:
@@ -211,8 +225,8 @@ async def _whole(
             TranscriptionResponse(text=text, usage=seconds) if task == "transcribe" else TranslationResponse(text=text)
         )
     segments, texts = [], []
-    for transcript, chunk in zip(chunks, audio.chunks):
-        found = transcript.segments(len(segments), chunk, request.temperature, model.speech, model.tokenizer)
+    for transcript, chunk, temperature in zip(chunks, audio.chunks, temperatures):
+        found = transcript.segments(len(segments), chunk, temperature, model.speech, model.tokenizer)
         segments += found
         texts.append("".join(segment.text for segment in found))
     text = join_transcripts(texts, separator)
@@ -226,6 +240,16 @@ async def _whole(
         language=language_name(language), duration=audio.duration_s, text=text, segments=segments, usage=seconds
     )
     return json_response(verbose)
+
+
+async def _transcripts(
+    model: ServedModel, engine_reqs: list[EngineRequest], ctx: RequestContext
+) -> list[ChunkTranscript]:
+    """Each request's whole output (the requests run together)."""
+    chunks = [ChunkTranscript() for _ in engine_reqs]
+    async for i, output in generate_all(model, engine_reqs, ctx):
+        chunks[i].add(output.outputs[0])
+    return chunks
 
 
 async def _in_chunk_order(

@@ -161,14 +161,20 @@ def long_audio() -> tuple[bytes, list]:
 
 @pytest.fixture(scope="module")
 def engines(folder, tokenizer, long_audio) -> dict[str, StubEngine]:
-    """Each speech request answers its chunk's part of the long audio, or the hello clip's transcript; language
+    """Each speech request answers its chunk's part of the long audio, or the hello clip's transcript; the weather
+    clip, greedily, one word over and over (a failed decode), and its transcript at any other temperature; language
     detection answers <|de|>."""
     _, long_chunks = long_audio
     german = token(tokenizer, "<|de|>")
+    weather = prepare_audio((FIXTURES / "weather.wav").read_bytes(), "weather.wav", 80).chunks[0].mel
 
     def script(request: EngineRequest) -> list[int]:
         if request.params.allowed_token_ids is not None:
             return [german]
+        if np.array_equal(request.encoder_input, weather):
+            if request.params.temperature == 0:
+                return text_tokens(tokenizer, "rain " * 40)
+            return text_tokens(tokenizer, TRANSCRIPTS["weather.wav"])
         for i, chunk in enumerate(long_chunks):
             if np.array_equal(request.encoder_input, chunk.mel):
                 return text_tokens(tokenizer, LONG_TEXTS[i] + " ")  # whitespace at its end, as Whisper may give
@@ -242,7 +248,8 @@ def test_transcription_formats_through_the_openai_client(client, hello, tokenize
     assert segment.compression_ratio == pytest.approx(compression_ratio(segment.text))
     assert segment.temperature == 0.0 and segment.no_speech_prob == 0.0
     json_params, text_params, verbose_params = (r.params for r in recorded("whisper-en"))
-    assert json_params.logprobs is None and verbose_params.logprobs == 0  # the sampled token's logprob only
+    # the sampled token's logprob only, for the segments and the temperature fallback of a greedy whole response
+    assert json_params.logprobs == verbose_params.logprobs == 0 and verbose_params.return_timestamps
 
     end = f"{int(duration):02d}.{round(duration * 1000) % 1000:03d}"
     srt = client.audio.transcriptions.create(model="whisper-en", file=upload(hello), response_format="srt")
@@ -477,3 +484,16 @@ def test_routes_and_openapi_only_for_speech_models(url, engines):
     with background_server(text_only, ServerSettings(max_num_queued_reqs=None)) as base:
         response = httpx.post(f"{base}/v1/audio/transcriptions", files={"file": ("a.wav", b"x")})
         assert response.status_code == 404
+
+
+def test_a_greedy_decode_that_repeats_itself_falls_back_to_a_higher_temperature(client):
+    """openai-whisper's fallback: the greedy text compresses far more than 2.4 times, so the window is decoded again
+    at 0.2; a stream, whose text is already sent, keeps the greedy decode."""
+    weather = (FIXTURES / "weather.wav").read_bytes()
+    verbose = client.audio.transcriptions.create(
+        model="whisper-en", file=upload(weather, "weather.wav"), response_format="verbose_json"
+    )
+    assert verbose.text == TRANSCRIPTS["weather.wav"]
+    assert {segment.temperature for segment in verbose.segments} == {0.2}
+    stream = client.audio.transcriptions.create(model="whisper-en", file=upload(weather, "weather.wav"), stream=True)
+    assert "".join(c.choices[0]["delta"]["content"] for c in stream if c.choices).count("rain") == 40
