@@ -34,22 +34,17 @@ the same amount, which softmax ignores.
 The vocabulary (`vocabulary.json`, else `vocabulary.txt`, one token a line) numbers the tokens; the folder's
 `tokenizer.json` (faster-whisper folders carry it) supplies the BPE merges. Everything is written as float32.
 
-The folder is keyed by the source files' path, size and mtime, written to a temporary sibling and renamed into
-place with a stamp inside, so a later run finds it complete and skips the work, and an interrupted run never leaves
-a half-written folder behind.
+The folder is converted once into the cache (`conversion_cache.py`: keyed by the source files' path, size and
+mtime, written aside and renamed into place).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,11 +56,12 @@ from tokenizers import AddedToken
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
 
+from .conversion_cache import converted_folder, source_key
+
 logger = logging.getLogger(__name__)
 
 # Bump when the output of a conversion changes, so folders written by older code are not reused.
 CONVERTER_VERSION = 1
-STAMP_FILE = ".complete"
 BINARY_VERSION = 6
 WHISPER_SPEC = "WhisperSpec"
 WHISPER_REVISION = 3
@@ -161,45 +157,9 @@ def convert_ct2_whisper(folder: Path, cache_root: Path) -> Path:
     """The HF folder converted from the CTranslate2 Whisper model in `folder`, under `cache_root/ct2/`; converts
     only on the first call."""
     folder = Path(folder)
-    target = Path(cache_root) / "ct2" / f"{folder.resolve().name}-{_cache_key(folder)}"
-    if (target / STAMP_FILE).exists():
-        return target
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Converting the CTranslate2 model %s to a Hugging Face folder (once; later runs reuse it).", folder)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache is as readable as any HF folder
-    try:
-        _write_folder(folder, staging)
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Wrote the conversion of %s to %s.", folder, target)
-    return target
-
-
-def _source_files(folder: Path) -> list[Path]:
-    return [folder / name for name in ("model.bin", "config.json", "tokenizer.json", *VOCABULARY_FILES)]
-
-
-def _cache_key(folder: Path) -> str:
-    identity = [str(folder.resolve()), str(CONVERTER_VERSION)]
-    for path in _source_files(folder):
-        if path.is_file():
-            stat = path.stat()
-            identity += [path.name, str(stat.st_size), str(stat.st_mtime_ns)]
-    return hashlib.sha256("\0".join(identity).encode()).hexdigest()[:12]
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Move a finished folder into place, unless a concurrent conversion got there first."""
-    if target.exists() and not (target / STAMP_FILE).exists():
-        shutil.rmtree(target)  # not written by this module's atomic rename; cannot be trusted
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / STAMP_FILE).exists():
-            raise
+    sources = [folder / name for name in ("model.bin", "config.json", "tokenizer.json", *VOCABULARY_FILES)]
+    target = Path(cache_root) / "ct2" / f"{folder.resolve().name}-{source_key(sources, CONVERTER_VERSION)}"
+    return converted_folder(target, lambda staging: _write_folder(folder, staging), str(folder))
 
 
 def _write_folder(source: Path, folder: Path) -> None:
@@ -219,7 +179,6 @@ def _write_folder(source: Path, folder: Path) -> None:
     generation_config(config, ct2_config, vocabulary).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(folder)
-    (folder / STAMP_FILE).write_text(f"{source}\n")
 
 
 def read_model_bin(path: Path) -> Ct2Model:

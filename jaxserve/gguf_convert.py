@@ -17,21 +17,16 @@ and Phi-3's longrope factors (`rope_factors_long` / `_short`); linear and yarn s
 Values llama.cpp derives rather than stores are derived as llama.cpp does (Gemma 2's and 3's attention scale and
 sliding layers, Gemma 2's soft-caps, Gemma 3's local RoPE; the MoE routing renormalisation of each family).
 
-The folder is keyed by the file's path, size and mtime, written to a temporary sibling and renamed into place
-with a stamp inside, so a later run finds it complete and skips the work, and an interrupted run never leaves a
-half-written folder behind.
+The folder is converted once into the cache (`conversion_cache.py`: keyed by the file's path, size and
+mtime, written aside and renamed into place).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,11 +39,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
+from .conversion_cache import converted_folder, source_key
+
 logger = logging.getLogger(__name__)
 
 # Bump when the output of a conversion changes, so folders written by older code are not reused.
 CONVERTER_VERSION = 1
-STAMP_FILE = ".complete"
 
 # Family (a GGUF architecture, or what a `llama` file turns out to be) → (HF architecture class, HF model_type).
 _ARCHITECTURES = {
@@ -145,38 +141,8 @@ _SPECIAL_TOKEN_IDS = {
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """The HF folder converted from `gguf_path`, under `cache_root/gguf/`; converts only on the first call."""
     gguf_path = Path(gguf_path)
-    target = Path(cache_root) / "gguf" / f"{gguf_path.stem}-{_cache_key(gguf_path)}"
-    if (target / STAMP_FILE).exists():
-        return target
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Converting %s to a Hugging Face folder (once; later runs reuse it).", gguf_path.name)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache is as readable as any HF folder
-    try:
-        _write_folder(gguf_path, staging)
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Wrote the conversion of %s to %s.", gguf_path.name, target)
-    return target
-
-
-def _cache_key(gguf_path: Path) -> str:
-    stat = gguf_path.stat()
-    identity = f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CONVERTER_VERSION}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:12]
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Move a finished folder into place, unless a concurrent conversion got there first."""
-    if target.exists() and not (target / STAMP_FILE).exists():
-        shutil.rmtree(target)  # not written by this module's atomic rename; cannot be trusted
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / STAMP_FILE).exists():
-            raise
+    target = Path(cache_root) / "gguf" / f"{gguf_path.stem}-{source_key([gguf_path], CONVERTER_VERSION)}"
+    return converted_folder(target, lambda folder: _write_folder(gguf_path, folder), gguf_path.name)
 
 
 def _write_folder(gguf_path: Path, folder: Path) -> None:
@@ -193,7 +159,6 @@ def _write_folder(gguf_path: Path, folder: Path) -> None:
     generation = {key: config[key] for key in ("bos_token_id", "eos_token_id") if config[key] is not None}
     _write_json(folder / "generation_config.json", generation)
     tokenizer.save_pretrained(folder)
-    (folder / STAMP_FILE).write_text(gguf_path.name + "\n")
 
 
 def _write_json(path: Path, content: dict) -> None:
