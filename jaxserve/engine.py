@@ -333,6 +333,8 @@ class LLMEngine(EngineCore):
             raise ValueError("allowed_token_ids is not None and empty!")
         if allowed and any(not 0 <= t < self.vocab_size for t in allowed):
             raise ValueError("allowed_token_ids contains out-of-vocab token id!")
+        if allowed and set(allowed) <= set(self.runner.rules.suppress_tokens):
+            raise ValueError("allowed_token_ids holds only tokens the model never samples (its suppress_tokens).")
         room = self.max_model_len - num_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if params.min_tokens > max_tokens:

@@ -9,8 +9,9 @@ openai-whisper and HF's `generate` prompt them: they were trained without langua
 model told no language detects it with one engine call (vLLM's): the prompt `<|startoftranscript|>`, one greedy
 token among the language tokens.
 
-Audio longer than 30 s is split where vLLM splits it (`audio.split_audio`); each chunk is its own engine request, and
-the chunk texts are stripped and joined by a space (nothing for Japanese and Chinese, vLLM's
+Audio longer than 30 s is split where vLLM splits it (`audio.split_audio`); each chunk is its own engine request,
+except a silent one (under -60 dBFS), which is not transcribed at all, since Whisper hallucinates words in silence.
+The chunk texts are stripped and joined by a space (nothing for Japanese and Chinese, vLLM's
 `asr_inter_chunk_separator`). At temperature 0 a whole (not streamed) response falls back as openai-whisper does:
 a window whose text repeats itself or whose tokens are unlikely is decoded again at 0.2, 0.4, ... 1.0 until one
 passes (`FALLBACK_TEMPERATURES`). The formats made of segments (verbose_json, srt, vtt) decode with timestamps: the
@@ -42,6 +43,7 @@ PROMPT_TOKENS_KEPT = 223  # openai-whisper keeps the last n_ctx // 2 - 1 prompt 
 NO_SPACE_LANGUAGES = frozenset({"ja", "zh"})  # vLLM's SupportsTranscription.no_space_languages: chunks joined by ""
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # log-mel frames a second: the unit of `seek` and of audio "tokens"
 TIME_PRECISION = 0.02  # seconds between consecutive timestamp tokens
+SILENCE_DBFS = -60.0  # a chunk quieter than this (RMS, dB below full scale) is silence
 # openai-whisper's temperature fallback: a greedy window whose text compresses too well (repetition) or whose
 # tokens are too unlikely is decoded again at each of these temperatures in turn, until one passes
 FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -171,14 +173,23 @@ class SpeechAudio(NamedTuple):
 
 
 def prepare_audio(data: bytes, filename: str | None, num_mel_bins: int) -> SpeechAudio:
-    """An upload decoded, split into Whisper-sized chunks (vLLM's split) and each turned into log-mel features.
-    Raises `audio.AudioDecodeError` / `audio.AudioTooLargeError` for what cannot be transcribed."""
+    """An upload decoded, split into Whisper-sized chunks (vLLM's split) and each turned into log-mel features;
+    silent chunks (`is_silent`) are left out, so silence transcribes as nothing. Raises `audio.AudioDecodeError` /
+    `audio.AudioTooLargeError` for what cannot be transcribed."""
     audio = decode_audio(data, filename)
     chunks = [
         SpeechChunk(log_mel_spectrogram(chunk.audio, num_mel_bins), chunk.start_s, chunk.start_s + len(chunk.audio) / SAMPLE_RATE)
         for chunk in split_audio(audio)
+        if not is_silent(chunk.audio)
     ]  # fmt: skip
     return SpeechAudio(len(audio) / SAMPLE_RATE, chunks)
+
+
+def is_silent(audio: np.ndarray) -> bool:
+    """Whether the audio's RMS level is below `SILENCE_DBFS`: Whisper, given silence, hallucinates a word (tiny.en
+    says " you") with a confidence openai-whisper's no-speech test does not reject, so silence never reaches it."""
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if len(audio) else 0.0
+    return rms < 10 ** (SILENCE_DBFS / 20)
 
 
 def audio_frames(duration_s: float) -> int:

@@ -87,7 +87,8 @@ async def _create(request: SpeechRequest, model: ServedModel, ctx: RequestContex
     data = await _read_upload(request.file)
     audio = await asyncio.to_thread(_prepare, data, request.file.filename, speech)
     if language is None:
-        language = await _detect_language(model, speech, audio, ctx) if speech.multilingual else "en"
+        spoken = speech.multilingual and audio.chunks
+        language = await _detect_language(model, speech, audio, ctx) if spoken else "en"
     prompt = speech.decoder_prompt(model.tokenizer, language, task, request.prompt, timestamps=segmented)
     engine_reqs = [
         model.engine.process(prompt, params, ctx.engine_id if len(audio.chunks) == 1 else f"{ctx.engine_id}-{i}",

@@ -146,6 +146,15 @@ def test_every_response_format_over_http(client):
     assert translated.text.strip() == whole.text.strip()  # English-only: its transcript
 
 
+def test_silence_transcribes_as_nothing(client):
+    """Silence (and a faint hiss under -60 dBFS) gives an empty text, not tiny.en's hallucinated " you"."""
+    for audio in (np.zeros(3 * 16000, np.float32), np.random.default_rng(0).normal(0, 3e-4, 3 * 16000)):
+        upload = io.BytesIO()
+        sf.write(upload, audio, 16000, format="WAV", subtype="FLOAT")
+        result = client.audio.transcriptions.create(model="whisper", file=("quiet.wav", upload.getvalue()))
+        assert result.text == "" and result.usage.seconds == 3
+
+
 def test_seventy_seconds_split_transcribed_and_joined(client):
     audio, text = long_speech()
     upload = io.BytesIO()
