@@ -106,9 +106,13 @@ NO_TOKEN_RULES = TokenRules()
 def _apply_token_rules(logits: jax.Array, batch: SamplingBatch, rules: TokenRules) -> jax.Array:
     if rules.suppress_tokens:
         logits = logits.at[:, jnp.asarray(rules.suppress_tokens)].set(-jnp.inf)
-    begin = rules.timestamp_begin
-    if begin is None:
+    if rules.timestamp_begin is None:
         return logits
+    return _when(jnp.any(batch.timestamps), _force_timestamps, logits, batch, rules.timestamp_begin)
+
+
+def _force_timestamps(logits: jax.Array, batch: SamplingBatch, begin: int) -> jax.Array:
+    """On timestamp rows, only timestamps when their total probability beats every text token's."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     timestamp = jax.nn.logsumexp(logprobs[:, begin:], axis=-1)
     text = jnp.max(logprobs[:, :begin], axis=-1)

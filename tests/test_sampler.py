@@ -12,6 +12,7 @@ from jaxserve.sampler import (
     NUM_BIAS_SLOTS,
     SamplingBatch,
     TokenHistory,
+    TokenRules,
     _apply_min_p,
     _apply_top_k,
     _apply_top_p,
@@ -151,3 +152,21 @@ def test_a_grammar_bitmask_limits_its_rows_to_the_tokens_it_allows(logits):
     assert allowed[np.arange(ROWS), np.asarray(drawn.tokens)].all()
     raw = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # logprobs stay those of the raw logits
     np.testing.assert_allclose(np.asarray(drawn.logprobs), raw[np.arange(ROWS), np.asarray(drawn.tokens)], atol=1e-5)
+
+
+def test_token_rules_suppress_tokens_and_force_timestamps(logits):
+    """generation_config's suppress_tokens are never sampled (their raw logprobs still reported); on a timestamp row
+    whose timestamps (tokens from 90 on) together outweigh every text token, a timestamp comes next, while a row
+    that asks for none keeps its text token."""
+    history = TokenHistory.zeros(ROWS, V)
+    top = logits.argmax(axis=-1)
+    out = sample(jnp.asarray(logits), batch(), history, free(ROWS), 2, TokenRules(suppress_tokens=tuple(top)))
+    assert not set(np.asarray(out.tokens)) & set(top)
+    np.testing.assert_allclose(np.asarray(out.top_ids)[:, 0], top)  # raw: before the rules
+    begin, weighted = 90, logits.copy()
+    weighted[:, begin:] = weighted.max(axis=-1, keepdims=True) - 0.5  # 7 timestamps, each a little below the top
+    rules = TokenRules(timestamp_begin=begin)
+    asked = np.array([True, False] * (ROWS // 2))
+    out = sample(jnp.asarray(weighted), batch(timestamps=asked), history, free(ROWS), 2, rules)
+    tokens = np.asarray(out.tokens)
+    assert (tokens[asked] >= begin).all() and (tokens[~asked] == weighted[~asked].argmax(axis=-1)).all()

@@ -104,6 +104,18 @@ def test_allowed_token_ids_limit_the_samples(tiny_models, make_llm):
         llm.generate(["x"], SamplingParams(allowed_token_ids=[10**6]), use_tqdm=False)
 
 
+def test_generation_config_suppress_tokens_as_hf_generate_applies_them(tiny_models, make_llm):
+    """generation_config.json's `begin_suppress_tokens` keep a token out of the first output only, its
+    `suppress_tokens` out of every output (Whisper's rules, applied to any model as HF's `generate` does)."""
+    folder, params = tiny_models["tiny-llama"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = make_llm(folder).generate(["1 2 3"], params, use_tqdm=False)[0].outputs[0].token_ids
+    first, repeated = plain[0], max(set(plain), key=plain.count)
+    begin = make_llm(folder, override_generation_config={"begin_suppress_tokens": [first]})
+    assert begin.generate(["1 2 3"], params, use_tqdm=False)[0].outputs[0].token_ids[0] != first
+    never = make_llm(folder, override_generation_config={"suppress_tokens": [repeated]})
+    assert repeated not in never.generate(["1 2 3"], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
 # --- over HTTP ---------------------------------------------------------------------------------------------------
 
 
