@@ -11,10 +11,12 @@ only shapes, and a rung that does not compile is reported instead of raised.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .compiled import BucketPrograms, abstract, first_rungs
 
@@ -28,9 +30,13 @@ class BucketRunner(abc.ABC):
         what: str,
         donate_argnums: tuple[int, ...] = (),
         compile_only: bool = False,
+        mesh: Mesh | None = None,
     ):
         self.graphdef, self.params = nnx.split(model)
         self.max_num_seqs = max_num_seqs
+        self.mesh = mesh
+        self.compile_only = compile_only
+        self.state_shardings = None  # over a mesh, the layout of the runner's device state (`create_state`)
         self.programs = BucketPrograms(
             jax.jit(self._step_fn, donate_argnums=donate_argnums), token_rungs, what, keep_going=compile_only
         )
@@ -46,7 +52,39 @@ class BucketRunner(abc.ABC):
     def warm_up(self, strict: bool = True, progress: bool = True) -> float:
         """Compile the rungs ahead of time; returns the seconds until the engine can step."""
         first = None if strict else first_rungs(self.programs.rungs, self.max_num_seqs)
-        return self.programs.compile(lambda rung: abstract((self.params, *self.example_args(rung))), first, progress)
+        return self.programs.compile(
+            lambda rung: abstract((self.params, *self.example_args(rung)), self.mesh), first, progress
+        )
+
+    def create_state(self, make: Callable[[], Any], shardings: Callable[[], Any]) -> Any:
+        """The runner's device state from `make()`: over a mesh created in place, each array with its sharding of
+        `shardings()` (a tree like the state's); only shapes when compiling for another chip."""
+        if self.mesh is None:
+            return jax.eval_shape(make) if self.compile_only else make()
+        self.state_shardings = shardings()
+        if self.compile_only:
+            shapes = jax.eval_shape(make)
+            return jax.tree.map(
+                lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                shapes,
+                self.state_shardings,
+            )
+        return jax.jit(make, out_shardings=self.state_shardings)()
+
+    def keep_layout(self, state: Any, outputs: Any) -> tuple[Any, Any]:
+        """Inside a step over a mesh: the new state laid out as the old (it is donated and fed back), and the
+        outputs the host reads whole on every device (any one device, or process, can read them)."""
+        if self.mesh is None:
+            return state, outputs
+        whole = NamedSharding(self.mesh, PartitionSpec())
+        outputs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), outputs)
+        if self.state_shardings is not None:
+            state = jax.lax.with_sharding_constraint(state, self.state_shardings)
+        return state, outputs
+
+    def on_devices(self, array: Any) -> Any:
+        """A host array on the runner's device(s): whole on each device of a mesh."""
+        return jax.device_put(array, None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()))
 
     def launch(self, rung: int, *args) -> Any:
         """Call the rung's program; returns without waiting for it."""

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,22 @@ logger = logging.getLogger(__name__)
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
-def abstract(tree):
-    """ShapeDtypeStructs for a tree of arrays. They carry no sharding: lowered on the default device, the
-    program is the same (and so is its cache key) whether that device is attached or a compile target's."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+def abstract(tree, mesh: Mesh | None = None):
+    """ShapeDtypeStructs for a tree of arrays. Without a mesh they carry no sharding: lowered on the default
+    device, the program is the same (and so is its cache key) whether that device is attached or a compile
+    target's. Over a mesh each keeps its array's sharding, and a host array (a step input) is whole on every
+    device."""
+    if mesh is None:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def one(a) -> jax.ShapeDtypeStruct:
+        sharding = getattr(a, "sharding", None)
+        return jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=sharding if isinstance(sharding, NamedSharding) else whole
+        )
+
+    return jax.tree.map(one, tree)
 
 
 @dataclasses.dataclass

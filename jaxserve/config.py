@@ -143,12 +143,20 @@ class EngineConfig:
         "the Pallas kernels in Pallas' interpreter (slow; for checking them on CPU)",
         choices=["auto", "pallas", "reference", "interpret"],
     )
+    tensor_parallel_size: int = flag(
+        1,
+        "devices one engine spans, its weights, KV cache and attention heads split over them (Megatron-style; "
+        "the model's attention heads must divide by it)",
+    )
     compile_cache_dir: str | None = flag(
         None, "JAX's persistent compilation cache (default $JAXSERVE_CACHE_DIR/xla, i.e. ~/.cache/jaxserve/xla)"
     )
     target: str | None = None  # compile only, for this chip (`jaxserve.targets`, `jaxserve compile`); no serving
     strict_compile: bool = True  # compile every bucket before the engine returns; False: the rest in the background
     min_token_rung: int | None = None  # the smallest token bucket; None: the device's (1 on CPU, 16 on GPU/TPU)
+    # which of jax.devices() the engine runs on (a data-parallel replica's group); None: the first
+    # tensor_parallel_size, and with one device the default device, unsharded
+    device_ids: tuple[int, ...] | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -164,6 +172,10 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}.")
         if self.target is not None:
             get_target(self.target)
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}.")
+        if self.device_ids is not None and len(self.device_ids) != self.tensor_parallel_size:
+            raise ValueError(f"device_ids {self.device_ids} must name tensor_parallel_size devices.")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}.")
 

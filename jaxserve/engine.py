@@ -114,6 +114,7 @@ class LLMEngine(EngineCore):
             self.dtype,
             compile_only=self.target is not None,
             rules=rules,
+            mesh=self.mesh,
         )
         compile_seconds = self.runner.warm_up(strict=config.strict_compile, progress=config.progress)
         self.startup = StartupTimes(load_seconds, compile_seconds)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import Mesh
 
 from . import compile_manifest
 from .compile_manifest import CompiledModel
@@ -30,6 +31,7 @@ from .compiled import BucketPrograms
 from .config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from .kernels_pallas import kv_cache_shape, select_kernels
 from .model_source import cache_root, embedded_chat_template, load_hf_config, resolve_model
+from .parallel import cache_kv_heads, check_heads, logical_rules, mesh_size, model_mesh, param_sharding, state_shardings
 from .stats import EngineStats, IterationTokens
 from .targets import Target, attached_target, get_target
 from .tokenizer import Tokenizer, load_chat_template
@@ -71,7 +73,8 @@ class EngineCore(abc.ABC):
             self.model_folder, load_chat_template(config.chat_template) or embedded_chat_template(config.model)
         )
         self.dtype = config.resolved_dtype()
-        self.kernels = select_kernels(config.attention_backend)
+        self.mesh = self._mesh()  # None: one device, unsharded
+        self.kernels = select_kernels(config.attention_backend).on_mesh(self.mesh)
         self.compile_watch = CompileWatch()
         self._rng = random.Random(config.seed)
         self.async_scheduling = config.async_scheduling
@@ -88,11 +91,27 @@ class EngineCore(abc.ABC):
         """`build()` with the checkpoint's weights (or random ones under load_format=dummy; only the shapes
         when compiling for a target). `extra` holds tensors from outside the safetensors; `aliases(skeleton)` the
         checkpoint prefixes to try, `renames(skeleton)` its names for parts of a layer (`weights.checkpoint_names`)."""
-        if self.target is not None:
-            return nnx.eval_shape(build)
-        if self.config.load_format == "dummy":
-            return nnx.jit(build)()  # random weights, created on the device
         skeleton = nnx.eval_shape(build)
+        text_config = self.hf_config.get_text_config()
+        sharding = param_sharding(
+            self.mesh, logical_rules(self.mesh, getattr(text_config, "num_key_value_heads", None))
+        )
+        if self.target is not None:
+            if self.mesh is None:
+                return skeleton
+            graphdef, state = nnx.split(skeleton)
+            shapes = [
+                (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding(v))))
+                for p, v in nnx.to_flat_state(state)
+            ]
+            return nnx.merge(graphdef, nnx.from_flat_state(shapes))
+        if self.config.load_format == "dummy":  # random weights, created on the device (each shard on its own)
+            if self.mesh is None:
+                return nnx.jit(build)()
+            graphdef, state = nnx.split(skeleton)
+            return nnx.merge(
+                graphdef, jax.jit(lambda: nnx.state(build()), out_shardings=state_shardings(state, sharding))()
+            )
         return load_weights(
             skeleton,
             self.model_folder,
@@ -101,7 +120,24 @@ class EngineCore(abc.ABC):
             aliases=aliases(skeleton),
             renames=renames(skeleton),
             progress=self.config.progress,
+            sharding=sharding if self.mesh is not None else None,
         )
+
+    def _mesh(self) -> Mesh | None:
+        """The engine's device mesh: `tensor_parallel_size` devices (of `device_ids`, else the first ones, of the
+        target's slice when compiling for one); None for one device and no device group (unsharded)."""
+        config = self.config
+        tp = config.tensor_parallel_size
+        if tp == 1 and config.device_ids is None:
+            return None
+        text_config = self.hf_config.get_text_config()
+        heads = getattr(text_config, "num_attention_heads", None)
+        if heads is not None and tp > 1:
+            check_heads(heads, getattr(text_config, "num_key_value_heads", None) or heads, tp)
+        devices = self.target.devices() if self.target is not None else jax.devices()
+        if config.device_ids is not None:
+            devices = [devices[i] for i in config.device_ids]
+        return model_mesh(tp, devices)
 
     def step(self) -> list:
         """Run one step; compiles inside it are counted by `compile_watch`."""
@@ -219,17 +255,21 @@ class EngineCore(abc.ABC):
         that the programs are the compiled ones."""
         config = self.config
         num_layers, num_kv_heads, head_dim = model.kv_geometry
-        page_bytes = num_layers * int(np.prod(kv_cache_shape(1, config.page_size, num_kv_heads, head_dim)))
+        devices = mesh_size(self.mesh)  # a page's heads are split over the mesh: its bytes on one device
+        cache_heads = cache_kv_heads(num_kv_heads, devices)
+        page_bytes = num_layers * int(np.prod(kv_cache_shape(1, config.page_size, cache_heads, head_dim)))
         page_bytes *= np.dtype(self.dtype).itemsize
+        page_bytes //= devices
         if config.num_kv_pages is not None:
             num_pages = config.num_kv_pages
         else:
             if config.kv_cache_memory is not None:
                 budget = config.kv_cache_memory
             elif self.target is not None:
-                budget = _target_kv_budget(self.target, config.gpu_memory_utilization, model)
+                budget = _target_kv_budget(self.target, config.gpu_memory_utilization, model, devices)
             else:
-                budget = _device_kv_budget(config.gpu_memory_utilization)
+                device = jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0]
+                budget = _device_kv_budget(device, config.gpu_memory_utilization)
             num_pages = min(budget // page_bytes, pages_per_seq * max_num_seqs)
             compiled_pages = compiled.limits.get("num_kv_pages", 0) if compiled else 0
             if config.kv_cache_memory is None and 0 < compiled_pages <= num_pages:
@@ -296,17 +336,18 @@ def _kv_budget(memory: int, in_use: int, utilization: float) -> int:
     return int((memory * utilization - in_use) * (1 - ACTIVATION_RESERVE_FRACTION))
 
 
-def _target_kv_budget(target: Target, utilization: float, model) -> int:
-    """The budget on a chip that is not attached: its nominal memory, less the weights."""
+def _target_kv_budget(target: Target, utilization: float, model, devices: int = 1) -> int:
+    """The budget on a chip that is not attached: its nominal memory, less its share of the weights (of
+    `devices` chips that split them)."""
     if target.platform == "cpu":
         return DEFAULT_CPU_KV_CACHE_BYTES
     weights = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(model)))
-    return _kv_budget(target.memory_bytes, weights, utilization)
+    return _kv_budget(target.memory_bytes, weights // devices, utilization)
 
 
-def _device_kv_budget(utilization: float) -> int:
-    """The budget on the attached device, from its allocator's limit and what is in use (the weights)."""
-    stats = jax.devices()[0].memory_stats() or {}
+def _device_kv_budget(device: jax.Device, utilization: float) -> int:
+    """The budget on an attached device, from its allocator's limit and what is in use (the weights)."""
+    stats = device.memory_stats() or {}
     if "bytes_limit" not in stats:
         return DEFAULT_CPU_KV_CACHE_BYTES
     return _kv_budget(stats["bytes_limit"], stats.get("bytes_in_use", 0), utilization)

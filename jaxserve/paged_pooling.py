@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from .bucket_runner import BucketRunner
 from .buckets import BucketShape, seq_rung
@@ -27,6 +28,7 @@ from .kernels_pallas import kv_cache_shape
 from .kv_pages import PagePool
 from .models.batch import PackedBatch, RaggedBatch
 from .outputs import PoolingOutput, PoolingRequestOutput
+from .parallel import cache_kv_heads, kv_pages_sharding, mesh_size
 from .pooler import PoolerSpec, PoolingInputs, PoolingModel
 from .pooling_params import TASKS
 from .request import EngineRequest
@@ -107,20 +109,21 @@ class PagedPoolingRunner(BucketRunner):
         page_size: int,
         kv_dtype,
         compile_only: bool = False,
+        mesh: Mesh | None = None,
     ):
         self.shape = shape
-        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "pooling", (1,), compile_only)
+        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "pooling", (1,), compile_only, mesh)
         num_layers, num_kv_heads, head_dim = model.backbone.kv_geometry
-        page_shape = kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
+        page_shape = kv_cache_shape(num_pages, page_size, cache_kv_heads(num_kv_heads, mesh_size(mesh)), head_dim)
 
         def initial_pages() -> list[jax.Array]:
             return [jnp.zeros(page_shape, kv_dtype) for _ in range(num_layers)]
 
-        self.state = jax.eval_shape(initial_pages) if compile_only else initial_pages()
+        self.state = self.create_state(initial_pages, lambda: [kv_pages_sharding(mesh)] * num_layers)
 
     def _step_fn(self, params, kv_pages, inputs: PagedPoolingInputs):
         outputs, kv_pages = nnx.merge(self.graphdef, params).paged(inputs.batch, kv_pages, inputs.pooling_inputs())
-        return kv_pages, outputs
+        return self.keep_layout(kv_pages, outputs)
 
     def example_args(self, rung: int) -> tuple:
         return self.state, empty_paged_inputs(self.shape, rung)

@@ -19,6 +19,7 @@ from collections import deque
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from .bucket_runner import BucketRunner
 from .buckets import BucketShape, seq_rung
@@ -101,13 +102,13 @@ def fill_pooling_step(requests: list[PoolingRequest], shape: BucketShape, rung: 
 class PoolingRunner(BucketRunner):
     """The pooling runner: no device state; a step's outputs are the pooled results of each task."""
 
-    def __init__(self, model: PoolingModel, shape: BucketShape, compile_only: bool = False):
+    def __init__(self, model: PoolingModel, shape: BucketShape, compile_only: bool = False, mesh: Mesh | None = None):
         self.shape = shape
         self.spec = model.spec
-        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "pooling", (), compile_only)
+        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "pooling", (), compile_only, mesh)
 
     def _step_fn(self, params, inputs: PoolingInputs) -> dict[str, jax.Array]:
-        return nnx.merge(self.graphdef, params)(inputs)
+        return self.keep_layout((), nnx.merge(self.graphdef, params)(inputs))[1]
 
     def example_args(self, rung: int) -> tuple:
         return (empty_pooling_inputs(self.shape, rung),)
@@ -186,13 +187,15 @@ class PoolingEngine(EngineCore):
             paged_shape = PagedPoolingShape(
                 max_num_seqs, max_num_batched_tokens, shape.min_token_rung, pages_per_seq=pages_per_seq
             )
-            self.runner = PagedPoolingRunner(model, paged_shape, num_pages, config.page_size, self.dtype, compile_only)
+            self.runner = PagedPoolingRunner(
+                model, paged_shape, num_pages, config.page_size, self.dtype, compile_only, self.mesh
+            )
             self.page_pool = PagePool(num_pages, config.page_size)
             scheduling = SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len)
             self.batches = PagedPoolingBatches(self.spec, self.runner, scheduling, self.page_pool)
             limits |= {"page_size": config.page_size, "num_kv_pages": num_pages, **dataclasses.asdict(paged_shape)}
         else:
-            self.runner = PoolingRunner(model, shape, compile_only=compile_only)
+            self.runner = PoolingRunner(model, shape, compile_only=compile_only, mesh=self.mesh)
             self.page_pool = None
             self.batches = PackedBatches(self.runner)
             limits |= dataclasses.asdict(shape)

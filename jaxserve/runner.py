@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from .bucket_runner import BucketRunner
 from .buckets import BucketShape, seq_rung
 from .compiled import BucketPrograms, abstract
 from .kernels_pallas import kv_cache_shape
 from .models.batch import EncoderDecoderBatch, RaggedBatch
+from .parallel import cache_kv_heads, kv_pages_sharding, mesh_size, replicated, vocab_sharding
 from .sampler import NO_TOKEN_RULES, SampleOutput, SamplingBatch, TokenHistory, TokenRules, sample
 from .scheduler import StepPlan
 from .sequence import Sequence
@@ -221,18 +223,19 @@ class ModelRunner(BucketRunner):
         kv_dtype,
         compile_only: bool = False,
         rules: TokenRules = NO_TOKEN_RULES,
+        mesh: Mesh | None = None,
     ):
         self.shape = shape
         self.page_size, self.num_pages = page_size, num_pages
         self.rules = rules
-        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "generation", (1,), compile_only)
+        super().__init__(model, shape.token_rungs, shape.max_num_seqs, "generation", (1,), compile_only, mesh)
         self.encoder_programs = (
             BucketPrograms(jax.jit(self._encode_fn, donate_argnums=(1,)), shape.encode_rungs, "encoder", compile_only)
             if shape.cross_pages
             else None
         )
         num_layers, num_kv_heads, head_dim = model.kv_geometry
-        page_shape = kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
+        page_shape = kv_cache_shape(num_pages, page_size, cache_kv_heads(num_kv_heads, mesh_size(mesh)), head_dim)
 
         def initial_state() -> DeviceState:
             return DeviceState(
@@ -241,7 +244,15 @@ class ModelRunner(BucketRunner):
                 last_tokens=jnp.zeros(shape.max_num_seqs, jnp.int32),
             )
 
-        self.state = jax.eval_shape(initial_state) if compile_only else initial_state()
+        def shardings() -> DeviceState:  # the pages by KV heads, the token histories by vocabulary, as the logits
+            by_vocab = vocab_sharding(mesh, shape.vocab_size)
+            return DeviceState(
+                [kv_pages_sharding(mesh)] * num_layers, TokenHistory(by_vocab, by_vocab), replicated(mesh)
+            )
+
+        self.state = self.create_state(initial_state, shardings)
+        # the mesh that splits the logits by vocabulary, as the LM head's rows (None: whole on each device)
+        self.vocab_mesh = mesh if mesh_size(mesh) > 1 and shape.vocab_size % mesh_size(mesh) == 0 else None
         self.staging = StagingBuffers(shape)
         self._all_allowed_cache: dict[int, jax.Array] = {}
 
@@ -256,10 +267,10 @@ class ModelRunner(BucketRunner):
         history = state.history.update(batch.token_ids, inputs.token_slots, inputs.is_output, inputs.reset_slots)
         logits = model.logits(hidden[inputs.logits_indices])
         smp = inputs.sampling
-        out = sample(logits, smp, history, bitmask, self.shape.num_top_logprobs, self.rules)
+        out = sample(logits, smp, history, bitmask, self.shape.num_top_logprobs, self.rules, self.vocab_mesh)
         sampled_slots = jnp.where(smp.targets < 0, smp.slots, num_slots)  # prompt-logprob rows sample nothing
         last_tokens = state.last_tokens.at[sampled_slots].set(out.tokens, mode="drop")
-        return DeviceState(kv_pages, history, last_tokens), out
+        return self.keep_layout(DeviceState(kv_pages, history, last_tokens), out)
 
     def example_args(self, rung: int) -> tuple:
         inputs = empty_inputs(self.shape, rung)
@@ -267,7 +278,9 @@ class ModelRunner(BucketRunner):
 
     def _encode_fn(self, params, state: DeviceState, features: jax.Array, slots: jax.Array) -> DeviceState:
         model = nnx.merge(self.graphdef, params)
-        return dataclasses.replace(state, kv_pages=model.encode(features, slots, state.kv_pages))
+        return self.keep_layout(dataclasses.replace(state, kv_pages=model.encode(features, slots, state.kv_pages)), ())[
+            0
+        ]
 
     def _encode_args(self, rung: int) -> tuple[np.ndarray, np.ndarray]:
         """Encode inputs of a batch rung, all padding: zero features, slots past the cache (dropped)."""
@@ -279,7 +292,7 @@ class ModelRunner(BucketRunner):
         if self.encoder_programs is not None:
 
             def example(rung: int) -> tuple:
-                return abstract((self.params, self.state, *self._encode_args(rung)))
+                return abstract((self.params, self.state, *self._encode_args(rung)), self.mesh)
 
             seconds += self.encoder_programs.compile(example, None, progress)
         return seconds
@@ -306,7 +319,7 @@ class ModelRunner(BucketRunner):
     def _all_allowed(self, rows: int) -> jax.Array:
         """`unconstrained(rows)` kept on the device, so that a step without a constrained row moves no mask."""
         if rows not in self._all_allowed_cache:
-            self._all_allowed_cache[rows] = jax.device_put(self.unconstrained(rows))
+            self._all_allowed_cache[rows] = self.on_devices(self.unconstrained(rows))
         return self._all_allowed_cache[rows]
 
     def prepare(self, plan: StepPlan, bias: dict[int, list[tuple[int, float]]]) -> tuple[StepInputs, StepRows]:

@@ -18,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 NUM_BIAS_SLOTS = 64  # sparse per-row logit biases (min_tokens bans of EOS and stop tokens)
 
@@ -211,11 +212,31 @@ def _draw(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
 
 
-def _score(raw_logprobs: jax.Array, chosen: jax.Array, wants: jax.Array, num_top: int):
+def top_k_over_mesh(x: jax.Array, k: int, mesh: Mesh | None = None, axis: str = "model") -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis of x [R, V], whose V is split over the `mesh` axis (the logits of a
+    vocabulary-parallel LM head): each device takes the top k of its own part, then the top k of those N * k
+    candidates is taken, so that only the candidates cross between devices, never whole rows. Without a mesh
+    (or when k exceeds a part) it is top_k itself."""
+    rows, width = x.shape
+    parts = 1 if mesh is None else mesh.shape[axis]
+    if parts == 1 or width % parts or k > width // parts:
+        return jax.lax.top_k(x, k)
+
+    def part_top_k(part: jax.Array) -> tuple[jax.Array, jax.Array]:
+        values, ids = jax.lax.top_k(part, k)
+        return values, ids + jax.lax.axis_index(axis) * part.shape[-1]
+
+    spec = PartitionSpec(None, axis)
+    candidates, ids = jax.shard_map(part_top_k, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(x)
+    values, picks = jax.lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(ids, picks, axis=-1)
+
+
+def _score(raw_logprobs: jax.Array, chosen: jax.Array, wants: jax.Array, num_top: int, vocab_mesh: Mesh | None):
     def ranked(lp):
         chosen_lp = jnp.take_along_axis(lp, chosen[:, None], axis=-1)[:, 0]
         ranks = 1 + jnp.sum(lp > chosen_lp[:, None], axis=-1).astype(jnp.int32)
-        top_lp, top_ids = jax.lax.top_k(lp, num_top)
+        top_lp, top_ids = top_k_over_mesh(lp, num_top, vocab_mesh)
         return chosen_lp, ranks, top_ids.astype(jnp.int32), top_lp
 
     def skipped(lp):
@@ -237,9 +258,13 @@ def sample(
     bitmask: jax.Array,
     num_top: int,
     rules: TokenRules = NO_TOKEN_RULES,
+    vocab_mesh: Mesh | None = None,
 ) -> SampleOutput:
     """logits [R, V] float32 → one token per row, with raw logprobs and the top `num_top` alternatives; rows whose
-    `bitmask` [R, ceil(V / 32)] is not all ones sample only the tokens it allows, and the model's `rules` hold."""
+    `bitmask` [R, ceil(V / 32)] is not all ones sample only the tokens it allows, and the model's `rules` hold.
+    `vocab_mesh`: the mesh whose "model" axis splits the vocabulary (logits of a tensor-parallel LM head); every
+    stage reduces where the logits lie (XLA's partitioner combines the per-device partial results), and the top
+    alternatives are chosen per device first (`top_k_over_mesh`), so that no device gathers whole rows of logits."""
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     rows = jnp.arange(logits.shape[0])[:, None]
     logits = logits.at[rows, batch.bias_ids].add(batch.bias_values, mode="drop")
@@ -253,5 +278,5 @@ def sample(
     sampling = batch.temperature > 0
     drawn = jax.lax.cond(jnp.any(sampling), _draw, lambda l, b: greedy, logits, batch)
     tokens = jnp.where(batch.targets >= 0, batch.targets, jnp.where(sampling, drawn, greedy))
-    chosen_lp, ranks, top_ids, top_lp = _score(raw_logprobs, tokens, batch.wants_logprobs, num_top)
+    chosen_lp, ranks, top_ids, top_lp = _score(raw_logprobs, tokens, batch.wants_logprobs, num_top, vocab_mesh)
     return SampleOutput(tokens, chosen_lp, ranks, top_ids, top_lp)

@@ -56,7 +56,11 @@ class Target:
 
     def device(self) -> jax.Device:
         """The chip's first device: the attached one when it is this chip, else a compile-only one."""
-        return _device(self)
+        return _devices(self)[0]
+
+    def devices(self) -> tuple[jax.Device, ...]:
+        """Every chip of the slice (a tensor-parallel engine's mesh spans them): attached or compile-only."""
+        return _devices(self)
 
     def is_attached(self) -> bool:
         device = jax.devices()[0]
@@ -118,9 +122,9 @@ class TargetUnavailable(RuntimeError):
 
 
 @functools.cache
-def _device(target: Target) -> jax.Device:
+def _devices(target: Target) -> tuple[jax.Device, ...]:
     if target.is_attached():
-        return jax.devices()[0]
+        return tuple(jax.devices())
     from jax.experimental import topologies
 
     if target.platform == "tpu":
@@ -143,4 +147,4 @@ def _device(target: Target) -> jax.Device:
             f"Cannot compile for {target.name}: {str(error).strip().splitlines()[0]}. Its compiler comes with "
             f"pip install '{target.plugin}=={jax.__version__}'"
         ) from error
-    return topo.devices[0]
+    return tuple(topo.devices)

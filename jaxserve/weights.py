@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -65,6 +65,35 @@ def _open(path: Path):
             yield reader
 
 
+class _SafetensorsSlice:
+    """A tensor of a safetensors file read in parts: indexing reads only the part asked for."""
+
+    def __init__(self, part):
+        self._part = part
+        self.shape = tuple(part.get_shape())
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self._part[index])
+
+
+def _tensor(reader, name: str, sharded: bool):
+    """The tensor to place: read whole, or (sharded, from safetensors) to be read by the part each device takes."""
+    if sharded and hasattr(reader, "get_slice"):
+        return _SafetensorsSlice(reader.get_slice(name))
+    return reader.get_tensor(name)
+
+
+def _place(array, host_dtype: np.dtype, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """On the device, cast on the host; with a sharding, each device's part read and cast by itself."""
+    if sharding is None:
+        return jax.device_put(np.asarray(array).astype(host_dtype, copy=False))
+
+    def part(index) -> np.ndarray:
+        return np.asarray(array[index]).astype(host_dtype, copy=False)
+
+    return jax.make_array_from_callback(tuple(array.shape), sharding, part)
+
+
 def read_tensor(folder: Path, name: str, index: Mapping[str, Path] | None = None) -> np.ndarray:
     """One tensor of the checkpoint in `folder`, as numpy (`index`: its `tensor_index`, if already read)."""
     index = tensor_index(folder) if index is None else index
@@ -100,12 +129,15 @@ def load_weights(
     aliases: Mapping[str, tuple[str, ...]] | None = None,
     renames: Mapping[str, str] | None = None,
     progress: bool = True,
+    sharding: Callable[[nnx.Variable], jax.sharding.Sharding] | None = None,
 ) -> nnx.Module:
     """Fill an abstract model (from `nnx.eval_shape`) with the checkpoint in `folder`, cast to `dtype`.
 
     `extra` holds tensors from outside the checkpoint files (heads shipped as .pt, sentence-transformers
     Dense layers); `aliases` maps a module path prefix to the prefixes the checkpoint may use instead, and
-    `renames` the module's names for parts of a layer to the checkpoint's (`checkpoint_names`)."""
+    `renames` the module's names for parts of a layer to the checkpoint's (`checkpoint_names`). With `sharding`
+    (a parameter's sharding over a device mesh), each device receives only its shard, read from the file by itself
+    where the format allows (safetensors slices), so no device ever holds a whole tensor it only has a part of."""
     graphdef, state = nnx.split(skeleton)
     params = nnx.to_flat_state(state)
     extra = {} if extra is None else extra  # not copied: a lazy mapping reads each tensor when it is loaded
@@ -133,11 +165,11 @@ def load_weights(
                 reader = stack.enter_context(_open(file)) if file else None
                 for i in positions:
                     path, var = params[i]
-                    array = extra[sources[i]] if file is None else reader.get_tensor(sources[i])
+                    array = extra[sources[i]] if file is None else _tensor(reader, sources[i], sharded=bool(sharding))
                     expected = tuple(var.get_value().shape)
-                    if array.shape != expected:
+                    if tuple(array.shape) != expected:
                         raise ValueError(f"{sources[i]}: checkpoint shape {array.shape}, model expects {expected}.")
-                    loaded[i] = (path, var.replace(jax.device_put(np.asarray(array).astype(host_dtype, copy=False))))
+                    loaded[i] = (path, var.replace(_place(array, host_dtype, sharding(var) if sharding else None)))
                     bar.update()
     logger.info("Loaded %d tensors from %s as %s", len(params), folder, jnp.dtype(dtype).name)
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))

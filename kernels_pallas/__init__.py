@@ -13,7 +13,9 @@ import functools
 from collections.abc import Callable
 
 import jax
+from jax.sharding import Mesh
 
+from . import sharded
 from ._lowering import lowering_platform
 from .ragged_paged_attention import ragged_paged_attention_pallas, ragged_paged_attention_reference
 from .segment_pool import POOLING_MODES, segment_pool_pallas, segment_pool_reference, truncate_and_normalize
@@ -55,6 +57,22 @@ class Kernels:
     ragged_paged_attention: Callable
     varlen_attention: Callable
     segment_pool: Callable
+    mesh: Mesh | None = None  # a tensor-parallel engine's device mesh: the kernels run per device (`on_mesh`)
+
+    def on_mesh(self, mesh: Mesh | None) -> Kernels:
+        """These kernels run per device by heads over `mesh` (sharded.py); unchanged on one device."""
+        if mesh is None or mesh.size == 1:
+            return self
+        return Kernels(
+            self.backend,
+            jax.jit(
+                sharded.sharded_ragged_paged_attention(self.ragged_paged_attention, mesh),
+                static_argnames=_RAGGED_STATIC,
+            ),
+            jax.jit(sharded.sharded_varlen_attention(self.varlen_attention, mesh), static_argnames=_VARLEN_STATIC),
+            jax.jit(sharded.sharded_segment_pool(self.segment_pool, mesh), static_argnames=_POOL_STATIC),
+            mesh,
+        )
 
 
 def _relative_bias_to_reference(pallas_varlen: Callable) -> Callable:

@@ -102,7 +102,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
 class Embeddings(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
         self.offset = cfg.position_offset
-        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, axis="vocab")
         absolute = cfg.position_embedding == "absolute"  # ALiBi models have no position table
         self.position_embeddings = (
             Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, rngs=rngs) if absolute else None
@@ -123,9 +123,9 @@ class SelfAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.attention = cfg.kernels.varlen_attention
         self.alibi_slopes = tuple(alibi_slopes(cfg.num_heads)) if cfg.position_embedding == "alibi" else None
-        self.query = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
-        self.key = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
-        self.value = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
+        self.query = Linear(h, h, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.key = Linear(h, h, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.value = Linear(h, h, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
 
     def __call__(self, x: jax.Array, batch: PackedBatch) -> jax.Array:
         t, h = x.shape
@@ -139,10 +139,11 @@ class SelfAttention(nnx.Module):
 
 
 class DenseLayerNorm(nnx.Module):
-    """HF's `*SelfOutput` / `*Output`: dense, then LayerNorm of the residual sum."""
+    """HF's `*SelfOutput` / `*Output`: dense, then LayerNorm of the residual sum. `axis`: the logical axis of the
+    input features (the attention heads', or the MLP's)."""
 
-    def __init__(self, in_features: int, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.dense = Linear(in_features, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+    def __init__(self, in_features: int, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs, axis: str):
+        self.dense = Linear(in_features, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs, axes=(None, axis))
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
 
     def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
@@ -152,7 +153,7 @@ class DenseLayerNorm(nnx.Module):
 class AttentionBlock(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
         self.self = SelfAttention(cfg, dtype=dtype, rngs=rngs)
-        self.output = DenseLayerNorm(cfg.hidden_size, cfg, dtype=dtype, rngs=rngs)
+        self.output = DenseLayerNorm(cfg.hidden_size, cfg, dtype=dtype, rngs=rngs, axis="heads")
 
     def __call__(self, x: jax.Array, batch: PackedBatch) -> jax.Array:
         return self.output(self.self(x, batch), x)
@@ -160,7 +161,9 @@ class AttentionBlock(nnx.Module):
 
 class Intermediate(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
+        self.dense = Linear(
+            cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs, axes=("mlp", None)
+        )
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -175,8 +178,10 @@ class GatedMLP(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
         self.intermediate_size = cfg.intermediate_size
         self.act = cfg.hidden_act
-        self.gated_layers = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
-        self.wo = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.gated_layers = Linear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs, axes=("mlp", None)
+        )
+        self.wo = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
         self.layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -192,7 +197,7 @@ class EncoderLayer(nnx.Module):
             self.mlp = GatedMLP(cfg, dtype=dtype, rngs=rngs)
         else:
             self.intermediate = Intermediate(cfg, dtype=dtype, rngs=rngs)
-            self.output = DenseLayerNorm(cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs)
+            self.output = DenseLayerNorm(cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs, axis="mlp")
 
     def __call__(self, x: jax.Array, batch: PackedBatch) -> jax.Array:
         x = self.attention(x, batch)

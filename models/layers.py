@@ -13,15 +13,37 @@ from flax import nnx
 
 INIT_STD = 0.02
 
+# The logical axes parameters name their dimensions with (`logical_axes` metadata), once per layer type; an
+# engine over a device mesh maps them to its axis (jaxserve/parallel.py). None: the dimension is never split.
+LOGICAL_AXES = ("heads", "kv_heads", "mlp", "vocab", "experts")
+
+
+def param(value: jax.Array, axes: tuple[str | None, ...] = ()) -> nnx.Param:
+    """A parameter whose dimensions are named by logical `axes` (empty: whole on every device)."""
+    return nnx.Param(value, logical_axes=tuple(axes)) if any(axes) else nnx.Param(value)
+
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
     return (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+    """`axes` are the logical axes of the weight's (out, in) dimensions: ("heads", None) splits the output
+    features over a mesh (column-parallel), (None, "heads") the input features (row-parallel); the bias follows the
+    output features."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        dtype,
+        rngs: nnx.Rngs,
+        axes: tuple[str | None, str | None] = (None, None),
+    ):
+        self.weight = param(_normal(rngs, (out_features, in_features), dtype), axes)
+        self.bias = param(jnp.zeros((out_features,), dtype), axes[:1]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("...i,oi->...o", x, self.weight[...])
@@ -29,8 +51,10 @@ class Linear(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_normal(rngs, (num_embeddings, features), dtype))
+    """`axis`: the logical axis of the rows ("vocab" for token embeddings, which a mesh splits by vocabulary)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs, axis: str | None = None):
+        self.weight = param(_normal(rngs, (num_embeddings, features), dtype), (axis, None))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids, axis=0)

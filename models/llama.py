@@ -199,12 +199,16 @@ class Attention(nnx.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         if cfg.fused_qkv:
             rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-            self.qkv_proj = Linear(h, rows, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+            self.qkv_proj = Linear(h, rows, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, axes=("heads", None))
         else:
-            self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-            self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-            self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+            self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, axes=("heads", None))
+            self.k_proj = Linear(
+                h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, axes=("kv_heads", None)
+            )
+            self.v_proj = Linear(
+                h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, axes=("kv_heads", None)
+            )
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs, axes=(None, "heads"))
         if cfg.qk_norm:
             q_size, k_size = (d, d) if cfg.qk_norm == "head" else (cfg.num_heads * d, cfg.num_kv_heads * d)
             self.q_norm = RMSNorm(q_size, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
@@ -270,11 +274,11 @@ class MLP(nnx.Module):
         h, i, b = cfg.hidden_size, intermediate_size or cfg.intermediate_size, cfg.mlp_bias
         self.fused = cfg.fused_gate_up
         if self.fused:
-            self.gate_up_proj = Linear(h, 2 * i, bias=b, dtype=dtype, rngs=rngs)
+            self.gate_up_proj = Linear(h, 2 * i, bias=b, dtype=dtype, rngs=rngs, axes=("mlp", None))
         else:
-            self.gate_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs)
-            self.up_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(i, h, bias=b, dtype=dtype, rngs=rngs)
+            self.gate_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs, axes=("mlp", None))
+            self.up_proj = Linear(h, i, bias=b, dtype=dtype, rngs=rngs, axes=("mlp", None))
+        self.down_proj = Linear(i, h, bias=b, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -332,7 +336,7 @@ class DecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, axis="vocab")
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, unit_offset=cfg.norm_unit_offset)
 
@@ -379,7 +383,7 @@ class LlamaForCausalLM(PagedDecoder):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs, axes=("vocab", None))
         )
 
     @classmethod

@@ -20,13 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
-from .layers import Linear, _normal, activation
+from .layers import Linear, _normal, activation, param
 
 if TYPE_CHECKING:
     from .llama import DecoderConfig
 
 # rows of the lhs grouped by expert (ragged dim 0); each expert's weight is HF's [out, in]: contract its last dim
+EXPERT_AXIS = "model"  # the mesh axis experts split over (jaxserve/parallel.py's model axis)
+
 _GROUPED_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
 )
@@ -48,35 +51,59 @@ def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.
     return ids.astype(jnp.int32), weights
 
 
-def grouped_experts(x, expert_ids, weights, gate_up, down, act) -> jax.Array:
-    """x [T, H]; expert_ids, weights [T, k]; gate_up [E, 2I, H], down [E, H, I] → [T, H]: sum over each token's k
-    experts of weight * down(act(gate(x)) * up(x)).
+def grouped_experts(x, expert_ids, weights, gate_up, down, act, first_expert=0) -> jax.Array:
+    """x [T, H]; expert_ids, weights [T, k]; gate_up [E, 2I, H], down [E, H, I] → [T, H] float32: sum over each
+    token's k experts of weight * down(act(gate(x)) * up(x)), over the experts `first_expert` .. + E - 1 (the
+    others contribute nothing: a device's share under expert parallelism).
 
     The T * k (token, expert) assignments are sorted by expert (stable), each assignment's token row gathered, and
     both projections run as one grouped product each over the per-expert group sizes (an expert with no tokens is
-    an empty group). The outputs go back to (token, slot) order by a permutation (unique indices: deterministic,
-    unlike a scatter-add) and are summed per token with the routing weights, in float32."""
+    an empty group; assignments to other experts sort last, outside every group, and come out as zeros). The
+    outputs go back to (token, slot) order by a permutation (unique indices: deterministic, unlike a scatter-add)
+    and are summed per token with the routing weights, in float32."""
     t, k = expert_ids.shape
-    flat = expert_ids.reshape(-1)
+    num_local = gate_up.shape[0]
+    local = expert_ids.reshape(-1) - first_expert
+    mine = (local >= 0) & (local < num_local)
+    flat = jnp.where(mine, local, num_local)
     order = jnp.argsort(flat, stable=True)  # assignment slots, grouped by expert
-    group_sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=num_local + 1)[:num_local].astype(jnp.int32)
     gate, up = jnp.split(grouped_matmul(x[order // k], gate_up, group_sizes), 2, axis=-1)
     out = grouped_matmul(act(gate) * up, down, group_sizes)
     out = jnp.zeros_like(out).at[order].set(out, unique_indices=True)  # back to (token, slot) order
-    combined = jnp.einsum("tkh,tk->th", out.reshape(t, k, -1), weights, preferred_element_type=jnp.float32)
-    return combined.astype(x.dtype)
+    weights = jnp.where(mine.reshape(t, k), weights, 0.0)
+    return jnp.einsum("tkh,tk->th", out.reshape(t, k, -1), weights, preferred_element_type=jnp.float32)
+
+
+def expert_parallel(mesh: Mesh, axis: str, x, expert_ids, weights, gate_up, down, act) -> jax.Array:
+    """`grouped_experts` with the experts split over the mesh `axis`: each device runs the tokens routed to its
+    own experts (tokens and routing are whole on every device) and the partial sums are added over the axis."""
+
+    def shard(x, expert_ids, weights, gate_up, down):
+        first = jax.lax.axis_index(axis) * gate_up.shape[0]
+        return jax.lax.psum(grouped_experts(x, expert_ids, weights, gate_up, down, act, first), axis)
+
+    whole, split = PartitionSpec(), PartitionSpec(axis)
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=(whole, whole, whole, split, split), out_specs=whole, check_vma=False
+    )(x, expert_ids, weights, gate_up, down)
 
 
 class Experts(nnx.Module):
-    """E SwiGLU experts stacked: `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]."""
+    """E SwiGLU experts stacked: `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], split by expert over a device
+    mesh (`mesh`: the engine's, whose "model" axis they split over when it divides E; None: one device)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str, *, dtype, rngs: nnx.Rngs):
-        self.gate_up_proj = nnx.Param(_normal(rngs, (num_experts, 2 * intermediate, hidden), dtype))
-        self.down_proj = nnx.Param(_normal(rngs, (num_experts, hidden, intermediate), dtype))
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str, *, dtype, rngs: nnx.Rngs, mesh=None):
+        self.gate_up_proj = param(_normal(rngs, (num_experts, 2 * intermediate, hidden), dtype), ("experts",))
+        self.down_proj = param(_normal(rngs, (num_experts, hidden, intermediate), dtype), ("experts",))
         self.act = activation(act)
+        self.mesh = mesh if mesh is not None and num_experts % mesh.shape[EXPERT_AXIS] == 0 else None
 
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array) -> jax.Array:
-        return grouped_experts(x, expert_ids, weights, self.gate_up_proj[...], self.down_proj[...], self.act)
+        args = (x, expert_ids, weights, self.gate_up_proj[...], self.down_proj[...], self.act)
+        if self.mesh is None or self.mesh.shape[EXPERT_AXIS] == 1:
+            return grouped_experts(*args).astype(x.dtype)
+        return expert_parallel(self.mesh, EXPERT_AXIS, *args).astype(x.dtype)
 
 
 class SparseMoeBlock(nnx.Module):
@@ -88,7 +115,10 @@ class SparseMoeBlock(nnx.Module):
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         self.gate = Linear(h, cfg.num_experts, bias=False, dtype=dtype, rngs=rngs)
-        self.experts = Experts(cfg.num_experts, h, cfg.moe_intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs)
+        self.experts = Experts(
+            cfg.num_experts, h, cfg.moe_intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs,
+            mesh=cfg.kernels.mesh,
+        )  # fmt: skip
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(h, 1, bias=False, dtype=dtype, rngs=rngs) if shared_expert else None
 

@@ -1612,6 +1612,14 @@ BUILDERS: dict[
         seed=39,
         config={"tie_word_embeddings": True, "no_rope_layers": [1, 0]},
     ),
+    # eight query heads over two KV heads: splits over 1, 2, 4 and 8 devices (tensor parallelism's tests), the
+    # KV heads repeated where there are more devices than KV heads
+    "tiny-llama-8h": DecoderBuilder(
+        model_class="LlamaForCausalLM",
+        config_class="LlamaConfig",
+        seed=41,
+        config={"tie_word_embeddings": False, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16},
+    ),
     "tiny-bert-mean": EncoderBuilder(
         model_class="BertModel",
         config_class="BertConfig",
