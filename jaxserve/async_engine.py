@@ -176,6 +176,10 @@ class AsyncEngine:
             num_open = len(self._streams)
         return dataclasses.replace(stats, num_requests_waiting=max(0, num_open - stats.num_requests_running))
 
+    def replica_stats(self) -> dict[str, EngineStats]:
+        """The load by engine, as `/metrics` labels it: this one engine is "0" (see data_parallel.py)."""
+        return {"0": self.stats()}
+
     def prepare(self, prompt: str | list[int], **options) -> PoolingPrompt:
         """A pooling input from a text (or text pair, `text_pair=`) or token ids: `PoolingEngine.prepare`."""
         return self._engine_for(PoolingEngine, "pooling").prepare(prompt, **options)

@@ -55,8 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .async_engine import AsyncEngine
-    from .llm import create_engine
+    from .data_parallel import create_serving_engine
     from .server.launch import run_server
     from .server.served_models import ServedModel
 
@@ -71,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     served = []
     for model, aliases in zip(models, names):
         engine_args = model_engine_args(args, models, model) | {"strict_compile": args.strict_compile}
-        engine = AsyncEngine(create_engine(EngineConfig(model=model, **engine_args)))
+        engine = create_serving_engine(EngineConfig(model=model, **engine_args))
         served.append(ServedModel.from_engine(aliases, model, engine, args.chat_template_content_format))
     run_server(
         served,

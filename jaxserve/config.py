@@ -148,6 +148,11 @@ class EngineConfig:
         "devices one engine spans, its weights, KV cache and attention heads split over them (Megatron-style; "
         "the model's attention heads must divide by it)",
     )
+    data_parallel_size: int = flag(
+        1,
+        "replicas of the model the server runs, each on its own tensor_parallel_size devices; a request goes to "
+        "the replica with the least outstanding work (default 1)",
+    )
     compile_cache_dir: str | None = flag(
         None, "JAX's persistent compilation cache (default $JAXSERVE_CACHE_DIR/xla, i.e. ~/.cache/jaxserve/xla)"
     )
@@ -174,6 +179,8 @@ class EngineConfig:
             get_target(self.target)
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}.")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}.")
         if self.device_ids is not None and len(self.device_ids) != self.tensor_parallel_size:
             raise ValueError(f"device_ids {self.device_ids} must name tensor_parallel_size devices.")
         if self.scheduling_policy not in ("fcfs", "priority"):

@@ -40,6 +40,10 @@ Message = dict[str, Any]
 
 def create_engine(config: EngineConfig) -> LLMEngine | PoolingEngine:
     """A generation or a pooling engine, by `runner` ("auto": by the model's architecture)."""
+    if config.data_parallel_size > 1:
+        raise ValueError(
+            "One engine runs one replica: data_parallel_size > 1 is for `jaxserve serve` (data_parallel.py)."
+        )
     runner = config.runner
     if runner == "auto":
         hf_config = load_hf_config(resolve_model(config.model), config.hf_overrides)

@@ -134,7 +134,7 @@ async def until_disconnect(raw: Request, work: Awaitable[T]) -> T | Response:
 
 
 def build_app(registry: ModelRegistry, settings: ServerSettings) -> FastAPI:
-    metrics = ServerMetrics(lambda: {m.name: m.engine.stats() for m in registry.models})
+    metrics = ServerMetrics(lambda: {m.name: m.engine.replica_stats() for m in registry.models})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

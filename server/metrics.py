@@ -1,6 +1,7 @@
 """Prometheus metrics for the HTTP server's `/metrics`, named as vLLM names them (`vllm:` prefix).
 
-Every series carries the labels `model_name` (the served model's first name) and `engine` (always "0"). Each
+Every series carries the labels `model_name` (the served model's first name) and `engine`: the replica of a
+data-parallel model (`--data-parallel-size`) for the engine-level series, "0" for the request-level ones. Each
 `ServerMetrics` owns a private `CollectorRegistry`, so several apps (or tests) in one process never clash.
 
 Request-level metrics (token counters, latency and length histograms, the `n` and `max_tokens` parameters, and
@@ -64,9 +65,10 @@ COMMON_FINISH_REASONS = ("stop", "length", "abort")
 
 
 class _EngineStatsCollector(Collector):
-    """Reads `engine_stats()` at scrape time and exposes it as gauges and counters, one series per model."""
+    """Reads `engine_stats()` at scrape time and exposes it as gauges and counters, one series per model and engine
+    (a data-parallel model's replicas are engines "0", "1", ...)."""
 
-    def __init__(self, engine_stats: Callable[[], Mapping[str, EngineStats]]):
+    def __init__(self, engine_stats: Callable[[], Mapping[str, Mapping[str, EngineStats]]]):
         self._engine_stats = engine_stats
 
     def collect(self) -> Iterator[Metric]:
@@ -107,33 +109,34 @@ class _EngineStatsCollector(Collector):
             name: GaugeMetricFamily(name, text, labels=LABELS)
             for name, text in STARTUP_GAUGES.items()
         }  # fmt: skip
-        for model_name, stats in self._engine_stats().items():
-            labels = [model_name, ENGINE]
-            running.add_metric(labels, stats.num_requests_running)
-            waiting.add_metric(labels, stats.num_requests_waiting)
-            # jaxserve has none of the transient constraints (LoRA budget, KV transfer) that defer a request in
-            # vLLM: every waiting request waits for capacity
-            waiting_by_reason.add_metric([*labels, "capacity"], stats.num_requests_waiting)
-            waiting_by_reason.add_metric([*labels, "deferred"], 0)
-            if stats.cache_config:
-                cache_config.add_sample(
-                    "vllm:cache_config_info",
-                    {"model_name": model_name, "engine": ENGINE, **dict(stats.cache_config)},
-                    1,
-                )
-            if stats.iteration_tokens_counts:
-                iteration_tokens.add_metric(
-                    labels, _cumulative(stats.iteration_tokens_counts), stats.iteration_tokens_sum
-                )
-            kv_usage.add_metric(labels, stats.kv_cache_usage)
-            preemptions.add_metric(labels, stats.num_preemptions)
-            cache_queries.add_metric(labels, stats.prefix_cache_queries)
-            cache_hits.add_metric(labels, stats.prefix_cache_hits)
-            compiles.add_metric(labels, stats.compiles_after_warmup)
-            startup["jaxserve:startup_load_seconds"].add_metric(labels, stats.load_seconds)
-            startup["jaxserve:startup_compile_seconds"].add_metric(labels, stats.compile_seconds)
-            startup["jaxserve:buckets_compiled"].add_metric(labels, stats.buckets_compiled)
-            startup["jaxserve:buckets_total"].add_metric(labels, stats.buckets_total)
+        for model_name, replicas in self._engine_stats().items():
+            for engine, stats in replicas.items():
+                labels = [model_name, engine]
+                running.add_metric(labels, stats.num_requests_running)
+                waiting.add_metric(labels, stats.num_requests_waiting)
+                # jaxserve has none of the transient constraints (LoRA budget, KV transfer) that defer a request in
+                # vLLM: every waiting request waits for capacity
+                waiting_by_reason.add_metric([*labels, "capacity"], stats.num_requests_waiting)
+                waiting_by_reason.add_metric([*labels, "deferred"], 0)
+                if stats.cache_config:
+                    cache_config.add_sample(
+                        "vllm:cache_config_info",
+                        {"model_name": model_name, "engine": engine, **dict(stats.cache_config)},
+                        1,
+                    )
+                if stats.iteration_tokens_counts:
+                    iteration_tokens.add_metric(
+                        labels, _cumulative(stats.iteration_tokens_counts), stats.iteration_tokens_sum
+                    )
+                kv_usage.add_metric(labels, stats.kv_cache_usage)
+                preemptions.add_metric(labels, stats.num_preemptions)
+                cache_queries.add_metric(labels, stats.prefix_cache_queries)
+                cache_hits.add_metric(labels, stats.prefix_cache_hits)
+                compiles.add_metric(labels, stats.compiles_after_warmup)
+                startup["jaxserve:startup_load_seconds"].add_metric(labels, stats.load_seconds)
+                startup["jaxserve:startup_compile_seconds"].add_metric(labels, stats.compile_seconds)
+                startup["jaxserve:buckets_compiled"].add_metric(labels, stats.buckets_compiled)
+                startup["jaxserve:buckets_total"].add_metric(labels, stats.buckets_total)
         yield from (
             running, waiting, waiting_by_reason, kv_usage, cache_config, preemptions, cache_queries, cache_hits,
             iteration_tokens, compiles, *startup.values(),
@@ -168,13 +171,14 @@ def _cumulative(counts: tuple[int, ...]) -> list[tuple[str, int]]:
 class ServerMetrics:
     """The server's metrics in a private registry.
 
-    `engine_stats()` returns served model name -> `EngineStats`; it is called on every scrape. `clock` gives the
+    `engine_stats()` returns served model name -> engine ("0", or a replica's index) -> `EngineStats`; it is called
+    on every scrape. `clock` gives the
     time in seconds for latencies (monotonic; injectable for tests).
     """
 
     def __init__(
         self,
-        engine_stats: Callable[[], Mapping[str, EngineStats]],
+        engine_stats: Callable[[], Mapping[str, Mapping[str, EngineStats]]],
         clock: Callable[[], float] = time.monotonic,
     ):
         self.clock = clock

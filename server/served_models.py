@@ -16,6 +16,7 @@ from .errors import APIError, busy, not_found
 
 if TYPE_CHECKING:
     from jaxserve.async_engine import AsyncEngine
+    from jaxserve.data_parallel import DataParallelEngine
     from jaxserve.tokenizer import Tokenizer
 
 Runner = Literal["generate", "pooling"]
@@ -26,7 +27,7 @@ class ServedModel:
     names: list[str]  # the first is the name in responses and metrics; the rest are aliases
     root: str  # the model as given on the command line
     runner: Runner
-    engine: AsyncEngine
+    engine: AsyncEngine | DataParallelEngine  # a data-parallel model's replicas serve as one engine
     tokenizer: Tokenizer
     max_model_len: int
     sampling_defaults: dict[str, Any]  # generation_config.json values that override OpenAI's defaults
@@ -48,7 +49,9 @@ class ServedModel:
         return self.names[0]
 
     @classmethod
-    def from_engine(cls, names: list[str], root: str, engine: AsyncEngine, content_format_flag: str) -> ServedModel:
+    def from_engine(
+        cls, names: list[str], root: str, engine: AsyncEngine | DataParallelEngine, content_format_flag: str
+    ) -> ServedModel:
         """Read what the server needs from a running engine (an `LLMEngine` or a `PoolingEngine`)."""
         core = engine.engine
         generative = engine.runner == "generate"

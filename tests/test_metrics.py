@@ -55,6 +55,11 @@ STATS = {
 }
 
 
+def by_engine(stats: dict) -> dict:
+    """Each model's stats as its one engine's, "0" (what an engine that is not data-parallel reports)."""
+    return {model: {"0": st} for model, st in stats.items()}
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -62,7 +67,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def metrics(clock: FakeClock) -> ServerMetrics:
-    return ServerMetrics(lambda: STATS, clock=clock)
+    return ServerMetrics(lambda: by_engine(STATS), clock=clock)
 
 
 def test_engine_stats_read_at_scrape_time(clock: FakeClock):
@@ -71,7 +76,7 @@ def test_engine_stats_read_at_scrape_time(clock: FakeClock):
 
     def engine_stats():
         calls.append(1)
-        return current
+        return by_engine(current)
 
     metrics = ServerMetrics(engine_stats, clock=clock)
     assert not calls  # nothing read before a scrape
@@ -95,6 +100,15 @@ def test_engine_stats_read_at_scrape_time(clock: FakeClock):
     assert samples["vllm:num_preemptions_total", lab("llama")] == 9
     assert samples["jaxserve:compiles_after_warmup_total", lab("llama")] == 1
     assert samples["vllm:num_requests_running", lab("bert")] == 1
+
+
+def test_data_parallel_replicas_are_engines(clock: FakeClock):
+    replicas = {"0": STATS["llama"], "1": STATS["bert"]}
+    _, samples = scrape(ServerMetrics(lambda: {"llama": replicas}, clock=clock))
+    for engine, stats in replicas.items():
+        labels = frozenset({"model_name": "llama", "engine": engine}.items())
+        assert samples["vllm:num_requests_running", labels] == stats.num_requests_running
+        assert samples["vllm:kv_cache_usage_perc", labels] == stats.kv_cache_usage
 
 
 def test_help_text(metrics: ServerMetrics):
@@ -261,8 +275,8 @@ def test_other_finish_reasons_and_zero_counts(metrics: ServerMetrics, clock: Fak
 
 
 def test_instances_do_not_clash(clock: FakeClock):
-    a = ServerMetrics(lambda: STATS, clock=clock)
-    b = ServerMetrics(lambda: {"other": STATS["llama"]}, clock=clock)  # no duplicate-registration error
+    a = ServerMetrics(lambda: by_engine(STATS), clock=clock)
+    b = ServerMetrics(lambda: {"other": {"0": STATS["llama"]}}, clock=clock)  # no duplicate-registration error
     a.start_request("llama", 10).finish("stop")
     _, sa = scrape(a)
     _, sb = scrape(b)
@@ -370,7 +384,7 @@ def test_engine_series_iteration_tokens_waiting_reasons_and_cache_config(clock: 
         ),
         "bert": STATS["bert"],  # a pooling engine without a cache and without steps yet
     }
-    types, s = scrape(ServerMetrics(lambda: stats, clock=clock))
+    types, s = scrape(ServerMetrics(lambda: by_engine(stats), clock=clock))
     assert types["vllm:iteration_tokens_total"] == "histogram"
     bounds = sorted(float(dict(k)["le"]) for n, k in s if n == "vllm:iteration_tokens_total_bucket")
     assert bounds == [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, float("inf")]
