@@ -70,6 +70,11 @@ class AsyncEngine:
     def errored(self) -> bool:
         return self.error is not None
 
+    @property
+    def runners(self) -> list:
+        """The engine's model runner (a data-parallel engine has one per replica)."""
+        return [self.engine.runner]
+
     def process(
         self,
         prompt_token_ids: list[int],
@@ -199,7 +204,7 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stopping = True
         self._commands.put(("stop", None, None))
-        self._thread.join()
+        self._thread.join(timeout=None if self.error is None else 5)  # a dead engine's loop may never return
         self.engine.shutdown()
 
     def _engine_for(self, kind: type, what: str):
@@ -242,11 +247,17 @@ class AsyncEngine:
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - any failure kills the engine, and every caller must hear of it
             logger.exception("The engine loop died")
-            self.error = exc
-            with self._lock:
-                streams = list(self._streams.values())
-            for loop, stream in streams:
-                loop.call_soon_threadsafe(stream.put_nowait, exc)
+            self.fail(exc)
+
+    def fail(self, error: BaseException) -> None:
+        """The engine is dead: every open request gets `error`, and new ones are refused. Called by the loop when a
+        step raises, or from outside when the engine cannot go on (a serving process died: distributed.py),
+        while the loop may be stuck in a step that will never end."""
+        self.error = error
+        with self._lock:
+            streams = list(self._streams.values())
+        for loop, stream in streams:
+            loop.call_soon_threadsafe(stream.put_nowait, error)
 
     def _step(self) -> None:
         """One engine step; a generation engine's core outputs go to their requests, grouped per request."""

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .compiled import BucketPrograms, abstract, first_rungs
+from .distributed import StepBroadcast
 
 
 class BucketRunner(abc.ABC):
@@ -37,6 +38,9 @@ class BucketRunner(abc.ABC):
         self.mesh = mesh
         self.compile_only = compile_only
         self.state_shardings = None  # over a mesh, the layout of the runner's device state (`create_state`)
+        # a multi-process leader's step channel, and this runner's index among the engines' (distributed.py)
+        self.step_broadcast: StepBroadcast | None = None
+        self.runner_index = 0
         self.programs = BucketPrograms(
             jax.jit(self._step_fn, donate_argnums=donate_argnums), token_rungs, what, keep_going=compile_only
         )
@@ -85,6 +89,12 @@ class BucketRunner(abc.ABC):
     def on_devices(self, array: Any) -> Any:
         """A host array on the runner's device(s): whole on each device of a mesh."""
         return jax.device_put(array, None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()))
+
+    def announce(self, method: str, *args: Any) -> None:
+        """On a multi-process leader, send a call of `method` (one that launches a program) with its host
+        arguments to the followers, which make it too (distributed.py); elsewhere nothing."""
+        if self.step_broadcast is not None:
+            self.step_broadcast.send((self.runner_index, method, args))
 
     def launch(self, rung: int, *args) -> Any:
         """Call the rung's program; returns without waiting for it."""

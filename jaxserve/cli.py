@@ -56,6 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .data_parallel import create_serving_engine
+    from .distributed import DistributedConfig, check_layout, initialize, lead_or_follow
     from .server.launch import run_server
     from .server.served_models import ServedModel
 
@@ -63,23 +64,38 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(
             "--trust-remote-code is accepted for compatibility; jaxserve never runs code from a model folder."
         )
+    distributed = DistributedConfig.from_environment(args.distributed_coordinator, args.num_processes, args.process_id)
+    if distributed.enabled:
+        initialize(distributed)
+        check_layout(args.tensor_parallel_size, args.data_parallel_size)
     models = args.models or [DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL]
     if args.with_whisper:
         models = [*models, DEFAULT_TRANSCRIPTION_MODEL]
     names = served_names(models, args.served_model_name)
     served = []
     for model, aliases in zip(models, names):
-        engine_args = model_engine_args(args, models, model) | {"strict_compile": args.strict_compile}
+        # with several processes every program runs on all of them: each compiles every bucket before serving
+        strict = args.strict_compile or distributed.enabled
+        engine_args = model_engine_args(args, models, model) | {"strict_compile": strict}
         engine = create_serving_engine(EngineConfig(model=model, **engine_args))
         served.append(ServedModel.from_engine(aliases, model, engine, args.chat_template_content_format))
-    run_server(
-        served,
-        server_settings(args),
-        host=args.host,
-        port=args.port,
-        log_level=args.uvicorn_log_level,
-        access_log=not args.disable_uvicorn_access_log,
-    )
+    broadcast = None
+    if distributed.enabled:
+        broadcast = lead_or_follow(distributed, [model.engine for model in served])
+        if broadcast is None:
+            return 0  # a follower, whose leader has stopped
+    try:
+        run_server(
+            served,
+            server_settings(args),
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+        )
+    finally:
+        if broadcast is not None:
+            broadcast.close()
     return 0
 
 
@@ -306,6 +322,22 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "several hosts",
+        "run the same command on every host, each with its own --process-id: process 0 serves HTTP, the others "
+        "run its steps on their devices; without these flags a TPU pod's or a SLURM job's processes join "
+        "automatically",
+    )
+    group.add_argument(
+        "--distributed-coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address for jax.distributed (its step channel listens on PORT + 1)",
+    )
+    group.add_argument("--num-processes", type=int, help="processes in all, one per host")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 .. --num-processes - 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxserve",
@@ -335,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "models, --max-model-len applies to the generation ones)",
     )
     add_server_args(serve)
+    add_distributed_args(serve)
     add_engine_args(serve)
     serve.set_defaults(run=_serve)
     generate = commands.add_parser(

@@ -153,6 +153,15 @@ class DataParallelEngine:
         """Each replica's load, by its index (the `engine` label of `/metrics`)."""
         return {str(i): replica.stats() for i, replica in enumerate(self.replicas)}
 
+    def fail(self, error: BaseException) -> None:
+        for replica in self.replicas:
+            replica.fail(error)
+
+    @property
+    def runners(self) -> list:
+        """Each replica's model runner, in order."""
+        return [replica.engine.runner for replica in self.replicas]
+
     def reset_prefix_cache(self) -> None:
         for replica in self.replicas:
             replica.reset_prefix_cache()

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
@@ -268,8 +269,9 @@ class EngineCore(abc.ABC):
             elif self.target is not None:
                 budget = _target_kv_budget(self.target, config.gpu_memory_utilization, model, devices)
             else:
-                device = jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0]
-                budget = _device_kv_budget(device, config.gpu_memory_utilization)
+                budget = _device_kv_budget(self._first_local_device(), config.gpu_memory_utilization)
+                if jax.process_count() > 1:  # every process must size the cache alike: the smallest budget
+                    budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
             num_pages = min(budget // page_bytes, pages_per_seq * max_num_seqs)
             compiled_pages = compiled.limits.get("num_kv_pages", 0) if compiled else 0
             if config.kv_cache_memory is None and 0 < compiled_pages <= num_pages:
@@ -281,6 +283,12 @@ class EngineCore(abc.ABC):
                 "(--kv-cache-memory on CPU, --gpu-memory-utilization on GPU) or lower --max-model-len."
             )
         return int(num_pages)
+
+    def _first_local_device(self) -> jax.Device:
+        """The engine's first device of this process (one process's devices, of a mesh over several)."""
+        if self.mesh is None:
+            return jax.devices()[0]
+        return next(d for d in self.mesh.devices.flat if d.process_index == jax.process_index())
 
     def _startup_stats(self, stats: EngineStats) -> EngineStats:
         """`stats` with what every engine reports filled in: the start-up times and the compiled buckets, the steps

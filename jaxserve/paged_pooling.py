@@ -130,6 +130,7 @@ class PagedPoolingRunner(BucketRunner):
 
     def dispatch(self, inputs: PagedPoolingInputs, tasks: set[str]) -> dict[str, jax.Array]:
         """Start the step and the copy of the outputs of `tasks` to the host; returns without waiting."""
+        self.announce("dispatch", inputs, tasks)
         self.state, outputs = self.launch(inputs.batch.token_ids.shape[0], self.state, inputs)
         return self.start_copy({task: outputs[task] for task in tasks})
 

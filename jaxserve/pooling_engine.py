@@ -115,6 +115,7 @@ class PoolingRunner(BucketRunner):
 
     def dispatch(self, inputs: PoolingInputs, tasks: set[str]) -> dict[str, jax.Array]:
         """Start the step and the copy of the outputs of `tasks` to the host; returns without waiting."""
+        self.announce("dispatch", inputs, tasks)
         outputs = self.launch(inputs.batch.token_ids.shape[0], inputs)
         return self.start_copy({task: outputs[task] for task in tasks})
 

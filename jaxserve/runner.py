@@ -304,13 +304,17 @@ class ModelRunner(BucketRunner):
         offsets = np.arange(self.shape.encoder_frames)
         for start in range(0, len(seqs), largest):
             group = seqs[start : start + largest]
-            rung = self.encoder_programs.rung_for(len(group))
-            features, slots = self._encode_args(rung)
+            features, slots = self._encode_args(self.encoder_programs.rung_for(len(group)))
             for i, seq in enumerate(group):
                 features[i] = seq.encoder_input
                 slots[i] = np.asarray(seq.cross_pages)[offsets // self.page_size] * self.page_size
                 slots[i] += offsets % self.page_size
-            self.state = self.encoder_programs(rung, self.params, self.state, features, slots)
+            self.encode_batch(features, slots)
+
+    def encode_batch(self, features: np.ndarray, slots: np.ndarray) -> None:
+        """Dispatch the encode program of the batch's rung over `features`, writing them at `slots`."""
+        self.announce("encode_batch", features, slots)
+        self.state = self.encoder_programs(len(features), self.params, self.state, features, slots)
 
     def unconstrained(self, rows: int) -> np.ndarray:
         """A grammar bitmask that allows every token in each of `rows` rows."""
@@ -331,6 +335,7 @@ class ModelRunner(BucketRunner):
         """Start the step and the copy of its sampled rows to the host; returns without waiting for either.
         `bitmask` (`unconstrained(rows)` with the constrained rows filled in) holds the sampling rows to their
         grammars; without one every token is allowed."""
+        self.announce("dispatch", inputs, bitmask)
         if bitmask is None:
             bitmask = self._all_allowed(len(inputs.logits_indices))
         self.state, out = self.launch(inputs.batch.token_ids.shape[0], self.state, inputs, bitmask)
