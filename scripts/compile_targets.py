@@ -1,5 +1,5 @@
 """Compile every bucket program of the embedded defaults and of the Llama-3.2-1B, Llama-3.1-8B and BERT-large
-shapes for each accelerator target, on this machine, whether or not the chip is here (`jaxserve compile`), and
+shapes (and Llama-3.1-8B split over 8 chips, `llama-8b-tp8`, for the 8-chip targets) for each accelerator target, on this machine, whether or not the chip is here (`jaxserve compile`), and
 print the table target x model x bucket: compiled or the compiler's error, seconds, the program's scratch.
 
 The large shapes need no checkpoint: a tiny test model's folder (its tokenizer) with the real architecture laid
@@ -51,6 +51,11 @@ def model_specs(test_models: Path) -> dict[str, tuple[str, dict]]:
         "minilm-l6": (DEFAULT_POOLING_MODEL, {}),
         "llama-1b": (str(folders["tiny-llama"]), dict(hf_overrides=LLAMA_1B, max_model_len=8192)),
         "llama-8b": (str(folders["tiny-llama"]), dict(hf_overrides=LLAMA_8B, max_model_len=8192)),
+        # over the 8 chips of a slice (a 2x4 target): one program for all of them
+        "llama-8b-tp8": (
+            str(folders["tiny-llama"]),
+            dict(hf_overrides=LLAMA_8B, max_model_len=8192, tensor_parallel_size=8),
+        ),
         "bert-large": (str(folders["tiny-bert-classifier"]), dict(hf_overrides=BERT_LARGE, runner="pooling")),
     }
 

@@ -79,6 +79,22 @@ def test_compile_for_tpu_then_a_cpu_engine_says_the_cache_is_for_tpu(tiny_models
     assert "compiled for tpu-v5e (TPU v5 lite)" in caplog.text and "every bucket compiles here" in caplog.text
 
 
+def test_tensor_parallel_engine_compiles_for_a_tpu_v6e_2x4_slice(tiny_models, tmp_path, capsys):
+    """Eight query heads over the eight chips of a v6e 2x4 slice: the step program, the Mosaic attention kernel
+    per chip under shard_map included, compiles for all of them (the Llama-3.1-8B shape: scripts/compile_targets.py
+    --models llama-8b-tp8)."""
+    try:
+        get_target("tpu-v6e-8").device()
+    except TargetUnavailable as error:
+        pytest.skip(str(error))
+    args = ["compile", str(tiny_models["tiny-llama-8h"]), "--target", "tpu-v6e-8", "--compile-cache-dir", str(tmp_path)]
+    args += ["--max-num-batched-tokens", "16"]  # one bucket
+    assert cli.main([*args, "--tensor-parallel-size", "8", "--max-model-len", "128", "--max-num-seqs", "4"]) == 0
+    [entry] = read_manifest(tmp_path)
+    assert entry.target == "tpu-v6e-8" and entry.buckets
+    assert all(b.error is None and 0 < b.kernel_scratch_bytes < 64 << 20 for b in entry.buckets)
+
+
 def test_a_target_without_its_compiler_is_reported(tiny_models, tmp_path, capsys):
     try:
         get_target("h100").device()
