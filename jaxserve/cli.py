@@ -22,13 +22,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(EngineConfig)
     for field in engine_flags():
         options = dict(field.metadata)
+        short = options.pop("short", None)  # vLLM's one-letter forms: -tp, -dp
         kind = hints[field.name]
         if kind is bool or bool in typing.get_args(kind):
             options["action"] = argparse.BooleanOptionalAction
         elif "type" not in options and "choices" not in options:
             base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
             options["type"] = json.loads if typing.get_origin(base) is dict else base
-        group.add_argument("--" + field.name.replace("_", "-"), default=field.default, **options)
+        names = ["--" + field.name.replace("_", "-"), *([short] if short else [])]
+        group.add_argument(*names, default=field.default, **options)
 
 
 def engine_flags() -> list[dataclasses.Field]:

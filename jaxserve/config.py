@@ -146,12 +146,14 @@ class EngineConfig:
     tensor_parallel_size: int = flag(
         1,
         "devices one engine spans, its weights, KV cache and attention heads split over them (Megatron-style; "
-        "the model's attention heads must divide by it)",
+        "the model's attention heads must divide by it; default 1)",
+        short="-tp",
     )
     data_parallel_size: int = flag(
         1,
         "replicas of the model the server runs, each on its own tensor_parallel_size devices; a request goes to "
         "the replica with the least outstanding work (default 1)",
+        short="-dp",
     )
     compile_cache_dir: str | None = flag(
         None, "JAX's persistent compilation cache (default $JAXSERVE_CACHE_DIR/xla, i.e. ~/.cache/jaxserve/xla)"

@@ -17,6 +17,7 @@ heads must divide, as in vLLM.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -123,9 +124,27 @@ def bytes_per_device(tree) -> dict[jax.Device, int]:
     return dict(held)
 
 
-_COLLECTIVE = re.compile(r"= [^=]*?\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+@dataclasses.dataclass
+class Collectives:
+    """One kind of collective in a compiled program: how many, and the bytes of their results on one device."""
+
+    count: int = 0
+    bytes: int = 0
 
 
-def collective_counts(hlo_text: str) -> dict[str, int]:
-    """The collectives of a compiled program's HLO, by kind (an async pair counts once)."""
-    return dict(collections.Counter(match[1] for match in _COLLECTIVE.finditer(hlo_text)))
+_COLLECTIVE = re.compile(
+    r"= \(?([a-z0-9]+)\[([\d,]*)\][^=]*?\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
+
+
+def collectives(hlo_text: str) -> dict[str, Collectives]:
+    """The collectives of a compiled program's HLO text by kind (an async start/done pair counts once; a tuple
+    result counts its first element)."""
+    found: dict[str, Collectives] = collections.defaultdict(Collectives)
+    for dtype, dims, kind in _COLLECTIVE.findall(hlo_text):
+        elements = int(np.prod([int(d) for d in dims.split(",") if d]))
+        found[kind].count += 1
+        found[kind].bytes += elements * _BYTES.get(dtype, 8)
+    return dict(found)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.parallel import bytes_per_device, collective_counts
+from jaxserve.parallel import bytes_per_device, collectives
 
 from ..conftest import TINY_ENGINE
 
@@ -82,8 +82,7 @@ def test_step_program_gathers_no_whole_vocabulary(tiny_models, make_llm):
     text = llm.engine.runner.programs._executables[16].as_text()
     gathered = [dims.split(",") for dims in re.findall(r"\[([\d,]*)\]\{[^}]*\} all-gather\(", text)]
     assert gathered and max(int(dims[-1]) for dims in gathered) < vocab  # per row: candidates, not the vocabulary
-    counts = collective_counts(text)
-    assert counts.get("all-reduce", 0) >= 2 * 2 + 1
+    assert collectives(text)["all-reduce"].count >= 2 * 2 + 1
 
 
 def test_mixture_of_experts_split_by_expert(tiny_models, make_llm):
