@@ -93,10 +93,12 @@ class EngineCore(abc.ABC):
         when compiling for a target). `extra` holds tensors from outside the safetensors; `aliases(skeleton)` the
         checkpoint prefixes to try, `renames(skeleton)` its names for parts of a layer (`weights.checkpoint_names`)."""
         skeleton = nnx.eval_shape(build)
-        text_config = self.hf_config.get_text_config()
-        sharding = param_sharding(
-            self.mesh, logical_rules(self.mesh, getattr(text_config, "num_key_value_heads", None))
-        )
+        text_config = self.hf_config.get_text_config()  # as the engine has completed it (NomicBERT's head count)
+        heads = getattr(text_config, "num_attention_heads", None)
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        if heads is not None and mesh_size(self.mesh) > 1:
+            check_heads(heads, num_kv_heads, mesh_size(self.mesh))
+        sharding = param_sharding(self.mesh, logical_rules(self.mesh, num_kv_heads))
         if self.target is not None:
             if self.mesh is None:
                 return skeleton
@@ -131,10 +133,6 @@ class EngineCore(abc.ABC):
         tp = config.tensor_parallel_size
         if tp == 1 and config.device_ids is None:
             return None
-        text_config = self.hf_config.get_text_config()
-        heads = getattr(text_config, "num_attention_heads", None)
-        if heads is not None and tp > 1:
-            check_heads(heads, getattr(text_config, "num_key_value_heads", None) or heads, tp)
         devices = self.target.devices() if self.target is not None else jax.devices()
         if config.device_ids is not None:
             devices = [devices[i] for i in config.device_ids]

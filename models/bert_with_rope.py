@@ -148,7 +148,7 @@ def jina_config(hf, kernels: Kernels = REFERENCE_KERNELS) -> RopeEncoderConfig:
 
 class Embeddings(nnx.Module):
     def __init__(self, cfg: RopeEncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, axis="vocab")
         self.token_type_embeddings = (
             Embedding(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs) if cfg.type_vocab_size else None
         )
@@ -165,8 +165,8 @@ class Attention(nnx.Module):
     def __init__(self, cfg: RopeEncoderConfig, *, dtype, rngs: nnx.Rngs):
         h = cfg.hidden_size
         self.cfg = cfg
-        self.qkv_proj = Linear(h, 3 * h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(h, h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.qkv_proj = Linear(h, 3 * h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.o_proj = Linear(h, h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs, axes=(None, "heads"))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, batch: PackedBatch) -> jax.Array:
         cfg, t = self.cfg, x.shape[0]
@@ -184,10 +184,10 @@ class MLP(nnx.Module):
         self.act = cfg.hidden_act
         self.gated = cfg.gated_mlp
         if cfg.gated_mlp:
-            self.up_gate_proj = Linear(h, 2 * i, bias=cfg.up_bias, dtype=dtype, rngs=rngs)
+            self.up_gate_proj = Linear(h, 2 * i, bias=cfg.up_bias, dtype=dtype, rngs=rngs, axes=("mlp", None))
         else:
-            self.up_proj = Linear(h, i, bias=cfg.up_bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(i, h, bias=cfg.down_bias, dtype=dtype, rngs=rngs)
+            self.up_proj = Linear(h, i, bias=cfg.up_bias, dtype=dtype, rngs=rngs, axes=("mlp", None))
+        self.down_proj = Linear(i, h, bias=cfg.down_bias, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.gated:

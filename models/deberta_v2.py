@@ -165,7 +165,7 @@ def relative_buckets(position_buckets: int, max_relative_positions: int, max_tok
 class Embeddings(nnx.Module):
     def __init__(self, cfg: DebertaV2Config, *, dtype, rngs: nnx.Rngs):
         e, h = cfg.embedding_size, cfg.hidden_size
-        self.word_embeddings = Embedding(cfg.vocab_size, e, dtype=dtype, rngs=rngs)
+        self.word_embeddings = Embedding(cfg.vocab_size, e, dtype=dtype, rngs=rngs, axis="vocab")
         biased = cfg.position_biased_input
         self.position_embeddings = Embedding(cfg.max_position_embeddings, e, dtype=dtype, rngs=rngs) if biased else None
         types = cfg.type_vocab_size
@@ -191,13 +191,14 @@ class DisentangledSelfAttention(nnx.Module):
         self.pos_att_type = cfg.pos_att_type if cfg.relative_attention else ()
         self.share_att_key = cfg.share_att_key
         self.attention = cfg.kernels.varlen_attention
-        self.query_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs)
-        self.key_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs)
-        self.value_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs)
+        self.query_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.key_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.value_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
         separate = not cfg.share_att_key
         with_c2p, with_p2c = ("c2p" in self.pos_att_type and separate), ("p2c" in self.pos_att_type and separate)
-        self.pos_key_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs) if with_c2p else None
-        self.pos_query_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs) if with_p2c else None
+        by_heads = ("heads", None)
+        self.pos_key_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs, axes=by_heads) if with_c2p else None
+        self.pos_query_proj = Linear(h, inner, bias=True, dtype=dtype, rngs=rngs, axes=by_heads) if with_p2c else None
 
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(x.shape[0], self.num_heads, self.head_dim)
@@ -223,10 +224,11 @@ class DisentangledSelfAttention(nnx.Module):
 
 
 class DenseLayerNorm(nnx.Module):
-    """HF's `DebertaV2SelfOutput` / `DebertaV2Output`: dense, then LayerNorm of the residual sum."""
+    """HF's `DebertaV2SelfOutput` / `DebertaV2Output`: dense, then LayerNorm of the residual sum. `axis`: the logical
+    axis of the input features (the attention heads', or the MLP's)."""
 
-    def __init__(self, in_features: int, cfg: DebertaV2Config, *, dtype, rngs: nnx.Rngs):
-        self.dense = Linear(in_features, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+    def __init__(self, in_features: int, cfg: DebertaV2Config, *, dtype, rngs: nnx.Rngs, axis: str):
+        self.dense = Linear(in_features, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs, axes=(None, axis))
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
 
     def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
@@ -236,7 +238,7 @@ class DenseLayerNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: DebertaV2Config, *, dtype, rngs: nnx.Rngs):
         self.self = DisentangledSelfAttention(cfg, dtype=dtype, rngs=rngs)
-        self.output = DenseLayerNorm(cfg.num_heads * cfg.head_dim, cfg, dtype=dtype, rngs=rngs)
+        self.output = DenseLayerNorm(cfg.num_heads * cfg.head_dim, cfg, dtype=dtype, rngs=rngs, axis="heads")
 
     def __call__(self, x, batch, rel, buckets) -> jax.Array:
         return self.output(self.self(x, batch, rel, buckets), x)
@@ -244,7 +246,9 @@ class Attention(nnx.Module):
 
 class Intermediate(nnx.Module):
     def __init__(self, cfg: DebertaV2Config, *, dtype, rngs: nnx.Rngs):
-        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
+        self.dense = Linear(
+            cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs, axes=("mlp", None)
+        )
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -255,7 +259,7 @@ class Layer(nnx.Module):
     def __init__(self, cfg: DebertaV2Config, *, dtype, rngs: nnx.Rngs):
         self.attention = Attention(cfg, dtype=dtype, rngs=rngs)
         self.intermediate = Intermediate(cfg, dtype=dtype, rngs=rngs)
-        self.output = DenseLayerNorm(cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs)
+        self.output = DenseLayerNorm(cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs, axis="mlp")
 
     def __call__(self, x, batch, rel, buckets) -> jax.Array:
         x = self.attention(x, batch, rel, buckets)

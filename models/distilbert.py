@@ -46,7 +46,7 @@ def distilbert_config(hf, kernels: Kernels = REFERENCE_KERNELS) -> EncoderConfig
 
 class Embeddings(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, axis="vocab")
         self.position_embeddings = Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
 
@@ -59,10 +59,10 @@ class MultiHeadSelfAttention(nnx.Module):
         h = cfg.hidden_size
         self.num_heads = cfg.num_heads
         self.attention = cfg.kernels.varlen_attention
-        self.q_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
-        self.k_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
-        self.v_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
-        self.out_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs)
+        self.q_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.k_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.v_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.out_lin = Linear(h, h, bias=True, dtype=dtype, rngs=rngs, axes=(None, "heads"))
 
     def __call__(self, x: jax.Array, batch: PackedBatch) -> jax.Array:
         t, h = x.shape
@@ -74,8 +74,12 @@ class MultiHeadSelfAttention(nnx.Module):
 
 class FFN(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype, rngs: nnx.Rngs):
-        self.lin1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
-        self.lin2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.lin1 = Linear(
+            cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs, axes=("mlp", None)
+        )
+        self.lin2 = Linear(
+            cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs, axes=(None, "mlp")
+        )
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -125,7 +125,7 @@ def _rope(hf, kind: str) -> RopeConfig:
 
 class Embeddings(nnx.Module):
     def __init__(self, cfg: ModernBertConfig, *, dtype, rngs: nnx.Rngs):
-        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, axis="vocab")
         self.norm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias, dtype=dtype)
 
     def __call__(self, batch: PackedBatch) -> jax.Array:
@@ -137,8 +137,8 @@ class Attention(nnx.Module):
         h = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.attention = cfg.kernels.varlen_attention
-        self.Wqkv = Linear(h, 3 * h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
-        self.Wo = Linear(h, h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.Wqkv = Linear(h, 3 * h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.Wo = Linear(h, h, bias=cfg.attention_bias, dtype=dtype, rngs=rngs, axes=(None, "heads"))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, batch: PackedBatch, window: int | None):
         t, h = x.shape
@@ -156,8 +156,12 @@ class MLP(nnx.Module):
     """GeGLU: Wi projects to 2 x intermediate; act(first half) * second half; Wo back to hidden."""
 
     def __init__(self, cfg: ModernBertConfig, *, dtype, rngs: nnx.Rngs):
-        self.Wi = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.Wo = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.Wi = Linear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, axes=("mlp", None)
+        )
+        self.Wo = Linear(
+            cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, axes=(None, "mlp")
+        )
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -97,10 +97,10 @@ class WhisperAttention(nnx.Module):
 
     def __init__(self, d_model: int, heads: int, *, dtype, rngs: nnx.Rngs):
         self.heads, self.head_dim = heads, d_model // heads
-        self.q_proj = Linear(d_model, d_model, bias=True, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d_model, d_model, bias=False, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d_model, d_model, bias=True, dtype=dtype, rngs=rngs)
-        self.out_proj = Linear(d_model, d_model, bias=True, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d_model, d_model, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.k_proj = Linear(d_model, d_model, bias=False, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.v_proj = Linear(d_model, d_model, bias=True, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.out_proj = Linear(d_model, d_model, bias=True, dtype=dtype, rngs=rngs, axes=(None, "heads"))
 
     def split(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.heads, self.head_dim)
@@ -117,8 +117,8 @@ class FeedForward(nnx.Module):
 
     def __init__(self, cfg: WhisperConfig, ffn_dim: int, *, dtype, rngs: nnx.Rngs):
         self.final_layer_norm = LayerNorm(cfg.d_model, eps=1e-5, dtype=dtype)
-        self.fc1 = Linear(cfg.d_model, ffn_dim, bias=True, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(ffn_dim, cfg.d_model, bias=True, dtype=dtype, rngs=rngs)
+        self.fc1 = Linear(cfg.d_model, ffn_dim, bias=True, dtype=dtype, rngs=rngs, axes=("mlp", None))
+        self.fc2 = Linear(ffn_dim, cfg.d_model, bias=True, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
         self.act = activation(cfg.activation)
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
@@ -193,7 +193,7 @@ class DecoderLayer(FeedForward):
 
 class WhisperDecoder(nnx.Module):
     def __init__(self, cfg: WhisperConfig, *, dtype, rngs: nnx.Rngs):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs, axis="vocab")
         self.embed_positions = Embedding(cfg.max_target_positions, cfg.d_model, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.decoder_layers)])
         self.layer_norm = LayerNorm(cfg.d_model, eps=1e-5, dtype=dtype)
