@@ -85,17 +85,23 @@ class DataParallelEngine:
         """The replica with the least outstanding work for `request` (see the module docstring)."""
         with self._lock:
             load = list(self.outstanding)
-        costs = [load[i] - self._cached_fraction(replica, request) for i, replica in enumerate(self.replicas)]
-        return min(range(len(costs)), key=costs.__getitem__)
+        cached = self.cached_fractions(request)
+        return min(range(len(load)), key=lambda i: load[i] - cached[i])
 
-    @staticmethod
-    def _cached_fraction(replica: AsyncEngine, request: EngineRequest) -> float:
-        """How much of the prompt the replica's prefix cache holds now (a hint: the engine thread may change it)."""
-        pool = getattr(replica.engine, "page_pool", None)
-        if pool is None or not pool.enable_caching or not request.prompt_token_ids:
-            return 0.0
-        hashes = page_hashes(request.prompt_token_ids, pool.page_size, request.cache_salt, [])
-        return len(pool.lookup(hashes)) * pool.page_size / len(request.prompt_token_ids)
+    def cached_fractions(self, request: EngineRequest) -> list[float]:
+        """How much of the prompt each replica's prefix cache holds now (a hint: engine threads may change it);
+        the prompt's page hashes are computed once, every replica having the same page size."""
+        pools = [getattr(replica.engine, "page_pool", None) for replica in self.replicas]
+        if not request.prompt_token_ids or not any(pool is not None and pool.enable_caching for pool in pools):
+            return [0.0] * len(pools)
+        page_size = next(pool.page_size for pool in pools if pool is not None)
+        hashes = page_hashes(request.prompt_token_ids, page_size, request.cache_salt, [])
+        return [
+            len(pool.lookup(hashes)) * page_size / len(request.prompt_token_ids)
+            if pool is not None and pool.enable_caching
+            else 0.0
+            for pool in pools
+        ]
 
     @contextlib.contextmanager
     def _serving(self, request: EngineRequest) -> Iterator[AsyncEngine]:

@@ -75,6 +75,6 @@ def test_a_cached_prefix_draws_its_request_to_the_replica_holding_it(url, replic
     engine = replicated.replicas[0].engine
     for prompt in PROMPTS[:4]:
         request = replicated.process(engine.tokenizer.encode(prompt), SamplingParams(max_tokens=1), "probe")
-        holders = [i for i, r in enumerate(replicated.replicas) if replicated._cached_fraction(r, request) > 0]
+        holders = [i for i, fraction in enumerate(replicated.cached_fractions(request)) if fraction > 0]
         assert len(holders) == 1
         assert replicated.choose(request) == holders[0]
