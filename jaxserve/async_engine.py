@@ -202,9 +202,18 @@ class AsyncEngine:
         self._commands.put(("abort", request_id, None))
 
     def shutdown(self) -> None:
+        """Stop the loop and leave the engine holding nothing of ours: the aborts queued while the loop took its
+        last step, and the requests whose callers never closed their streams, are aborted here (the engine may
+        be driven by someone else afterwards)."""
         self._stopping = True
         self._commands.put(("stop", None, None))
         self._thread.join(timeout=None if self.error is None else 5)  # a dead engine's loop may never return
+        if not self._thread.is_alive():
+            self._drain(block=False)
+            with self._lock:
+                orphans = list(self._streams)
+            for request_id in orphans:
+                self.engine.abort_request(request_id)
         self.engine.shutdown()
 
     def _engine_for(self, kind: type, what: str):

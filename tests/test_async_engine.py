@@ -65,6 +65,25 @@ def test_abandoned_stream_is_aborted_and_frees_its_pages(engine):
     assert asyncio.run(main())
 
 
+def test_shutdown_leaves_the_engine_holding_no_request(engine):
+    """A server that stops with a stream still open (its handler never closed it) must not leave the request in
+    the engine for whoever drives it next."""
+    llm, _ = engine
+    allocator = llm.engine.page_pool
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    async_engine = AsyncEngine(llm.engine)
+
+    async def main():
+        stream = async_engine.generate(llm.get_tokenizer().encode(PROMPTS[1]), params, "orphan")
+        await stream.__anext__()
+        async_engine.shutdown()
+        return stream
+
+    asyncio.run(main())
+    assert not llm.engine.has_unfinished_requests()
+    assert allocator.num_free == allocator.num_pages
+
+
 def test_bad_request_raises_and_engine_keeps_serving(engine):
     llm, async_engine = engine
 
