@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-import typing
 
-from .config import EngineConfig, parse_bytes
+from .config import EngineConfig, flag_fields, flag_type, parse_bytes
 from .model_source import DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL, DEFAULT_TRANSCRIPTION_MODEL
 
 
@@ -19,26 +17,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per `EngineConfig` field declared with `config.flag`: `--max-num-seqs`, and for switches both
     `--enable-prefix-caching` and `--no-enable-prefix-caching`."""
     group = parser.add_argument_group("engine")
-    hints = typing.get_type_hints(EngineConfig)
-    for field in engine_flags():
+    for field in flag_fields():
         options = dict(field.metadata)
         short = options.pop("short", None)  # vLLM's one-letter forms: -tp, -dp
-        kind = hints[field.name]
-        if kind is bool or bool in typing.get_args(kind):
+        convert = flag_type(field)
+        if convert is None:
             options["action"] = argparse.BooleanOptionalAction
-        elif "type" not in options and "choices" not in options:
-            base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            options["type"] = json.loads if typing.get_origin(base) is dict else base
+        elif "choices" not in options:
+            options["type"] = convert
         names = ["--" + field.name.replace("_", "-"), *([short] if short else [])]
         group.add_argument(*names, default=field.default, **options)
 
 
-def engine_flags() -> list[dataclasses.Field]:
-    return [field for field in dataclasses.fields(EngineConfig) if "help" in field.metadata]
-
-
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {field.name: getattr(args, field.name) for field in engine_flags()}
+    return {field.name: getattr(args, field.name) for field in flag_fields()}
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -514,8 +506,7 @@ def dotted_json_args(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 
 def json_flags() -> tuple[str, ...]:
-    hints = typing.get_type_hints(EngineConfig)
-    dicts = [f for f in engine_flags() if any(typing.get_origin(t) is dict for t in typing.get_args(hints[f.name]))]
+    dicts = [field for field in flag_fields() if flag_type(field) is json.loads]
     return (*("--" + f.name.replace("_", "-") for f in dicts), "--default-chat-template-kwargs")
 
 

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 import re
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,39 @@ def flag(default: Any, help: str, **argparse_options: Any) -> Any:
     """A config field that is also a command-line flag (`--field-name`); `jaxserve.cli` builds the flags from
     these, with `help` and any further argparse options (choices, type, metavar)."""
     return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+
+
+def flag_fields() -> list[dataclasses.Field]:
+    """The `EngineConfig` fields declared with `flag`, in declaration order."""
+    return [field for field in dataclasses.fields(EngineConfig) if "help" in field.metadata]
+
+
+def flag_type(field: dataclasses.Field) -> Callable[[str], Any] | None:
+    """What turns a flag's text into the field's value (`--max-num-seqs 8`, `serve run ... max_num_seqs=8`), or
+    None for a switch (a bool, given as presence or as true/false)."""
+    hint = typing.get_type_hints(EngineConfig)[field.name]
+    base = next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))
+    if base is bool:
+        return None
+    if "type" in field.metadata:  # kv_cache_memory: "2GiB"
+        return field.metadata["type"]
+    return json.loads if typing.get_origin(base) is dict else base
+
+
+def parse_flag(name: str, text: str) -> Any:
+    """A flag's value given as text, as the `EngineConfig` field `name` takes it: 'none' for a field that may be
+    None, true/false for a switch, and otherwise the flag's own type."""
+    field = next((field for field in flag_fields() if field.name == name), None)
+    if field is None:
+        raise ValueError(f"{name!r} is not an engine flag.")
+    if text.lower() in ("none", "null") and field.default is None:
+        return None
+    convert = flag_type(field)
+    if convert is not None:
+        return convert(text)
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError(f"{name} takes true or false, got {text!r}.")
+    return text.lower() in ("true", "1", "yes", "on")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from ray import serve
 from ray.serve import Application
 
-from .config import EngineConfig
+from .config import EngineConfig, parse_flag
 from .server.settings import ServerSettings
 
 if typing.TYPE_CHECKING:
@@ -130,7 +130,7 @@ def build_app(args: dict[str, Any]) -> Application:
         server_settings=_json(args.pop("server_settings", None)),
         chat_template_content_format=args.pop("chat_template_content_format", "auto"),
         ray_actor_options=_json(args.pop("ray_actor_options", None)),
-        **{name: engine_value(name, value) for name, value in args.items()},
+        **{name: parse_flag(name, value) if isinstance(value, str) else value for name, value in args.items()},
     )
 
 
@@ -148,31 +148,6 @@ def replica_resources(accelerator: str, devices: int) -> dict[str, Any]:
 def deployment_name(served_name: str) -> str:
     """A deployment name from a served model name: its last path part, in characters Ray takes."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", PurePosixPath(served_name).name or served_name) or "jaxserve"
-
-
-def engine_value(name: str, value: Any) -> Any:
-    """A command-line string as the `EngineConfig` field `name` takes it; anything else as it is."""
-    fields = {field.name: field for field in dataclasses.fields(EngineConfig)}
-    if not isinstance(value, str) or name not in fields:
-        return value  # EngineConfig refuses an unknown name
-    hint = typing.get_type_hints(EngineConfig)[name]
-    kinds = typing.get_args(hint) or (hint,)
-    if type(None) in kinds and value.lower() in ("none", "null"):
-        return None
-    if "type" in fields[name].metadata:  # kv_cache_memory: "2GiB"
-        return fields[name].metadata["type"](value)
-    base = next(kind for kind in kinds if kind is not type(None))
-    if base is bool:
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise ValueError(f"{name} takes true or false, got {value!r}.")
-        return value.lower() in ("true", "1", "yes", "on")
-    if base in (int, float):
-        return base(value)
-    if typing.get_origin(base) is dict:
-        return json.loads(value)
-    if typing.get_origin(base) is tuple:
-        return tuple(json.loads(value))
-    return value
 
 
 def _json(value: Any) -> Any:

@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from jaxserve.cli import build_parser, dotted_json_args, engine_kwargs, json_flags, main, parse_bytes
+from jaxserve.config import parse_flag
 
 
 def test_generate_prints_each_prompt_and_its_completion(tiny_models, capsys):
@@ -63,3 +64,22 @@ def test_sizes(text, value):
 def test_bad_size():
     with pytest.raises(argparse.ArgumentTypeError):
         parse_bytes("lots")
+
+
+def test_flag_text_from_elsewhere_reads_as_the_command_line_does():
+    """`serve run jaxserve.ray_serve:build_app key=value` hands strings: each becomes what `--key value` would."""
+    argv = ["generate", "x", "--max-num-seqs", "4", "--kv-cache-memory", "2GiB", "--no-enable-prefix-caching",
+            "--hf-overrides", '{"a": 1}']  # fmt: skip
+    kwargs = engine_kwargs(build_parser().parse_args(argv))
+    texts = {
+        "max_num_seqs": "4",
+        "kv_cache_memory": "2GiB",
+        "enable_prefix_caching": "false",
+        "hf_overrides": '{"a": 1}',
+    }
+    assert {name: parse_flag(name, text) for name, text in texts.items()} == {name: kwargs[name] for name in texts}
+    assert parse_flag("max_model_len", "none") is None
+    with pytest.raises(ValueError, match="true or false"):
+        parse_flag("enable_prefix_caching", "maybe")
+    with pytest.raises(ValueError, match="not an engine flag"):
+        parse_flag("device_ids", "[0]")
