@@ -58,10 +58,15 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(
             "--trust-remote-code is accepted for compatibility; jaxserve never runs code from a model folder."
         )
-    distributed = DistributedConfig.from_environment(args.distributed_coordinator, args.num_processes, args.process_id)
-    if distributed.enabled:
-        initialize(distributed)
-        check_layout(args.tensor_parallel_size, args.data_parallel_size)
+    try:
+        distributed = DistributedConfig.from_environment(
+            args.distributed_coordinator, args.num_processes, args.process_id
+        )
+        if distributed.enabled:
+            initialize(distributed)
+            check_layout(args.tensor_parallel_size, args.data_parallel_size)
+    except ValueError as exc:  # a flag the others contradict: a usage error, as argparse reports one
+        raise SystemExit(f"error: {exc}") from None
     models = args.models or [DEFAULT_GENERATE_MODEL, DEFAULT_POOLING_MODEL]
     if args.with_whisper:
         models = [*models, DEFAULT_TRANSCRIPTION_MODEL]

@@ -83,3 +83,15 @@ def test_flag_text_from_elsewhere_reads_as_the_command_line_does():
         parse_flag("enable_prefix_caching", "maybe")
     with pytest.raises(ValueError, match="not an engine flag"):
         parse_flag("device_ids", "[0]")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-processes", "2"], "go together"),
+        (["--distributed-coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+    ],
+)
+def test_contradicting_multi_process_flags_are_a_usage_error(flags, message):
+    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        main(["serve", "x", *flags])
