@@ -30,7 +30,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {field.name: getattr(args, field.name) for field in flag_fields()}
+    """The engine flags as `EngineConfig` keyword arguments; a value the config refuses is a usage error."""
+    kwargs = {field.name: getattr(args, field.name) for field in flag_fields()}
+    try:
+        EngineConfig(model="", **kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return kwargs
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -190,12 +190,17 @@ class EngineConfig:
         "the replica with the least outstanding work (default 1)",
         short="-dp",
     )
+    min_token_rung: int | None = flag(
+        None,
+        "the smallest token bucket: a step's tokens are padded up to a bucket and each bucket is a program to "
+        "compile, so a larger one compiles fewer programs and pads small steps more (default 1 on CPU, 16 on GPU "
+        "and TPU)",
+    )
     compile_cache_dir: str | None = flag(
         None, "JAX's persistent compilation cache (default $JAXSERVE_CACHE_DIR/xla, i.e. ~/.cache/jaxserve/xla)"
     )
     target: str | None = None  # compile only, for this chip (`jaxserve.targets`, `jaxserve compile`); no serving
     strict_compile: bool = True  # compile every bucket before the engine returns; False: the rest in the background
-    min_token_rung: int | None = None  # the smallest token bucket; None: the device's (1 on CPU, 16 on GPU/TPU)
     # which of jax.devices() the engine runs on (a data-parallel replica's group); None: the first
     # tensor_parallel_size, and with one device the default device, unsharded
     device_ids: tuple[int, ...] | None = None
@@ -210,6 +215,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.min_token_rung is not None and self.min_token_rung < 1:
+            raise ValueError(f"min_token_rung must be at least 1, got {self.min_token_rung}.")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}.")
         if self.target is not None:

@@ -20,12 +20,12 @@ from scripts.make_test_models import build_test_models  # noqa: E402
 
 DECODERS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 
-# small buckets, few of them (from 16 tokens, as on an accelerator, not CPU's 1) and a small cache keep compiles
-# quick; tests override what they exercise
+# One token bucket and a small cache: an engine compiles one program (a compile costs seconds, a padded step on a
+# tiny model next to nothing); tests of several buckets set min_token_rung
 TINY_ENGINE = dict(
-    max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, min_token_rung=16, progress=False
+    max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, min_token_rung=64, progress=False
 )
-TINY_POOLING = dict(runner="pooling", max_num_seqs=16, max_num_batched_tokens=256, min_token_rung=16, progress=False)
+TINY_POOLING = dict(runner="pooling", max_num_seqs=16, max_num_batched_tokens=256, min_token_rung=256, progress=False)
 
 
 @pytest.fixture(scope="session")

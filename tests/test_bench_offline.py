@@ -7,7 +7,8 @@ import json
 
 from jaxserve.cli import main
 
-ENGINE_FLAGS = ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "32"]
+ENGINE_FLAGS = ["--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+                "--min-token-rung", "32"]  # fmt: skip
 
 
 def test_latency_reports_every_iteration(tiny_models, tmp_path, capsys):
@@ -40,7 +41,7 @@ def test_throughput_counts_exact_tokens(tiny_models, tmp_path, capsys):
 def test_throughput_of_a_pooling_model_embeds(tiny_models, tmp_path):
     out = tmp_path / "embed.json"
     argv = ["bench", "throughput", "--model", str(tiny_models["tiny-bert-mean"]), "--input-len", "9",
-            "--num-prompts", "10", "--output-json", str(out), "--max-num-seqs", "4"]  # fmt: skip
+            "--num-prompts", "10", "--output-json", str(out), *ENGINE_FLAGS]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["total_output_tokens"] == 0

@@ -13,7 +13,7 @@ from jaxserve.config import parse_flag
 def test_generate_prints_each_prompt_and_its_completion(tiny_models, capsys):
     argv = ["generate", "--model", str(tiny_models["tiny-qwen3"]), "--temperature", "0", "--max-tokens", "8",
             "--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
-            "--kv-cache-memory", "4MiB", "--chat", "Say hi", "Count to three"]  # fmt: skip
+            "--min-token-rung", "64", "--kv-cache-memory", "4MiB", "--chat", "Say hi", "Count to three"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert ">>> Say hi\n" in printed and ">>> Count to three\n" in printed
@@ -43,6 +43,20 @@ def test_pooling_flags_reach_the_engine_config():
     assert kwargs["runner"] == "pooling"
     assert kwargs["pooler_config"] == {"pooling_type": "MEAN", "dimensions": 16}
     assert kwargs["hf_overrides"] == {"matryoshka_dimensions": [16, 32]}
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--min-token-rung", "0", "min_token_rung must be at least 1"),
+        ("--page-size", "24", "page_size must be a power"),
+    ],
+)
+def test_engine_flag_values_the_config_refuses_are_usage_errors(flag, value, message):
+    args = build_parser().parse_args(["generate", "x", flag, value])
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        engine_kwargs(args)
+    assert engine_kwargs(build_parser().parse_args(["generate", "x", "--min-token-rung", "64"]))["min_token_rung"] == 64
 
 
 def test_json_flags_take_vllms_dotted_form():

@@ -20,7 +20,7 @@ from jaxserve.server.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
-                "--kv-cache-memory", "64MiB"]  # fmt: skip
+                "--min-token-rung", "16", "--kv-cache-memory", "64MiB"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from ..conftest import CACHE
 from .test_tensor_parallel import ENGINE
 
 PROMPTS = ["Hello there, how are you today", "The quick brown fox", "1 2 3 4"]
-FLAGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "4", "--num-kv-pages", "64"]
+FLAGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "4", "--min-token-rung", "4",
+         "--num-kv-pages", "64"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
