@@ -15,7 +15,7 @@ import bench_speech  # noqa: E402
 def test_jaxserve_side_transcribes_two_clips(tmp_path, capsys):
     out = tmp_path / "speech.json"
     argv = ["--clips", "2", "--repeats", "1", "--baselines", "--max-num-seqs", "2", "--max-num-batched-tokens", "8",
-            "--json", str(out)]  # fmt: skip
+            "--min-token-rung", "8", "--json", str(out)]  # fmt: skip
     assert bench_speech.main(argv) == 0
     record = json.loads(out.read_text())
     (row,) = record["rows"]

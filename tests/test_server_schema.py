@@ -19,10 +19,10 @@ from jaxserve.server.settings import ServerSettings
 from .conftest import ROOT, TINY_ENGINE, TINY_POOLING
 
 MODELS = {  # served name: (test model, engine arguments)
-    "llama": ("tiny-llama", TINY_ENGINE),
-    "bert": ("tiny-bert-mean", TINY_POOLING),
-    "cross": ("tiny-xlmr-cross-encoder", TINY_POOLING),
-    "classifier": ("tiny-bert-classifier", TINY_POOLING),
+    "llama": ("tiny-llama", dict(TINY_ENGINE, min_token_rung=16)),
+    "bert": ("tiny-bert-mean", dict(TINY_POOLING, min_token_rung=16)),
+    "cross": ("tiny-xlmr-cross-encoder", dict(TINY_POOLING, min_token_rung=16)),
+    "classifier": ("tiny-bert-classifier", dict(TINY_POOLING, min_token_rung=16)),
 }
 EXAMPLES_PER_OPERATION = 50
 

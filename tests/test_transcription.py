@@ -37,7 +37,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=120)
 # tiny.en's 94 cross pages per sequence (1500 frames of 16-token pages), twice, and 3 pages for the decoders: two
 # sequences run at once, and one is preempted when their transcripts outgrow those 3 pages
 CROSS_PAGES = 94
-WHISPER_ENGINE = dict(TINY_ENGINE, max_num_seqs=4, num_kv_pages=2 * CROSS_PAGES + 3)
+WHISPER_ENGINE = dict(TINY_ENGINE, max_num_seqs=4, min_token_rung=16, num_kv_pages=2 * CROSS_PAGES + 3)
 
 
 @pytest.fixture(scope="module")
