@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("JAXSERVE_TEST_CACHE", ROOT / ".cache"))
 os.environ.setdefault("JAXSERVE_CACHE_DIR", str(CACHE / "jaxserve"))
+# The suite's programs are compiled to be checked, not to be fast: without XLA's backend optimizations (LLVM's
+# passes) they compile in about half the time and run about as fast at these sizes. Read when JAX is imported,
+# so before anything imports it; servers the tests start inherit it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 sys.path.insert(0, str(ROOT))
 
 from scripts.make_test_models import build_test_models  # noqa: E402
