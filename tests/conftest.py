@@ -14,10 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("JAXSERVE_TEST_CACHE", ROOT / ".cache"))
 os.environ.setdefault("JAXSERVE_CACHE_DIR", str(CACHE / "jaxserve"))
-# The suite's programs are compiled to be checked, not to be fast: without XLA's backend optimizations (LLVM's
-# passes) they compile in about half the time and run about as fast at these sizes. Read when JAX is imported,
-# so before anything imports it; servers the tests start inherit it.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 sys.path.insert(0, str(ROOT))
 
 from scripts.make_test_models import build_test_models  # noqa: E402
@@ -30,6 +26,17 @@ TINY_ENGINE = dict(
     max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, min_token_rung=64, progress=False
 )
 TINY_POOLING = dict(runner="pooling", max_num_seqs=16, max_num_batched_tokens=256, min_token_rung=256, progress=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Most tests compile programs to run them a few times: without XLA's backend optimizations (LLVM's passes)
+    they compile in about two thirds of the time. Tests marked `optimized` run theirs for long (Whisper decoding,
+    fuzzing, the soak), which unoptimized programs would make slower than the compile saves. Set before the
+    test's fixtures, module-scoped servers included, compile anything."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", item.get_closest_marker("optimized") is None)
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,17 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_speech  # noqa: E402
 
 
+@pytest.mark.optimized  # decodes Whisper: programs compiled with optimizations
 def test_jaxserve_side_transcribes_two_clips(tmp_path, capsys):
     out = tmp_path / "speech.json"
     argv = ["--clips", "2", "--repeats", "1", "--baselines", "--max-num-seqs", "2", "--max-num-batched-tokens", "8",
-            "--min-token-rung", "8", "--json", str(out)]  # fmt: skip
+            "--json", str(out)]  # fmt: skip
     assert bench_speech.main(argv) == 0
     record = json.loads(out.read_text())
     (row,) = record["rows"]

@@ -18,6 +18,8 @@ from jaxserve.server.settings import ServerSettings
 
 from .conftest import ROOT, TINY_ENGINE, TINY_POOLING
 
+pytestmark = pytest.mark.optimized  # thousands of requests: the programs are compiled with optimizations
+
 MODELS = {  # served name: (test model, engine arguments)
     "llama": ("tiny-llama", dict(TINY_ENGINE, min_token_rung=16)),
     "bert": ("tiny-bert-mean", dict(TINY_POOLING, min_token_rung=16)),

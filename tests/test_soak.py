@@ -15,6 +15,8 @@ from jaxserve.server.launch import background_server
 from jaxserve.server.served_models import ServedModel
 from scripts.soak import SoakConfig, check_envelope, run_soak
 
+pytestmark = pytest.mark.optimized  # thousands of requests: the programs are compiled with optimizations
+
 SOAK_SECONDS = 20
 
 

@@ -27,6 +27,8 @@ from scripts.make_speech_fixtures import long_speech
 
 from .conftest import TINY_ENGINE
 
+pytestmark = pytest.mark.optimized  # Whisper decodes for long: its programs are compiled with optimizations
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
