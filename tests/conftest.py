@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("JAXSERVE_TEST_CACHE", ROOT / ".cache"))
 os.environ.setdefault("JAXSERVE_CACHE_DIR", str(CACHE / "jaxserve"))
+# processes the tests start (`jaxserve serve`, `jaxserve compile`) compile as the tests do (see pytest_runtest_setup)
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 sys.path.insert(0, str(ROOT))
 
 from scripts.make_test_models import build_test_models  # noqa: E402
