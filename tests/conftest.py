@@ -23,7 +23,7 @@ from scripts.make_test_models import build_test_models  # noqa: E402
 DECODERS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 
 # One token bucket and a small cache: an engine compiles one program (a compile costs seconds, a padded step on a
-# tiny model next to nothing); tests of several buckets set min_token_rung
+# tiny model little); tests of several buckets, and tests that decode for long (Whisper), set min_token_rung
 TINY_ENGINE = dict(
     max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=128, min_token_rung=64, progress=False
 )
