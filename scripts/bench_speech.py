@@ -266,8 +266,6 @@ def engine_args(args: argparse.Namespace, windows: int) -> dict:
     limits = dict(max_num_seqs=args.max_num_seqs or windows, progress=False)
     if args.max_num_batched_tokens:
         limits["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.min_token_rung:
-        limits["min_token_rung"] = args.min_token_rung
     return limits
 
 
@@ -412,7 +410,6 @@ def main(argv: list[str] | None = None) -> int:
                         "the flag alone: jaxserve only")  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, help="jaxserve's limit (default: every window at once)")
     parser.add_argument("--max-num-batched-tokens", type=int, help="jaxserve's token budget (default: the engine's)")
-    parser.add_argument("--min-token-rung", type=int, help="jaxserve's smallest token bucket (default: the device's)")
     parser.add_argument("--output-tokens", type=int, default=128, help="--device gpu: tokens decoded per window")
     parser.add_argument("--model-dir", type=Path, help="--device gpu: the large-v3 config folder (built if missing)")
     parser.add_argument("--dry-run", action="store_true", help="--device gpu: only build the large-v3 config folder")
